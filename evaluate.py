@@ -1,0 +1,94 @@
+"""Score a COCO results file against caption ground truth (BLEU, METEOR, ROUGE-L, CIDEr, SPICE).
+
+    python evaluate.py --results preds.json --annotations data/coco/test_gt.json
+
+Prints a table (metrics x100), writes the metrics as JSON (default: next to the results,
+``preds.metrics.json``) and optionally each image's CIDEr. Exit status 2 on unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from utils.coco_eval import (
+    CaptionDataError,
+    CaptionScorer,
+    EvalReport,
+    ImageId,
+    evaluate_results,
+    load_ground_truth,
+    load_image_domains,
+    load_results,
+    write_json_atomic,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--results", type=Path, required=True, help="COCO results JSON: [{image_id, caption}]"
+    )
+    parser.add_argument(
+        "--annotations",
+        type=Path,
+        required=True,
+        help="ground truth: COCO caption file (e.g. test_gt.json) or Karpathy-style list (test.json)",
+    )
+    parser.add_argument(
+        "--allow_partial",
+        action="store_true",
+        help="score the images present in both files instead of failing on a mismatch",
+    )
+    parser.add_argument("--no_spice", action="store_true", help="skip SPICE (slow; needs Stanford CoreNLP)")
+    parser.add_argument("--per_image", type=Path, help="also write each image's caption and CIDEr here")
+    parser.add_argument("--output", type=Path, help="metrics JSON (default: <results>.metrics.json)")
+    return parser.parse_args(argv)
+
+
+def per_image_rows(report: EvalReport, results: dict[ImageId, str]) -> list[dict]:
+    """Per-image CIDEr rows, worst first, for error analysis."""
+    scores = report.per_image or {}
+    rows = [
+        {"image_id": image_id, "caption": results[image_id], "CIDEr": cider}
+        for image_id, cider in scores.items()
+    ]
+    return sorted(rows, key=lambda row: row["CIDEr"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        gts = load_ground_truth(args.annotations)
+        domains = load_image_domains(args.annotations)
+        results = load_results(args.results)
+        with CaptionScorer() as scorer:
+            report = evaluate_results(
+                results,
+                gts,
+                allow_partial=args.allow_partial,
+                spice=not args.no_spice,
+                per_image=args.per_image is not None,
+                scorer=scorer,
+                domains=domains,
+            )
+    except CaptionDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.format_table())
+    output = args.output or args.results.with_suffix(".metrics.json")
+    write_json_atomic(
+        output, {"results": str(args.results), "annotations": str(args.annotations), **report.to_dict()}
+    )
+    print(f"metrics written to {output}")
+    if args.per_image is not None:
+        write_json_atomic(args.per_image, per_image_rows(report, results))
+        print(f"per-image CIDEr written to {args.per_image}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
