@@ -1,0 +1,138 @@
+"""Karpathy-split caption data sets (the annotation format of X-VLM, BLIP and the reference code)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from data.image_io import ImageLoadError, load_image
+from data.text import clean_caption
+from models.losses import IGNORE_INDEX
+from utils.coco_eval import ImageId, image_id_from_path
+
+logger = logging.getLogger(__name__)
+
+
+def read_annotations(path: str | Path, split: str) -> list[dict[str, Any]]:
+    """Read an annotation list; every entry needs ``image`` and ``caption`` (a string for train, a list of
+    references for val/test)."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {split} annotations {path}: {err}") from err
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{split} annotations {path} must be a non-empty JSON list")
+    want = str if split == "train" else list
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry or not isinstance(entry.get("caption"), want):
+            raise ValueError(
+                f"{split} annotations {path}, entry {i}: expected {{'image': path, 'caption': "
+                f"{'str' if split == 'train' else '[references]'}}}, got {str(entry)[:120]}"
+            )
+    return entries
+
+
+class _ImageReader:
+    def __init__(self, image_root: str | Path, transform: Callable) -> None:
+        self.image_root = Path(image_root)
+        self.transform = transform
+
+    def read(self, relative: str) -> torch.Tensor | None:
+        path = self.image_root / relative
+        try:
+            return self.transform(load_image(path))
+        except ImageLoadError as err:
+            logger.warning("skipping image: %s", err)
+            return None
+
+
+class CaptionTrainDataset(Dataset):
+    """One item per (image, caption) pair: ``(image 3 x R x R, cleaned caption)``, or ``None`` when the
+    image cannot be read (the collator drops it and counts it)."""
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable, max_words: int = 30):
+        self.entries = read_annotations(ann_file, "train")
+        self.reader = _ImageReader(image_root, transform)
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
+        entry = self.entries[index]
+        image = self.reader.read(entry["image"])
+        if image is None:
+            return None
+        return image, clean_caption(entry["caption"], self.max_words)
+
+
+
+class CaptionImageDataset(Dataset):
+    """One item per image: ``(image 3 x R x R, index)``, or ``None`` when unreadable. ``references``
+    holds the raw reference captions per image, ``ids`` the COCO image ids."""
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable, split: str):
+        entries = read_annotations(ann_file, split)
+        self.entries = group_by_image(entries) if split == "train" else entries
+        self.reader = _ImageReader(image_root, transform)
+        self.ids: list[ImageId] = [image_id_from_path(e["image"]) for e in self.entries]
+        self.references = {i: e["caption"] for i, e in zip(self.ids, self.entries, strict=True)}
+        if len(self.references) != len(self.entries):
+            raise ValueError(f"{split} annotations {ann_file} list the same image id more than once")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        image = self.reader.read(self.entries[index]["image"])
+        return None if image is None else (image, index)
+
+
+def group_by_image(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Training entries (one per caption) -> one entry per image with its list of captions."""
+    grouped: dict[str, list[str]] = {}
+    for entry in entries:
+        grouped.setdefault(entry["image"], []).append(entry["caption"])
+    return [{"image": image, "caption": captions} for image, captions in grouped.items()]
+
+
+class CaptionCollator:
+    """Batch ``(image, caption)`` items: images B x 3 x R x R, ``input_ids`` B x T right-padded,
+    ``labels`` with -100 on padding, ``skipped`` = unreadable items dropped from this batch."""
+
+    def __init__(self, tokenizer: Any, max_tokens: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.pad_id = tokenizer.eos_token_id
+
+    def __call__(self, items: Sequence[tuple[torch.Tensor, str] | None]) -> dict[str, Any]:
+        good = [item for item in items if item is not None]
+        batch: dict[str, Any] = {"skipped": len(items) - len(good)}
+        if not good:
+            return batch
+        ids = [self.tokenizer.encode(caption)[: self.max_tokens] for _, caption in good]
+        width = max(len(seq) for seq in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(seq)] = torch.tensor(seq)
+        batch.update(images=torch.stack([image for image, _ in good]), input_ids=input_ids, labels=labels)
+        return batch
+
+
+def collate_images(items: Sequence[tuple[torch.Tensor, int] | None]) -> dict[str, Any]:
+    """Batch ``(image, index)`` items, dropping unreadable ones."""
+    good = [item for item in items if item is not None]
+    batch: dict[str, Any] = {"skipped": len(items) - len(good)}
+    if good:
+        batch["images"] = torch.stack([image for image, _ in good])
+        batch["indices"] = [index for _, index in good]
+    return batch

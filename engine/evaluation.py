@@ -1,0 +1,69 @@
+"""Caption a split with the shared decoder and score it with the COCO metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from models.decoding import DecodeOptions, captions_from_tokens, decode
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.datasets import CaptionImageDataset, collate_images
+from data.sampler import ShardedSampler
+from models.captioner import OPGCaptioner
+from utils.coco_eval import CaptionScorer, EvalReport, ImageId, evaluate_results
+from utils.distributed import DistInfo, gather_objects
+from utils.precision import autocast
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate_captions(
+    model: OPGCaptioner,
+    dataset: CaptionImageDataset,
+    tokenizer: Any,
+    options: DecodeOptions,
+    dist: DistInfo,
+    batch_size: int,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    desc: str = "captioning",
+) -> dict[ImageId, str]:
+    """Caption every readable image of ``dataset``, sharded over processes; every process gets all
+    captions. Unreadable images are logged and left out."""
+    sampler = ShardedSampler(len(dataset), dist.rank, dist.world_size, shuffle=False, pad=False)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_images
+    )
+    was_training = model.training
+    model.eval()
+    local: dict[ImageId, str] = {}
+    for batch in tqdm(loader, desc=desc, disable=not dist.is_main, leave=False):
+        if "images" not in batch:
+            continue
+        with autocast(precision, dist.device):
+            prefix = model.encode(batch["images"].to(dist.device, non_blocking=True))
+            result = decode(model, prefix, options)
+        for index, caption in zip(batch["indices"], captions_from_tokens(tokenizer, result), strict=True):
+            local[dataset.ids[index]] = caption
+    model.train(was_training)
+    merged: dict[ImageId, str] = {}
+    for part in gather_objects(local):
+        merged.update(part)
+    return merged
+
+
+def score_split(
+    captions: dict[ImageId, str], dataset: CaptionImageDataset, scorer: CaptionScorer, spice: bool
+) -> EvalReport:
+    """COCO metrics of ``captions`` against the split's references. Images that could not be read have
+    no caption: they are reported (coverage) rather than silently ignored."""
+    missing = len(dataset.references) - len(captions)
+    if missing:
+        logger.warning("%d of %d images could not be read and are not scored", missing, len(dataset))
+    return evaluate_results(
+        captions, dataset.references, allow_partial=missing > 0, spice=spice, scorer=scorer
+    )

@@ -1,0 +1,62 @@
+"""Build the captioner from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.captioner import OPGCaptioner
+from models.encoder import build_encoder
+from models.gpt2 import build_gpt2
+from models.mapper import build_mapper
+from models.sparse_mask import SparsePrefixMask
+from utils.checkpoint import load_state_strict, read_checkpoint
+from utils.config import Config, from_dict
+
+
+def build_captioner(
+    cfg: Config, vision_config: dict[str, Any] | None = None, gpt2_config: dict[str, Any] | None = None
+) -> OPGCaptioner:
+    """Build the model described by ``cfg``, loading the encoder checkpoint and GPT-2 weights it names.
+
+    ``vision_config`` and ``gpt2_config`` rebuild a saved model's exact architecture with random weights
+    (its checkpoint then supplies every weight), so no external file is read.
+    """
+    if vision_config is not None:
+        encoder = build_encoder(vision_config, None, cfg.encoder.image_res, cfg.encoder.frozen)
+    else:
+        encoder = build_encoder(
+            cfg.encoder.vision_config, cfg.encoder.checkpoint, cfg.encoder.image_res, cfg.encoder.frozen
+        )
+    gpt = build_gpt2(cfg.model.gpt2, gpt2_config if gpt2_config is not None else cfg.model.gpt2_config)
+    dim = gpt.config.n_embd
+    mapper = build_mapper(
+        cfg.model.mapping_type,
+        encoder.width,
+        dim,
+        encoder.num_tokens,
+        cfg.model.prefix_length,
+        cfg.model.mapper_layers,
+        cfg.model.mapper_heads,
+    )
+    mask = None
+    if cfg.model.use_sparse_mask:
+        mask = SparsePrefixMask(mapper.prefix_length, dim, cfg.model.threshold, cfg.model.sparse_mask_mode)
+    return OPGCaptioner(encoder, mapper, gpt, mask, only_prefix=cfg.model.only_prefix)
+
+
+def architecture(model: OPGCaptioner) -> dict[str, Any]:
+    """What a checkpoint must carry to rebuild ``model`` without external files."""
+    return {"vision_config": dict(model.encoder.vision_config), "gpt2_config": model.gpt.config.to_dict()}
+
+
+def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> tuple[OPGCaptioner, Config]:
+    """Rebuild a saved model from its checkpoint alone, in eval mode on ``device``."""
+    payload = read_checkpoint(path)
+    cfg = from_dict(payload["config"])
+    arch = payload["architecture"]
+    model = build_captioner(cfg, arch["vision_config"], arch["gpt2_config"])
+    load_state_strict(model, payload["model"], str(path))
+    return model.to(device).eval(), cfg

