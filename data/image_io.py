@@ -29,6 +29,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 LIST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".lst"})
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_DECODE_PIXELS = 1 << 27
+# Formats decoded in-process by Pillow itself; others (EPS would start Ghostscript) are refused.
+_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _GLOB_CHARS = frozenset("*?[")
 _WHITE = (255, 255, 255, 255)
@@ -81,7 +83,9 @@ def load_image(
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(path, "not a recognised image format") from None
+        raise ImageLoadError(
+            path, f"not a recognised image format (supported: {', '.join(_FORMATS)})"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
@@ -141,7 +145,7 @@ def _check_file(path: str | os.PathLike) -> None:
 def _open(path: str | os.PathLike) -> ImageFile.ImageFile:
     """Open lazily; JPEGs above Pillow's global bomb limit are opened anyway as they decode reduced."""
     try:
-        return Image.open(path)
+        return Image.open(path, formats=_FORMATS)
     except Image.DecompressionBombError:
         with open(path, "rb") as file:
             is_jpeg = file.read(3) == _JPEG_SIGNATURE

@@ -242,6 +242,13 @@ def test_bad_files_raise_with_path_and_reason(tmp_path: Path, name: str, make: s
     assert info.value.path == path
 
 
+def test_formats_outside_the_safe_list_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "drawing.jpg"
+    Image.new("RGB", (8, 8)).save(path, format="EPS")
+    with pytest.raises(ImageLoadError, match="not a recognised image format"):
+        load_image(path)
+
+
 def test_result_is_detached_from_the_file(tmp_path: Path) -> None:
     path = tmp_path / "a.png"
     two_colour().save(path)

@@ -1,0 +1,227 @@
+"""Tests for the synthetic shapes data set (data.synthetic)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from data import synthetic
+from data.synthetic import (
+    DatasetPaths,
+    ensure_dataset,
+    generate_dataset,
+    grounding_accuracy,
+    parse_caption,
+)
+
+SMALL = {"num_train": 20, "num_val": 5, "num_test": 5, "image_size": 64, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory: pytest.TempPathFactory) -> DatasetPaths:
+    return generate_dataset(tmp_path_factory.mktemp("synth") / "set", **SMALL)
+
+
+def load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def trailing_number(name: str) -> int:
+    return int(re.search(r"(\d+)$", Path(name).stem).group(1))
+
+
+def test_layout_and_train_file(small_set: DatasetPaths) -> None:
+    train = load(small_set.train)
+    assert len(train) == 20 * 5
+    assert set(train[0]) == {"image", "caption", "image_id"}
+    per_image = Counter(entry["image"] for entry in train)
+    assert len(per_image) == 20 and set(per_image.values()) == {5}
+    for entry in train:
+        assert isinstance(entry["caption"], str) and isinstance(entry["image_id"], str)
+        assert int(entry["image_id"]) == trailing_number(entry["image"])
+        assert (small_set.image_root / entry["image"]).is_file()
+    assert sorted(p.name for p in (small_set.root / "images").iterdir()) == ["test", "train", "val"]
+
+
+def test_images_are_rgb_at_the_requested_size(small_set: DatasetPaths) -> None:
+    for entry in load(small_set.test):
+        with Image.open(small_set.image_root / entry["image"]) as image:
+            assert image.mode == "RGB" and image.size == (64, 64)
+
+
+def test_coco_ground_truth_matches_split_files(small_set: DatasetPaths) -> None:
+    all_ids = {int(e["image_id"]) for e in load(small_set.train)}
+    for split_path, gt_path in ((small_set.val, small_set.val_gt), (small_set.test, small_set.test_gt)):
+        coco = COCO(str(gt_path))
+        split = load(split_path)
+        assert len(split) == 5
+        assert sorted(coco.getImgIds()) == sorted(trailing_number(e["image"]) for e in split)
+        for entry in split:
+            image_id = trailing_number(entry["image"])
+            assert coco.imgs[image_id]["file_name"] == Path(entry["image"]).name
+            captions = [a["caption"] for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+            assert captions == entry["caption"] and len(set(captions)) == 5
+        ann_ids = [a["id"] for a in coco.dataset["annotations"]]
+        assert len(ann_ids) == len(set(ann_ids)) == 25
+        assert not all_ids & set(coco.getImgIds())
+        all_ids |= set(coco.getImgIds())
+
+
+def test_metadata_covers_every_image(small_set: DatasetPaths) -> None:
+    facts = load(small_set.metadata)["images"]
+    assert len(facts) == 30
+    for image_id, fact in facts.items():
+        assert int(image_id) == trailing_number(fact["image"])
+        assert fact["shape"] in synthetic.SHAPES and fact["colour"] in synthetic.COLOURS
+        assert fact["position"] in synthetic.POSITIONS and fact["background"] in synthetic.BACKGROUNDS
+        assert 1 <= fact["count"] <= 4 and len(fact["objects"]) == fact["count"]
+
+
+def test_captions_are_plain_words_with_a_consensus_wording(small_set: DatasetPaths) -> None:
+    facts = load(small_set.metadata)["images"]
+    for entry in load(small_set.val) + load(small_set.test):
+        fact = facts[str(trailing_number(entry["image"]))]
+        for caption in entry["caption"]:
+            assert re.fullmatch(r"[a-z]+( [a-z]+)*", caption), caption
+            assert 6 <= len(caption.split()) <= 16
+        number = "an" if fact["count"] == 1 and fact["colour"] == "orange" else "a"
+        number = number if fact["count"] == 1 else synthetic.COUNT_WORDS[fact["count"] - 1]
+        noun = fact["shape"] + ("s" if fact["count"] > 1 else "")
+        phrase = synthetic.POSITION_PHRASES[fact["position"]][0]
+        consensus = f"a {fact['background']} background with {number} {fact['colour']} {noun} {phrase}"
+        assert consensus in entry["caption"]
+
+
+def test_one_template_dominates_references() -> None:
+    markers = (
+        "background with",
+        "against a",
+        "a picture of",
+        "there",
+        "an image showing",
+        "can be seen",
+        "drawing",
+    )
+    rng = np.random.default_rng(0)
+    usage = Counter()
+    for _ in range(300):
+        scene = synthetic.sample_scene(rng, 128)
+        for caption in synthetic.make_references(scene, rng, 5):
+            usage.update(m for m in markers if m in caption)
+    assert sum(usage.values()) == 300 * 5  # each caption carries exactly one template's marker
+    consensus, others = usage["background with"], [usage[m] for m in markers[1:]]
+    assert consensus > 0.25 * 300 * 5 and consensus > 1.5 * max(others)
+
+
+def test_references_are_distinct_for_any_count() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(600):
+        scene = synthetic.sample_scene(rng, 96)
+        num_refs = trial % 10 + 1
+        refs = synthetic.make_references(scene, rng, num_refs)
+        assert len(refs) == len(set(refs)) == num_refs
+        assert sum(ref.startswith(f"a {scene.background} background with") for ref in refs) >= 1
+        assert all(6 <= len(ref.split()) <= 16 for ref in refs)
+        assert all(parse_caption(ref)["position"] == scene.position for ref in refs)
+
+
+def test_same_seed_is_deterministic(tmp_path: Path, small_set: DatasetPaths) -> None:
+    again = generate_dataset(tmp_path / "again", **SMALL)
+    for name in ("train", "val", "test", "val_gt", "test_gt", "metadata"):
+        assert load(getattr(again, name)) == load(getattr(small_set, name))
+    first = np.asarray(Image.open(small_set.image_root / load(small_set.test)[0]["image"]))
+    second = np.asarray(Image.open(again.image_root / load(again.test)[0]["image"]))
+    assert np.array_equal(first, second)
+    other = generate_dataset(tmp_path / "other", **{**SMALL, "seed": 2})
+    assert load(other.train) != load(small_set.train)
+
+
+def test_ensure_dataset_regenerates_only_on_change(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    paths = ensure_dataset(out, **SMALL)
+    stamp = paths.train.stat().st_mtime_ns
+    assert ensure_dataset(out, **SMALL).train.stat().st_mtime_ns == stamp
+    changed = ensure_dataset(out, **{**SMALL, "num_train": 21})
+    assert len({e["image"] for e in load(changed.train)}) == 21
+    assert load(changed.manifest)["num_train"] == 21
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no temporary folders left behind
+
+
+def test_ensure_dataset_repairs_an_incomplete_set(tmp_path: Path) -> None:
+    paths = ensure_dataset(tmp_path / "set", **SMALL)
+    paths.test_gt.unlink()
+    assert ensure_dataset(tmp_path / "set", **SMALL).test_gt.is_file()
+
+
+def test_refuses_to_overwrite_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mine"):
+        generate_dataset(tmp_path / "mine", **SMALL)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(TypeError, match="num_trian"):
+        ensure_dataset(tmp_path / "x", num_trian=3)
+
+
+def test_grounding_accuracy_on_references_and_wrong_captions(small_set: DatasetPaths) -> None:
+    references: dict[int, list[str]] = {}
+    for entry in load(small_set.train):
+        references.setdefault(int(entry["image_id"]), []).append(entry["caption"])
+    for k in range(5):
+        scores = grounding_accuracy({i: refs[k] + " ." for i, refs in references.items()}, small_set.metadata)
+        assert scores == {
+            "count": 1.0,
+            "colour": 1.0,
+            "shape": 1.0,
+            "position": 1.0,
+            "all": 1.0,
+            "num_images": 20,
+        }
+
+    facts = load(small_set.metadata)["images"]
+    wrong = {}
+    for image_id in references:
+        fact = facts[str(image_id)]
+        colour = "green" if fact["colour"] != "green" else "red"
+        wrong[image_id] = f"a picture of many {colour} things"
+    scores = grounding_accuracy(wrong, small_set.metadata)
+    assert scores["colour"] == 0.0 and scores["shape"] == 0.0 and scores["count"] == 0.0
+    assert scores["all"] == 0.0
+
+
+def test_grounding_skips_unknown_ids(small_set: DatasetPaths, caplog: pytest.LogCaptureFixture) -> None:
+    scores = grounding_accuracy({123456: "two red circles on the left"}, small_set.metadata)
+    assert scores["num_images"] == 0 and scores["all"] == 0.0
+    assert "123456" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("a picture of two red circles on the left.", (2, "red", "circle", "left")),
+        ("there is a single orange star in the upper part of the image", (1, "orange", "star", "top")),
+        ("an orange square in the middle", (1, "orange", "square", "center")),
+        ("four triangles spread out", (4, None, "triangle", "scattered")),
+        ("a picture of a blue thing", (1, "blue", None, None)),
+        ("a picture of something", (None, None, None, None)),
+    ],
+)
+def test_parse_caption(caption: str, expected: tuple) -> None:
+    parsed = parse_caption(caption)
+    assert (parsed["count"], parsed["colour"], parsed["shape"], parsed["position"]) == expected
+
+
+def test_cli_generates_and_reuses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["--out", str(tmp_path / "cli"), "--num_train", "3", "--num_val", "2", "--num_test", "2"]
+    assert synthetic.main([*args, "--image_size", "48", "--image_format", "png"]) == 0
+    manifest = load(tmp_path / "cli" / "manifest.json")
+    assert manifest["image_format"] == "png" and manifest["image_size"] == 48
+    assert len(list((tmp_path / "cli" / "images" / "val").glob("*.png"))) == 2
+    assert "data set ready" in capsys.readouterr().out
