@@ -87,6 +87,9 @@ def resolve_vision_config(
     if unknown or missing:
         raise ValueError(f"vision config {source}: unknown fields {unknown}, missing fields {missing}")
     config = {field: copy.deepcopy(config[field]) for field in _FIELDS}
+    for field in ("depths", "num_heads"):
+        if isinstance(config[field], tuple):
+            config[field] = list(config[field])  # keep the resolved config JSON-shaped
     if image_res is not None and image_res != config["image_res"]:
         config["image_res"], config["window_size"] = image_res, image_res // 32
     _validate(config, source)
