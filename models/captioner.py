@@ -28,15 +28,17 @@ def attention_mask(key_keep: torch.Tensor, query_start: int, num_queries: int) -
     """Boolean B x 1 x Q x K mask (True = may attend) for queries at positions
     ``query_start .. query_start + Q - 1`` over keys ``0 .. K-1``.
 
-    Causal, restricted to kept keys; every position also sees itself, so a dropped prefix position never
-    has an empty attention row (which would produce NaNs) while no other position can read it.
+    Causal and restricted to kept keys, as GPT-2 applies a padding mask. A query with no kept key at all
+    (a dropped position at the start of the prefix) sees itself instead of nothing, which would give NaNs;
+    no other position reads it.
     """
     device = key_keep.device
     q_pos = torch.arange(query_start, query_start + num_queries, device=device)
     k_pos = torch.arange(key_keep.shape[1], device=device)
     causal = k_pos[None, :] <= q_pos[:, None]
-    itself = k_pos[None, :] == q_pos[:, None]
-    allowed = causal[None] & (key_keep[:, None, :] | itself[None])
+    allowed = causal[None] & key_keep[:, None, :]
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed | (empty & (k_pos[None, :] == q_pos[:, None])[None])
     return allowed[:, None]
 
 

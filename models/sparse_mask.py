@@ -14,8 +14,9 @@ class SparsePrefixMask(nn.Module):
     ``score = sigmoid(LayerNorm((m K^T) V))`` with a learned vector ``m`` (P) and per-image ``K``, ``V``
     (P x P) projected from the prefix. In ``hard`` mode the threshold is applied as in the reference code,
     so none of these parameters ever receives a gradient. In ``ste`` mode (default) the forward pass is
-    identical, and the straight-through estimator routes the loss gradient of every kept position to its
-    score, so the mask learns.
+    identical, and a straight-through estimator lets the mask learn: each position's embedding is scaled
+    by ``1 + s - stop_gradient(s)`` (exactly 1 in the forward pass), so its score receives the gradient
+    of scaling that position's contribution up or down.
     """
 
     def __init__(self, prefix_length: int, dim: int, threshold: float = 0.1, mode: str = "ste") -> None:
@@ -39,13 +40,12 @@ class SparsePrefixMask(nn.Module):
     def forward(self, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(gate, keep)`` for a prefix B x P x D.
 
-        ``keep`` (B x P, bool) says which positions GPT-2 may attend to. ``gate`` (B x P, float) is 1 on
-        kept and 0 on dropped positions; the caller multiplies the prefix by it, which is the identity in
-        the forward pass and, in ``ste`` mode, carries the gradient to the scores.
+        ``keep`` (B x P, bool) says which positions GPT-2 may attend to. ``gate`` (B x P) equals 1; the
+        caller multiplies the prefix by it, which changes nothing in the forward pass and, in ``ste``
+        mode, carries the gradient to the scores.
         """
         probs = self.scores(prefix)
         keep = probs > self.threshold
-        hard = keep.to(prefix.dtype)
         if self.mode == "hard":
-            return hard, keep
-        return hard + probs - probs.detach(), keep
+            return torch.ones_like(probs), keep
+        return 1.0 + (probs - probs.detach()), keep

@@ -68,7 +68,9 @@ def load_tokenizer(name_or_dir: str | os.PathLike = "gpt2") -> PreTrainedTokeniz
 
 def _from_hub_or_bundled(name: str) -> PreTrainedTokenizerFast:
     try:
-        return GPT2TokenizerFast.from_pretrained(name, local_files_only=True)
+        cached = GPT2TokenizerFast.from_pretrained(name, local_files_only=True)
+        if len(cached) >= GPT2_VOCAB_SIZE:
+            return cached
     except OSError:
         pass
     if _hub_reachable():

@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from models.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A small generated shapes data set (shared by the training tests)."""
+    from data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_dataset(root, num_train=48, num_val=8, num_test=8, image_size=128, seed=3)
+    return root

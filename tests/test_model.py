@@ -1,0 +1,160 @@
+"""The OPG model: shapes, gradients, masks and a tiny overfitting run."""
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from data.text import clean_caption
+from models.build import build_captioner
+from models.captioner import Prefix, attention_mask
+from models.losses import IGNORE_INDEX, npair_loss, scst_loss
+from models.mapper import MLPMapper, TransformerMapper
+from models.sparse_mask import SparsePrefixMask
+from models.tokenizer import GPT2_VOCAB_SIZE
+
+
+def _batch(tokenizer, captions, size=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(len(captions), 3, size, size, generator=g)
+    ids = [tokenizer.encode(clean_caption(c)) for c in captions]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.eos_token_id)
+    labels = torch.full((len(ids), width), IGNORE_INDEX)
+    for i, seq in enumerate(ids):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, : len(seq)] = torch.tensor(seq)
+    return images, input_ids, labels
+
+
+def test_tokenizer_is_real_gpt2(tokenizer):
+    assert len(tokenizer) == GPT2_VOCAB_SIZE
+    assert tokenizer.encode("a man riding a horse.") == [64, 582, 10311, 257, 8223, 13]
+
+
+def test_clean_caption():
+    assert clean_caption('A man-made "Lake", at dusk!  (Nice)') == "a man made lake at dusk nice."
+    assert clean_caption("one two three", max_words=2) == "one two."
+
+
+def test_mappers_shapes():
+    visual = torch.randn(3, 50, 32)
+    assert MLPMapper(32, 16, 50)(visual).shape == (3, 50, 16)
+    assert TransformerMapper(32, 16, 10, num_layers=2, num_heads=2)(visual).shape == (3, 10, 16)
+
+
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+def test_forward_shapes_and_losses(tokenizer, mapping_type):
+    cfg = tiny_config(**{"model.mapping_type": mapping_type, "model.mapper_layers": 1, "model.mapper_heads": 2})
+    model = build_captioner(cfg)
+    images, input_ids, labels = _batch(tokenizer, ["a red circle", "two blue squares on the left"])
+    prefix = model.encode(images)
+    assert prefix.embeds.shape == (2, 17, 64) and prefix.keep.shape == (2, 17)
+    logits = model.token_logits(prefix, input_ids)
+    assert logits.shape == (*input_ids.shape, GPT2_VOCAB_SIZE)
+    out = model(images, input_ids, labels, aux_weight=0.1)
+    assert torch.isfinite(out["loss"]) and out["loss"].item() == pytest.approx(float(out["xe"] + 0.1 * out["aux"]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides,frozen_prefixes",
+    [({}, ("encoder.",)), ({"model.only_prefix": True}, ("encoder.", "gpt.")),
+     ({"model.mapping_type": "transformer", "model.mapper_layers": 1, "model.mapper_heads": 2}, ("encoder.",))],
+)  # fmt: skip
+def test_every_trainable_parameter_gets_a_gradient(tokenizer, overrides, frozen_prefixes):
+    model = build_captioner(tiny_config(**overrides))
+    images, input_ids, labels = _batch(tokenizer, ["a red circle", "two blue squares", "three stars"])
+    model(images, input_ids, labels, aux_weight=0.1)["loss"].backward()
+    for name, param in model.named_parameters():
+        if name.startswith(frozen_prefixes):
+            assert not param.requires_grad and param.grad is None, name
+        else:
+            assert param.requires_grad, name
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient for {name}"
+    assert any(n.startswith("sparse_mask.") for n, _ in model.named_parameters())
+
+
+def test_hard_mask_passes_no_gradient_and_ste_matches_its_forward():
+    torch.manual_seed(0)
+    prefix = torch.randn(4, 10, 8, requires_grad=True)
+    ste, hard = SparsePrefixMask(10, 8, 0.5, "ste"), SparsePrefixMask(10, 8, 0.5, "hard")
+    hard.load_state_dict(ste.state_dict())
+    (gate_s, keep_s), (gate_h, keep_h) = ste(prefix), hard(prefix)
+    assert torch.equal(keep_s, keep_h) and torch.equal(gate_s.detach(), gate_h)
+    assert torch.equal(gate_h, torch.ones_like(gate_h))
+    assert 0 < keep_s.sum() < keep_s.numel()
+    (prefix * gate_h.unsqueeze(-1)).sum().backward()
+    assert all(p.grad is None for p in hard.parameters())
+    (prefix * gate_s.unsqueeze(-1)).sum().backward()
+    assert all(p.grad is not None for p in ste.parameters())
+
+
+def test_sparse_mask_drops_positions_and_keeps_embeddings(tokenizer):
+    model = build_captioner(tiny_config(**{"model.threshold": 0.5})).eval()
+    images, _, _ = _batch(tokenizer, ["a red circle on the left"])
+    prefix = model.encode(images)
+    assert 0 < prefix.keep.sum() < prefix.keep.numel()
+    visual = model.encoder(images)
+    assert torch.allclose(prefix.embeds, model.mapper(visual))  # the gate is the identity going forward
+
+
+def test_dropped_prefix_positions_are_invisible(tokenizer):
+    model = build_captioner(tiny_config(**{"model.use_sparse_mask": False})).eval()
+    _, input_ids, _ = _batch(tokenizer, ["a red circle on the left"])
+    keep = torch.rand(1, model.prefix_length, generator=torch.Generator().manual_seed(1)) > 0.5
+    keep[0, -1] = True  # the last prefix position's own state predicts the first word
+    prefix = Prefix(torch.randn(1, model.prefix_length, 64), keep)
+    base = model.token_logits(prefix, input_ids)
+    noise = torch.randn_like(prefix.embeds)
+    dropped = torch.where(prefix.keep.unsqueeze(-1), prefix.embeds, noise)
+    kept = torch.where(prefix.keep.unsqueeze(-1), noise, prefix.embeds)
+    dropped_change = (model.token_logits(Prefix(dropped, prefix.keep), input_ids) - base).abs().max()
+    kept_change = (model.token_logits(Prefix(kept, prefix.keep), input_ids) - base).abs().max()
+    assert dropped_change < 1e-5 and kept_change > 1e-3
+
+
+def test_attention_mask_is_causal_and_self_visible():
+    keep = torch.tensor([[False, True, False, True]])
+    mask = attention_mask(keep, 0, 4)[0, 0]
+    assert mask.tolist() == [[True, False, False, False], [False, True, False, False],
+                             [False, True, False, False], [False, True, False, True]]  # fmt: skip
+    step = attention_mask(torch.tensor([[False, True, False, True, True]]), 4, 1)[0, 0]
+    assert step.tolist() == [[False, True, False, True, True]]
+
+
+def test_padding_is_ignored_not_a_real_token(tokenizer):
+    model = build_captioner(tiny_config(**{"model.use_sparse_mask": False})).eval()
+    images, input_ids, labels = _batch(tokenizer, ["a red circle", "two blue squares on the left side"])
+    both = model(images, input_ids, labels)["xe"]
+    short = labels[0] != IGNORE_INDEX
+    alone = model(images[:1], input_ids[:1, : short.sum()], labels[:1, : short.sum()])["xe"]
+    n0, n1 = short.sum(), (labels[1] != IGNORE_INDEX).sum()
+    second = model(images[1:], input_ids[1:], labels[1:])["xe"]
+    assert both.item() == pytest.approx(float((alone * n0 + second * n1) / (n0 + n1)), rel=1e-5)
+
+
+def test_npair_and_scst_losses_by_hand():
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    expected = torch.nn.functional.cross_entropy(anchors @ anchors.t(), torch.arange(2)) + 0.005 * 4 / 2
+    assert npair_loss(anchors, anchors).item() == pytest.approx(float(expected))
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    rewards, baselines = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # advantages +1 and -1; mean log-probs -1.5 and -0.5 -> loss = -(1 * -1.5 + -1 * -0.5) / 2 = 0.5
+    assert scst_loss(logprobs, mask, rewards, baselines, length_norm=True).item() == pytest.approx(0.5)
+    # summed: -(1 * -3 + -1 * -1.5) / 2 = 0.75
+    assert scst_loss(logprobs, mask, rewards, baselines, length_norm=False).item() == pytest.approx(0.75)
+
+
+def test_overfitting_a_few_samples_drives_the_loss_down(tokenizer):
+    torch.manual_seed(0)
+    model = build_captioner(tiny_config())
+    images, input_ids, labels = _batch(tokenizer, ["a red circle", "two blue squares", "three green stars"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = model(images, input_ids, labels, aux_weight=0.1)["xe"]
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < 0.1 * losses[0]
