@@ -1,0 +1,379 @@
+"""Caption decoding: greedy, beam search and sampling, batched over images, with GPT-2's KV cache.
+
+One implementation serves validation, prediction and SCST. It reads GPT-2 with the positions and masks of
+training (:meth:`OPGCaptioner.token_hidden`): the prefix occupies positions ``0 .. P-1`` whether the sparse
+mask keeps a position or not, caption token ``t`` sits at position ``P + t``, and dropped prefix positions
+are never attended to by later positions.
+
+Lengths: ``max_len`` counts every generated token including the stop token; a stop token can only come
+after ``min_len`` other tokens. Finished sequences are padded with ``pad_id`` at log-probability 0.
+
+Log-probabilities are those of the model at temperature 1 for greedy and beam search, and of the tempered
+distribution for sampling; bans (``min_len``, ``no_repeat_ngram``) and top-k / top-p truncation only decide
+which tokens may be chosen. A sequence's score is the sum of its token log-probabilities divided by
+``length ** length_penalty``.
+
+Beam search follows the semantics of Hugging Face ``generate`` with ``early_stopping=False``: every step
+keeps the best ``(1 + number of stop ids) * beams`` continuations; those ending in a stop token that rank
+among the first ``beams`` become finished hypotheses (scored with the length penalty), the best ``beams``
+others continue; an image is done once it holds ``beams`` finished hypotheses and its best running beam,
+normalised at the current length, cannot beat the worst of them. At ``max_len`` every continuation
+finishes. With one beam this is exactly greedy decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from models.captioner import OPGCaptioner, Prefix, attention_mask
+from utils.config import DecodeConfig
+
+METHODS = ("greedy", "beam", "sample")
+GPT2_PERIOD_ID = 13
+GPT2_END_OF_TEXT_ID = 50256
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode. ``beams`` only for ``beam``; ``temperature``, ``top_k`` (0: off), ``top_p`` (1: off)
+    and ``num_samples`` (captions per image) only for ``sample``."""
+
+    method: str = "greedy"
+    beams: int = 1
+    max_len: int = 20
+    min_len: int = 0
+    length_penalty: float = 1.0
+    no_repeat_ngram: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    stop_ids: tuple[int, ...] = (GPT2_PERIOD_ID, GPT2_END_OF_TEXT_ID)
+    pad_id: int = GPT2_END_OF_TEXT_ID
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.beams < 1 or (self.beams > 1 and self.method != "beam"):
+            problems.append(f"beams={self.beams}: must be >= 1, and 1 unless method='beam'")
+        if self.num_samples < 1 or (self.num_samples > 1 and self.method != "sample"):
+            problems.append(f"num_samples={self.num_samples}: must be >= 1, and 1 unless method='sample'")
+        if not 0 <= self.min_len <= self.max_len or self.max_len < 1:
+            problems.append(f"need 0 <= min_len <= max_len and max_len >= 1, got {self.min_len}, {self.max_len}")
+        if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.no_repeat_ngram < 0:
+            problems.append("need temperature > 0, top_k >= 0, 0 < top_p <= 1 and no_repeat_ngram >= 0")
+        if problems:
+            raise ValueError("invalid decoding options: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, cfg: DecodeConfig, **overrides: object) -> DecodeOptions:
+        """Options from the config's ``decode`` section (beam search when ``beams > 1``), then overrides."""
+        values: dict[str, object] = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+        values["method"] = "beam" if cfg.beams > 1 else "greedy"
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def rows_per_image(self) -> int:
+        """Sequences decoded side by side for each image (beams or samples)."""
+        return self.beams if self.method == "beam" else self.num_samples
+
+
+@dataclass
+class DecodeResult:
+    """Decoded captions, M = images (x ``num_samples`` when sampling, image-major) in input order.
+
+    ``tokens`` M x T (padded after each caption), ``lengths`` M (tokens including the stop token),
+    ``stopped`` M (True: ends with a stop token, False: cut at ``max_len``), ``token_logprobs`` M x T
+    (0 after the caption; carries gradients when decoding ran with them) or None, ``scores`` M."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    stopped: torch.Tensor
+    token_logprobs: torch.Tensor | None
+    scores: torch.Tensor
+
+
+class CachedPrefixLM:
+    """GPT-2 over ``[prefix ; tokens]`` one token per step, with a KV cache, training's positions and the
+    prefix keep mask. Rows are independent sequences; :meth:`select` reorders or drops them."""
+
+    def __init__(self, model: OPGCaptioner, prefix: Prefix) -> None:
+        self.gpt = model.gpt
+        self.prefix = prefix
+        self.key_keep = prefix.keep
+        self.cache = None
+
+    def prefill(self, repeats: int = 1) -> torch.Tensor:
+        """Run the prefix once per image, then copy its cache ``repeats`` times (image-major rows).
+        Returns the logits of the first caption token, (B * repeats) x V, float32."""
+        embeds = self.prefix.embeds.to(self.gpt.transformer.wte.weight.dtype)
+        logits = self._forward(embeds)
+        if repeats > 1:
+            self.cache.batch_repeat_interleave(repeats)
+            self.key_keep = self.key_keep.repeat_interleave(repeats, dim=0)
+            logits = logits.repeat_interleave(repeats, dim=0)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row's latest token (R) and return the next-token logits, R x V, float32."""
+        ones = self.key_keep.new_ones(self.key_keep.shape[0], 1)
+        self.key_keep = torch.cat([self.key_keep, ones], dim=1)
+        return self._forward(self.gpt.transformer.wte(tokens).unsqueeze(1))
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the rows ``rows`` (LongTensor, may repeat or reorder them) for the following steps."""
+        if rows.numel() == self.key_keep.shape[0] and torch.equal(rows, torch.arange(rows.numel()).to(rows)):
+            return
+        self.cache.batch_select_indices(rows)
+        self.key_keep = self.key_keep[rows]
+
+    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        count = embeds.shape[1]
+        start = self.key_keep.shape[1] - count
+        out = self.gpt.transformer(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask(self.key_keep, start, count),
+            position_ids=torch.arange(start, start + count, device=embeds.device).unsqueeze(0),
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.cache
+        # The vocabulary projection dominates small models: apply it to the last position only.
+        return self.gpt.lm_head(out.last_hidden_state[:, -1]).float()
+
+
+def decode(
+    model: OPGCaptioner,
+    prefix: Prefix,
+    options: DecodeOptions,
+    with_logprobs: bool = False,
+    generator: torch.Generator | None = None,
+) -> DecodeResult:
+    """Decode captions for a batch of prefixes (``prefix.embeds`` B x P x D, ``prefix.keep`` B x P).
+
+    Returns one caption per image, or ``num_samples`` per image when sampling (image-major). With
+    ``with_logprobs`` and grad mode on, the forward passes keep their graph so ``token_logprobs`` can be
+    back-propagated (SCST); otherwise decoding runs without gradients. ``generator`` seeds sampling.
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and with_logprobs):
+        lm = CachedPrefixLM(model, prefix)
+        logits = lm.prefill(options.rows_per_image)
+        if options.method == "beam":
+            result = _beam_search(lm, logits, options)
+        else:
+            result = _decode_rows(lm, logits, options, generator)
+    if not with_logprobs:
+        result.token_logprobs = None
+    return result
+
+
+def captions_from_tokens(tokenizer, result: DecodeResult) -> list[str]:
+    """Caption texts of a decode result, without their stop token, stripped."""
+    ends = result.lengths - result.stopped.long()
+    rows = [row[:end] for row, end in zip(result.tokens.tolist(), ends.tolist(), strict=True)]
+    return [text.strip() for text in tokenizer.batch_decode(rows)]
+
+
+@torch.no_grad()
+def caption_images(model: OPGCaptioner, images: torch.Tensor, tokenizer, options: DecodeOptions) -> list[str]:
+    """Caption normalised images B x 3 x H x W in eval mode (B x ``num_samples`` captions when sampling)."""
+    was_training = model.training
+    model.eval()
+    try:
+        result = decode(model, model.encode(images), options)
+    finally:
+        model.train(was_training)
+    return captions_from_tokens(tokenizer, result)
+
+
+def _decode_rows(
+    lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOptions, generator: torch.Generator | None
+) -> DecodeResult:
+    """Greedy decoding or sampling; every row is independent and finished rows leave the batch."""
+    rows, device = logits.shape[0], logits.device
+    stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=device)
+    tokens = torch.full((rows, options.max_len), options.pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((rows,), options.max_len, dtype=torch.long, device=device)
+    stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+    active = torch.arange(rows, device=device)
+    step_logprobs = []
+    for t in range(options.max_len):
+        if options.method == "sample":
+            logits = logits / options.temperature
+        logprobs = torch.log_softmax(logits, dim=-1)
+        allowed = _apply_bans(logprobs.detach(), tokens[active, :t], t, stop_ids, options)
+        if options.method == "sample":
+            chosen = _sample(allowed, options.top_k, options.top_p, generator)
+        else:
+            chosen = allowed.argmax(dim=-1)
+        tokens[active, t] = chosen
+        chosen_logprobs = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        step_logprobs.append(chosen_logprobs.new_zeros(rows).index_put((active,), chosen_logprobs))
+        ends = torch.isin(chosen, stop_ids)
+        if ends.any():
+            lengths[active[ends]] = t + 1
+            stopped[active[ends]] = True
+            running = ~ends
+            active, chosen = active[running], chosen[running]
+            if active.numel() == 0:
+                break
+            lm.select(running.nonzero().squeeze(1))
+        if t + 1 < options.max_len:
+            logits = lm.step(chosen)
+    token_logprobs = torch.stack(step_logprobs, dim=1)
+    return _finish(tokens, lengths, stopped, token_logprobs, options.length_penalty)
+
+
+def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOptions) -> DecodeResult:
+    """Batched beam search (semantics in the module docstring); images that are done leave the batch."""
+    beams, max_len, penalty, device = options.beams, options.max_len, options.length_penalty, logits.device
+    images, vocab = logits.shape[0] // beams, logits.shape[1]
+    stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=device)
+    # Enough candidates that `beams` of them still run on when the best ones all end in a stop token.
+    num_candidates = min((1 + max(1, len(options.stop_ids))) * beams, beams * vocab)
+    top_ranks = torch.arange(num_candidates, device=device) < beams
+    image_ids = torch.arange(images, device=device)
+    run_tokens = torch.zeros(images, beams, 0, dtype=torch.long, device=device)
+    run_logprobs = logits.new_zeros(images, beams, 0)
+    # Only the first of the identical initial beams may expand, or all beams would pick the same tokens.
+    run_scores = logits.new_full((images, beams), -math.inf)
+    run_scores[:, 0] = 0.0
+    finished = _empty_hypotheses(images, beams, max_len, options.pad_id, logits)
+    best = _empty_hypotheses(images, 1, max_len, options.pad_id, logits)
+    improvable = torch.ones(images, dtype=torch.bool, device=device)
+    for t in range(max_len):
+        count = image_ids.numel()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        allowed = _apply_bans(logprobs.detach(), run_tokens.reshape(count * beams, t), t, stop_ids, options)
+        totals = (allowed.view(count, beams, vocab) + run_scores.unsqueeze(2)).view(count, -1)
+        scores, flat = totals.topk(num_candidates, dim=1)
+        parent, token = flat // vocab, flat % vocab
+        cand_tokens = torch.cat([_take(run_tokens, parent), token.unsqueeze(2)], dim=2)
+        new_logprobs = logprobs.view(count, -1).gather(1, flat).unsqueeze(2)
+        cand_logprobs = torch.cat([_take(run_logprobs, parent), new_logprobs], dim=2)
+        is_stop = torch.isin(token, stop_ids)
+        ends = is_stop | (t + 1 == max_len)
+
+        running_scores = scores.masked_fill(ends, -math.inf)
+        pick = running_scores.topk(beams, dim=1).indices
+        run_scores, run_tokens = running_scores.gather(1, pick), _take(cand_tokens, pick)
+        run_logprobs, run_parent = _take(cand_logprobs, pick), parent.gather(1, pick)
+
+        ready = ends & top_ranks
+        new = {
+            "scores": (scores / (t + 1) ** penalty).masked_fill(~ready, -math.inf),
+            "tokens": _pad(cand_tokens, max_len, options.pad_id),
+            "logprobs": _pad(cand_logprobs, max_len, 0.0),
+            "lengths": torch.full_like(token, t + 1),
+            "stopped": is_stop,
+            "filled": ready,
+        }
+        merged = {k: torch.cat([finished[k], new[k]], dim=1) for k in finished}
+        keep_best = merged["scores"].topk(beams, dim=1).indices
+        finished = {k: _take(v, keep_best) for k, v in merged.items()}
+
+        if t + 1 == max_len:
+            improvable = torch.zeros_like(improvable)
+        else:
+            best_running = run_scores[:, 0] / (t + 1) ** penalty
+            settled = finished["filled"].all(dim=1) & (best_running <= finished["scores"].min(dim=1).values)
+            improvable = improvable & ~settled
+        for key, value in finished.items():
+            best[key][image_ids[~improvable]] = value[~improvable, :1]
+        if not improvable.any():
+            break
+        source = torch.arange(count, device=device).unsqueeze(1) * beams + run_parent
+        lm.select(source[improvable].view(-1))
+        image_ids, run_scores, run_tokens = image_ids[improvable], run_scores[improvable], run_tokens[improvable]
+        run_logprobs = run_logprobs[improvable]
+        finished = {k: v[improvable] for k, v in finished.items()}
+        improvable = improvable[improvable]
+        logits = lm.step(run_tokens[:, :, -1].reshape(-1))
+    best = {k: v[:, 0] for k, v in best.items()}
+    return _finish(best["tokens"], best["lengths"], best["stopped"], best["logprobs"], penalty)
+
+
+def _empty_hypotheses(
+    images: int, slots: int, max_len: int, pad_id: int, like: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per image, ``slots`` empty finished-hypothesis slots (score -inf, not filled)."""
+    device = like.device
+    return {
+        "scores": like.new_full((images, slots), -math.inf),
+        "tokens": torch.full((images, slots, max_len), pad_id, dtype=torch.long, device=device),
+        "logprobs": like.new_zeros(images, slots, max_len),
+        "lengths": torch.ones(images, slots, dtype=torch.long, device=device),
+        "stopped": torch.zeros(images, slots, dtype=torch.bool, device=device),
+        "filled": torch.zeros(images, slots, dtype=torch.bool, device=device),
+    }
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values`` (N x S or N x S x L) at slots ``index`` (N x K) of each row."""
+    if values.dim() == 3:
+        index = index.unsqueeze(2).expand(-1, -1, values.shape[2])
+    return values.gather(1, index)
+
+
+def _pad(values: torch.Tensor, length: int, fill: float) -> torch.Tensor:
+    """Pad N x S x L' on the right to N x S x ``length``."""
+    return torch.nn.functional.pad(values, (0, length - values.shape[2]), value=fill)
+
+
+def _apply_bans(
+    logprobs: torch.Tensor, history: torch.Tensor, step: int, stop_ids: torch.Tensor, options: DecodeOptions
+) -> torch.Tensor:
+    """-inf for tokens that may not come next: stop tokens before ``min_len`` and tokens that would repeat
+    an n-gram of ``history`` (R x step). Returns a new tensor; ``logprobs`` (R x V) is left untouched."""
+    allowed = logprobs
+    if step < options.min_len and stop_ids.numel():
+        allowed = allowed.index_fill(1, stop_ids, -math.inf)
+    n = options.no_repeat_ngram
+    if n and step >= n:
+        grams = history.unfold(1, n, 1)  # R x (step - n + 1) x n
+        same_start = (grams[:, :, : n - 1] == history[:, step - n + 1 :].unsqueeze(1)).all(dim=2)
+        rows, where = same_start.nonzero(as_tuple=True)
+        allowed = allowed.index_put((rows, grams[rows, where, n - 1]), allowed.new_tensor(-math.inf))
+    return allowed
+
+
+def _sample(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row (R x V logits) by inverse-CDF sampling after top-k / top-p truncation.
+
+    ``searchsorted`` over the cumulative probabilities draws from the same distribution as
+    ``torch.multinomial`` at a fraction of its cost over a 50k vocabulary; ``right=True`` never lands on a
+    zero-probability token.
+    """
+    if 0 < top_k < logits.shape[1]:
+        kth = logits.topk(top_k, dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=1, descending=True)
+        probs = torch.softmax(ordered, dim=1)
+        mass_before = probs.cumsum(dim=1) - probs
+        ordered = ordered.masked_fill(mass_before >= top_p, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(1, order, ordered)
+    cdf = torch.softmax(logits, dim=1).cumsum(dim=1)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    return chosen.squeeze(1).clamp_(max=logits.shape[1] - 1)
+
+
+def _finish(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    stopped: torch.Tensor,
+    token_logprobs: torch.Tensor,
+    length_penalty: float,
+) -> DecodeResult:
+    """Trim to the longest caption and score each: summed log-probability / length ** length_penalty."""
+    width = int(lengths.max())
+    token_logprobs = token_logprobs[:, :width]
+    scores = token_logprobs.detach().sum(dim=1) / lengths.to(token_logprobs.dtype) ** length_penalty
+    return DecodeResult(tokens[:, :width], lengths, stopped, token_logprobs, scores)

@@ -1,0 +1,233 @@
+"""Tests for predict.py: a tiny checkpoint, images of every supported format plus broken files, every
+output format, usage errors, the real photos in shared/, and the command line end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from data.image_io import load_image
+from data.transforms import build_transform
+from models.build import architecture, build_captioner, load_captioner
+from models.decoding import DecodeOptions, captions_from_tokens, decode
+from models.tokenizer import load_tokenizer
+from utils.caption_output import assign_image_ids
+from utils.checkpoint import save_checkpoint
+from utils.config import Config, to_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOOD = {
+    "COCO_val2014_000000000042.jpg": "JPEG",
+    "photo_7.png": "PNG",
+    "nested/deeper/beach.webp": "WEBP",
+    "nested/dog.bmp": "BMP",
+    "nested/anim.gif": "GIF",
+    "scan 12.tiff": "TIFF",
+}
+BAD = ["truncated.jpg", "nested/notes.png", "empty.jpeg"]
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("OPG_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from threads, and lose a lot when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.encoder.vision_config = "swin_demo"
+    cfg.model.gpt2_config = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+    cfg.decode.max_len = 8
+    model = build_captioner(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    for i, (name, fmt) in enumerate(GOOD.items()):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        colour = (40 * i, 255 - 30 * i, 90)
+        mode = "RGBA" if fmt == "PNG" else "RGB"
+        Image.new(mode, (64 + 16 * i, 48), colour).save(path, format=fmt)
+    full = root / "full.jpg"
+    Image.effect_noise((200, 150), 60).convert("RGB").save(full, quality=90)
+    (root / "truncated.jpg").write_bytes(full.read_bytes()[:700])
+    full.unlink()
+    (root / "nested" / "notes.png").write_text("not an image at all\n")
+    (root / "empty.jpeg").write_bytes(b"")
+    return root
+
+
+def run_predict(checkpoint: Path, inputs: list[str], *extra: str) -> int:
+    return predict.main(
+        ["--checkpoint", str(checkpoint), "--images", *inputs, "--num_workers", "0", "--no_progress", *extra]
+    )
+
+
+def good_paths(image_dir: Path) -> list[str]:
+    return sorted(str(image_dir / name) for name in GOOD)
+
+
+def test_good_images_captioned_bad_ones_reported(checkpoint, image_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "captions.json"
+    status = run_predict(checkpoint, [str(image_dir)], "--output", str(out), "--batch_size", "4")
+    assert status == 1
+    results = json.loads(out.read_text())
+    assert sorted(r["file_name"] for r in results) == good_paths(image_dir)
+    assert all(isinstance(r["caption"], str) and r["caption"] for r in results)
+    ids = {Path(r["file_name"]).name: r["image_id"] for r in results}
+    assert ids["COCO_val2014_000000000042.jpg"] == 42 and ids["photo_7.png"] == 7 and ids["scan 12.tiff"] == 12
+    assert len(set(ids.values())) == len(ids)
+    err = capsys.readouterr().err
+    assert f"captioned {len(GOOD)} of {len(GOOD) + len(BAD)} images" in err
+    for name, reason in zip(BAD, ["truncated", "not a recognised image", "empty file"], strict=True):
+        line = next(line for line in err.splitlines() if line.startswith(f"failed: {image_dir / name}"))
+        assert reason in line
+
+
+@pytest.mark.parametrize("name, fmt", [("out.jsonl", None), ("out.csv", None), ("results.txt", "jsonl")])
+def test_output_formats(checkpoint, image_dir, tmp_path, name, fmt) -> None:
+    out = tmp_path / name
+    extra = ["--format", fmt] if fmt else []
+    assert run_predict(checkpoint, good_paths(image_dir), "--output", str(out), *extra) == 0
+    if out.suffix == ".csv":
+        with out.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert list(rows[0]) == ["image_id", "file_name", "caption"]
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == good_paths(image_dir)
+    assert all(set(r) == {"image_id", "caption", "file_name"} for r in rows)
+
+
+def test_stdout_lines_and_html_gallery(checkpoint, image_dir, tmp_path, capsys) -> None:
+    gallery = tmp_path / "gallery.html"
+    pattern = str(image_dir / "*.png")
+    missing = str(tmp_path / "missing.jpg")
+    assert run_predict(checkpoint, [pattern, str(image_dir / "nested"), missing], "--html", str(gallery)) == 1
+    captured = capsys.readouterr()
+    lines = [line.split("\t") for line in captured.out.splitlines()]
+    expected = sorted([str(image_dir / "photo_7.png")] + [p for p in good_paths(image_dir) if "/nested/" in p])
+    assert [path for path, _ in lines] == expected
+    assert f"failed: {missing}: no such file or folder" in captured.err
+    assert f"failed: {image_dir / 'nested' / 'notes.png'}" in captured.err
+    page = gallery.read_text()
+    assert page.count("data:image/jpeg;base64,") == len(expected)
+    assert "notes.png" in page and "missing.jpg" in page
+
+
+def test_predictions_equal_direct_decoding_with_overrides(checkpoint, image_dir, tmp_path) -> None:
+    out = tmp_path / "out.json"
+    overrides = ["--beams", "3", "--max_len", "6", "--min_len", "2", "--length_penalty", "0.5"]
+    assert run_predict(checkpoint, good_paths(image_dir), "--output", str(out), *overrides) == 0
+    captions = [r["caption"] for r in json.loads(out.read_text())]
+    model, cfg = load_captioner(checkpoint)
+    transform = build_transform(model.encoder.image_res)
+    images = torch.stack([transform(load_image(p)) for p in good_paths(image_dir)])
+    options = DecodeOptions(method="beam", beams=3, max_len=6, min_len=2, length_penalty=0.5)
+    with torch.no_grad():
+        result = decode(model, model.encode(images), options)
+    assert captions == captions_from_tokens(load_tokenizer(cfg.model.tokenizer), result)
+    assert (result.lengths >= 3).all() and (result.lengths <= 6).all()
+
+
+def test_sampling_is_seeded(checkpoint, image_dir, tmp_path) -> None:
+    texts = []
+    for seed in ("3", "3", "4"):
+        out = tmp_path / f"sample_{len(texts)}.jsonl"
+        args = ["--output", str(out), "--method", "sample", "--top_k", "40", "--seed", seed]
+        assert run_predict(checkpoint, good_paths(image_dir), *args) == 0
+        texts.append(out.read_text())
+    assert texts[0] == texts[1] != texts[2]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--output", "out.txt"],
+        ["--method", "sample", "--beams", "3"],
+        ["--min_len", "9", "--max_len", "4"],
+        ["--batch_size", "0"],
+        ["--beams", "two"],
+        ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--format", "xml"],
+    ],
+    ids=str,
+)
+def test_usage_errors_exit_2(checkpoint, image_dir, tmp_path, monkeypatch, args) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_predict(checkpoint, good_paths(image_dir), *args) == 2
+
+
+def test_unusable_checkpoint_or_no_images_exit_2(checkpoint, image_dir, tmp_path, capsys) -> None:
+    assert run_predict(tmp_path / "absent.pt", good_paths(image_dir)) == 2
+    assert "absent.pt" in capsys.readouterr().err
+    not_a_checkpoint = tmp_path / "bad.pt"
+    not_a_checkpoint.write_text("junk")
+    assert run_predict(not_a_checkpoint, good_paths(image_dir)) == 2
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    assert run_predict(checkpoint, [str(empty)]) == 2
+    assert "no image files found" in capsys.readouterr().err
+
+
+def test_real_photos_with_worker_processes(checkpoint, tmp_path) -> None:
+    photos = shared_dir() / "real_images"
+    assert photos.is_dir(), f"shared real photos missing at {photos} (set OPG_SHARED_DIR)"
+    expected = sorted(str(p) for p in photos.glob("*.jpg"))
+    assert len(expected) >= 6
+    out = tmp_path / "real.json"
+    status = predict.main(
+        ["--checkpoint", str(checkpoint), "--images", str(photos), "--output", str(out)]
+        + ["--batch_size", "4", "--num_workers", "2", "--no_progress"]
+    )
+    assert status == 0
+    results = json.loads(out.read_text())
+    assert [r["file_name"] for r in results] == expected
+    assert [r["image_id"] for r in results] == [int(Path(p).stem.rsplit("_", 1)[1]) for p in expected]
+
+
+def test_command_line_end_to_end(checkpoint, image_dir, tmp_path) -> None:
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("# images to caption\n" + "\n".join(good_paths(image_dir)[:3]) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO_ROOT / "predict.py"), "--checkpoint", str(checkpoint)]
+    command += ["--images", "inputs.txt", "--output", "out/captions.csv", "--num_workers", "1"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with (tmp_path / "out" / "captions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["file_name"] for r in rows] == good_paths(image_dir)[:3]
+    assert "captioned 3 of 3 images" in done.stderr
+
+
+def test_image_ids_use_trailing_numbers_and_never_collide() -> None:
+    paths = [Path("a/COCO_val2014_000000000005.jpg"), Path("b/cat.png"), Path("c/img12.jpg"), Path("d/dog.jpg")]
+    assert assign_image_ids(paths) == [5, 13, 12, 14]
+    assert assign_image_ids([Path("x.jpg"), Path("y.jpg")]) == [0, 1]

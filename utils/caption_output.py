@@ -1,0 +1,150 @@
+"""Writing predicted captions: COCO results JSON, JSON lines, CSV, and an HTML gallery to look at them.
+
+Every file is written atomically (temporary file in the same folder, then renamed).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import html
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data.image_io import ImageLoadError, load_image
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("coco", "jsonl", "csv")
+SUFFIX_FORMATS = {".json": "coco", ".jsonl": "jsonl", ".csv": "csv"}
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+@dataclass
+class CaptionRecord:
+    """One captioned image: ``image_id`` (see :func:`assign_image_ids`), ``caption``, ``file_name``."""
+
+    image_id: int
+    caption: str
+    file_name: str
+
+
+def assign_image_ids(paths: Sequence[Path]) -> list[int]:
+    """Image ids for files: the trailing number of the file stem when it has one
+    (``COCO_val2014_000000060623.jpg`` -> 60623), otherwise a running index that continues after the
+    largest such number, in the order given, so that numbered and unnumbered files never share an id."""
+    numbers = [_TRAILING_NUMBER.search(Path(p).stem) for p in paths]
+    next_id = max((int(m.group(1)) for m in numbers if m), default=-1) + 1
+    ids = []
+    for match in numbers:
+        if match:
+            ids.append(int(match.group(1)))
+        else:
+            ids.append(next_id)
+            next_id += 1
+    return ids
+
+
+def format_for(path: str | os.PathLike, requested: str | None = None) -> str:
+    """Output format: ``requested`` if given, else from the suffix (.json coco, .jsonl, .csv)."""
+    if requested is not None:
+        if requested not in FORMATS:
+            raise ValueError(f"unknown output format {requested!r}; choose one of {', '.join(FORMATS)}")
+        return requested
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIX_FORMATS:
+        raise ValueError(
+            f"cannot tell the output format of {os.fspath(path)!r} from its suffix: name it .json, .jsonl or "
+            f".csv, or give --format ({', '.join(FORMATS)})"
+        )
+    return SUFFIX_FORMATS[suffix]
+
+
+def write_results(path: str | os.PathLike, records: Sequence[CaptionRecord], fmt: str) -> None:
+    """Write ``records`` as COCO results JSON (a list of objects), JSON lines or CSV (with a header)."""
+    rows = [asdict(r) for r in records]
+    if fmt == "coco":
+        text = json.dumps(rows, ensure_ascii=False, indent=1) + "\n"
+    elif fmt == "jsonl":
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["image_id", "file_name", "caption"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    else:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    write_text_atomic(path, text)
+
+
+def write_gallery(
+    path: str | os.PathLike,
+    records: Sequence[CaptionRecord],
+    failures: Sequence[str] = (),
+    thumb_px: int = 224,
+    title: str = "Captions",
+) -> None:
+    """Self-contained HTML page: each image as a small embedded JPEG with its caption underneath, then
+    ``failures`` (messages naming the files that could not be captioned and why). Images that cannot be
+    re-read are listed without a thumbnail."""
+    cards = [_card(record, thumb_px) for record in records]
+    failed = "".join(f"<li>{html.escape(message)}</li>" for message in failures)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ width: {thumb_px}px; margin: 0; }}
+img {{ max-width: {thumb_px}px; max-height: {thumb_px}px; display: block; }}
+figcaption {{ font-size: 0.95em; margin-top: 0.3em; }}
+.path {{ color: #777; font-size: 0.75em; word-break: break-all; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>{len(records)} captioned, {len(failures)} failed.</p>
+<div class="grid">
+{"".join(cards)}</div>
+{f"<h2>Not captioned</h2><ul>{failed}</ul>" if failures else ""}
+</body></html>
+"""
+    write_text_atomic(path, page)
+
+
+def _card(record: CaptionRecord, thumb_px: int) -> str:
+    try:
+        image = load_image(record.file_name, max_pixels=4 * thumb_px * thumb_px)
+        image.thumbnail((thumb_px, thumb_px))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        picture = f'<img src="data:image/jpeg;base64,{data}" alt="{html.escape(record.caption)}">'
+    except ImageLoadError as err:
+        logger.warning("gallery: no thumbnail for %s (%s)", record.file_name, err.reason)
+        picture = "<p>(image unavailable)</p>"
+    return (
+        f"<figure>{picture}<figcaption>{html.escape(record.caption)}"
+        f'<div class="path">{html.escape(record.file_name)}</div></figcaption></figure>\n'
+    )
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` so that readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
