@@ -128,7 +128,7 @@ class CachedPrefixLM:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep the rows ``rows`` (LongTensor, may repeat or reorder them) for the following steps."""
-        if rows.numel() == self.key_keep.shape[0] and torch.equal(rows, torch.arange(rows.numel()).to(rows)):
+        if rows.numel() == self.key_keep.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device)):
             return
         self.cache.batch_select_indices(rows)
         self.key_keep = self.key_keep[rows]
@@ -158,10 +158,12 @@ def decode(
     """Decode captions for a batch of prefixes (``prefix.embeds`` B x P x D, ``prefix.keep`` B x P).
 
     Returns one caption per image, or ``num_samples`` per image when sampling (image-major). With
-    ``with_logprobs`` and grad mode on, the forward passes keep their graph so ``token_logprobs`` can be
-    back-propagated (SCST); otherwise decoding runs without gradients. ``generator`` seeds sampling.
+    ``with_logprobs`` and grad mode on, greedy decoding and sampling keep the graph of their forward passes
+    so that ``token_logprobs`` can be back-propagated (SCST); beam search never does, as choosing among
+    beams is not differentiable. ``generator`` seeds sampling.
     """
-    with torch.set_grad_enabled(torch.is_grad_enabled() and with_logprobs):
+    differentiable = torch.is_grad_enabled() and with_logprobs and options.method != "beam"
+    with torch.set_grad_enabled(differentiable):
         lm = CachedPrefixLM(model, prefix)
         logits = lm.prefill(options.rows_per_image)
         if options.method == "beam":
@@ -248,15 +250,12 @@ def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOption
     best = _empty_hypotheses(images, 1, max_len, options.pad_id, logits)
     improvable = torch.ones(images, dtype=torch.bool, device=device)
     for t in range(max_len):
-        count = image_ids.numel()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        allowed = _apply_bans(logprobs.detach(), run_tokens.reshape(count * beams, t), t, stop_ids, options)
-        totals = (allowed.view(count, beams, vocab) + run_scores.unsqueeze(2)).view(count, -1)
-        scores, flat = totals.topk(num_candidates, dim=1)
-        parent, token = flat // vocab, flat % vocab
+        history = run_tokens.reshape(image_ids.numel() * beams, t)
+        scores, parent, token, new_logprobs = _continuations(
+            logits, run_scores, history, num_candidates, stop_ids, options
+        )
         cand_tokens = torch.cat([_take(run_tokens, parent), token.unsqueeze(2)], dim=2)
-        new_logprobs = logprobs.view(count, -1).gather(1, flat).unsqueeze(2)
-        cand_logprobs = torch.cat([_take(run_logprobs, parent), new_logprobs], dim=2)
+        cand_logprobs = torch.cat([_take(run_logprobs, parent), new_logprobs.unsqueeze(2)], dim=2)
         is_stop = torch.isin(token, stop_ids)
         ends = is_stop | (t + 1 == max_len)
 
@@ -288,7 +287,7 @@ def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOption
             best[key][image_ids[~improvable]] = value[~improvable, :1]
         if not improvable.any():
             break
-        source = torch.arange(count, device=device).unsqueeze(1) * beams + run_parent
+        source = torch.arange(image_ids.numel(), device=device).unsqueeze(1) * beams + run_parent
         lm.select(source[improvable].view(-1))
         image_ids, run_scores, run_tokens = image_ids[improvable], run_scores[improvable], run_tokens[improvable]
         run_logprobs = run_logprobs[improvable]
@@ -297,6 +296,32 @@ def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOption
         logits = lm.step(run_tokens[:, :, -1].reshape(-1))
     best = {k: v[:, 0] for k, v in best.items()}
     return _finish(best["tokens"], best["lengths"], best["stopped"], best["logprobs"], penalty)
+
+
+def _continuations(
+    logits: torch.Tensor,
+    run_scores: torch.Tensor,
+    history: torch.Tensor,
+    count: int,
+    stop_ids: torch.Tensor,
+    options: DecodeOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``count`` best continuations per image of its running beams.
+
+    ``logits`` (N*K) x V; ``run_scores`` N x K; ``history`` (N*K) x t. Returns, each N x
+    ``count`` and best first: summed log-probabilities, parent beam, token, the token's log-probability.
+    The best continuations across beams are among each beam's own best, so the beam scores are added to
+    those few candidates only, not to the whole (N*K) x V table.
+    """
+    images = run_scores.shape[0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    allowed = _apply_bans(logprobs, history, history.shape[1], stop_ids, options, inplace=True)
+    top_logprobs, top_tokens = allowed.topk(min(count, logits.shape[1]), dim=1)
+    token_logprobs = top_logprobs.view(images, -1)
+    totals = token_logprobs + run_scores.repeat_interleave(top_tokens.shape[1], dim=1)
+    scores, pick = totals.topk(count, dim=1)
+    parent = torch.div(pick, top_tokens.shape[1], rounding_mode="floor")
+    return scores, parent, top_tokens.view(images, -1).gather(1, pick), token_logprobs.gather(1, pick)
 
 
 def _empty_hypotheses(
@@ -327,19 +352,26 @@ def _pad(values: torch.Tensor, length: int, fill: float) -> torch.Tensor:
 
 
 def _apply_bans(
-    logprobs: torch.Tensor, history: torch.Tensor, step: int, stop_ids: torch.Tensor, options: DecodeOptions
+    scores: torch.Tensor,
+    history: torch.Tensor,
+    step: int,
+    stop_ids: torch.Tensor,
+    options: DecodeOptions,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """-inf for tokens that may not come next: stop tokens before ``min_len`` and tokens that would repeat
-    an n-gram of ``history`` (R x step). Returns a new tensor; ``logprobs`` (R x V) is left untouched."""
-    allowed = logprobs
+    an n-gram of ``history`` (R x step). ``scores`` (R x V) are changed only if ``inplace``."""
+    allowed = scores
     if step < options.min_len and stop_ids.numel():
-        allowed = allowed.index_fill(1, stop_ids, -math.inf)
+        allowed = allowed.index_fill_(1, stop_ids, -math.inf) if inplace else allowed.index_fill(1, stop_ids, -math.inf)
     n = options.no_repeat_ngram
     if n and step >= n:
         grams = history.unfold(1, n, 1)  # R x (step - n + 1) x n
         same_start = (grams[:, :, : n - 1] == history[:, step - n + 1 :].unsqueeze(1)).all(dim=2)
         rows, where = same_start.nonzero(as_tuple=True)
-        allowed = allowed.index_put((rows, grams[rows, where, n - 1]), allowed.new_tensor(-math.inf))
+        banned = (rows, grams[rows, where, n - 1])
+        fill = allowed.new_tensor(-math.inf)
+        allowed = allowed.index_put_(banned, fill) if inplace else allowed.index_put(banned, fill)
     return allowed
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,7 +218,7 @@ def test_equals_hugging_face_generate_without_sparse_mask(options: DecodeOptions
 @pytest.mark.parametrize("options", ALL_METHODS, ids=["greedy", "beam", "sample"])
 def test_min_len_equal_to_max_len_decodes_exactly_max_len_tokens(options: DecodeOptions) -> None:
     model = make_model(stop_bias=20.0)  # would stop at once if it were allowed to
-    forced = DecodeOptions(**{**options.__dict__, "min_len": 7, "max_len": 7})
+    forced = replace(options, min_len=7, max_len=7)
     result = decode(model, make_prefix(model, 3), forced, generator=torch.Generator().manual_seed(0))
     assert result.tokens.shape == (3 * forced.num_samples, 7)
     assert (result.lengths == 7).all() and not result.stopped.any()
@@ -228,7 +229,7 @@ def test_min_len_equal_to_max_len_decodes_exactly_max_len_tokens(options: Decode
 def test_custom_stop_ids_and_pad(options: DecodeOptions) -> None:
     """Only '.' stops: end-of-text, just as likely, becomes an ordinary token inside captions."""
     model = make_model(stop_bias=7.0)
-    custom = DecodeOptions(**{**options.__dict__, "stop_ids": (13,), "pad_id": 0, "min_len": 0})
+    custom = replace(options, stop_ids=(13,), pad_id=0, min_len=0)
     result = decode(model, make_prefix(model, 6), custom, True, torch.Generator().manual_seed(0))
     check_well_formed(result, custom)
     assert result.stopped.any()
@@ -312,10 +313,10 @@ def test_no_repeat_ngram_blocking(n: int, options: DecodeOptions) -> None:
     model = make_model(stop_bias=None)  # degenerates into repeating one token
     prefix = make_prefix(model, 4)
     # A cold temperature makes sampling as repetitive as the greedy search.
-    base = DecodeOptions(**{**options.__dict__, "max_len": 12, "min_len": 12, "temperature": 0.01})
+    base = replace(options, max_len=12, min_len=12, temperature=0.01)
     plain = decode(model, prefix, base, generator=torch.Generator().manual_seed(0))
     assert sum(repeated_ngrams(row, n) for row in plain.tokens.tolist()) > 0
-    blocked_options = DecodeOptions(**{**base.__dict__, "no_repeat_ngram": n})
+    blocked_options = replace(base, no_repeat_ngram=n)
     blocked = decode(model, prefix, blocked_options, generator=torch.Generator().manual_seed(0))
     assert all(repeated_ngrams(row, n) == 0 for row in blocked.tokens.tolist())
 
