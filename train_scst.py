@@ -7,6 +7,7 @@ Without ``--config`` the run reads configs/xe.yaml, or configs/scst.yaml with ``
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from utils.config import CONFIG_DIR, ConfigError, build_config, parse_bool, parse_overrides, to_yaml
@@ -58,12 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from engine.runner import Run
 
-    run = Run(cfg)
     try:
-        result = run.train()
-    finally:
-        run.close()
-    return 0 if result is not None else 1
+        run = Run(cfg)
+        try:
+            run.train()
+        finally:
+            run.close()
+    except (FileNotFoundError, ValueError, FloatingPointError) as err:
+        # Bad input (a missing file, a checkpoint that does not fit, data that cannot be read) or a
+        # diverged run: the message says what and where; the traceback goes to the log file only.
+        logging.getLogger("train_scst").debug("stopped", exc_info=True)
+        print(f"train_scst.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from data.image_io import ImageLoadError, load_image
 from data.text import clean_caption
 from models.losses import IGNORE_INDEX
-from utils.coco_eval import ImageId, image_id_from_path
+from utils.coco_eval import ImageId, image_id_from_path, normalise_image_id
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,19 @@ def read_annotations(path: str | Path, split: str) -> list[dict[str, Any]]:
     return entries
 
 
-class _ImageReader:
+class ImageReader:
+    """Reads and transforms an image by its annotation path, or returns its precomputed encoder features
+    when ``features`` holds them (a frozen encoder without augmentation sees every image identically)."""
+
     def __init__(self, image_root: str | Path, transform: Callable) -> None:
         self.image_root = Path(image_root)
         self.transform = transform
+        self.features: dict[str, torch.Tensor] | None = None
 
     def read(self, relative: str) -> torch.Tensor | None:
+        """Image 3 x R x R (or features N x C), None when unreadable (logged)."""
+        if self.features is not None:
+            return self.features.get(relative)
         path = self.image_root / relative
         try:
             return self.transform(load_image(path))
@@ -59,11 +66,14 @@ class CaptionTrainDataset(Dataset):
 
     def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable, max_words: int = 30):
         self.entries = read_annotations(ann_file, "train")
-        self.reader = _ImageReader(image_root, transform)
+        self.reader = ImageReader(image_root, transform)
         self.max_words = max_words
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def image_paths(self) -> list[str]:
+        return list(dict.fromkeys(e["image"] for e in self.entries))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
         entry = self.entries[index]
@@ -81,14 +91,20 @@ class CaptionImageDataset(Dataset):
     def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable, split: str):
         entries = read_annotations(ann_file, split)
         self.entries = group_by_image(entries) if split == "train" else entries
-        self.reader = _ImageReader(image_root, transform)
-        self.ids: list[ImageId] = [image_id_from_path(e["image"]) for e in self.entries]
+        self.reader = ImageReader(image_root, transform)
+        self.ids: list[ImageId] = [
+            normalise_image_id(e["image_id"]) if "image_id" in e else image_id_from_path(e["image"])
+            for e in self.entries
+        ]
         self.references = {i: e["caption"] for i, e in zip(self.ids, self.entries, strict=True)}
         if len(self.references) != len(self.entries):
             raise ValueError(f"{split} annotations {ann_file} list the same image id more than once")
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def image_paths(self) -> list[str]:
+        return [e["image"] for e in self.entries]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         image = self.reader.read(self.entries[index]["image"])

@@ -6,13 +6,13 @@ import logging
 from typing import Any
 
 import torch
-from models.decoding import DecodeOptions, captions_from_tokens, decode
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
 from models.captioner import OPGCaptioner
+from models.decoding import DecodeOptions, captions_from_tokens, decode
 from utils.coco_eval import CaptionScorer, EvalReport, ImageId, evaluate_results
 from utils.distributed import DistInfo, gather_objects
 from utils.precision import autocast

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from models.decoding import DecodeOptions
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -19,11 +18,13 @@ from data.sampler import ShardedSampler
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
 from engine.evaluation import generate_captions, score_split
+from engine.features import cache_features
 from engine.loop import Trainer, TrainState, run_epoch
 from engine.optim import build_optimizer, linear_schedule, trainable_parameters
 from engine.steps import ScstStep, XEStep
 from models.build import architecture, build_captioner
 from models.captioner import OPGCaptioner
+from models.decoding import DecodeOptions
 from models.tokenizer import load_tokenizer
 from utils import distributed
 from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
@@ -112,7 +113,16 @@ class Run:
         else:
             train = CaptionTrainDataset(d.train_file, d.image_root, train_transform, d.max_words)
         val_file = d.val_file if self.cfg.train.eval_split == "val" else d.test_file
-        return train, CaptionImageDataset(val_file, d.image_root, test_transform, self.cfg.train.eval_split)
+        val = CaptionImageDataset(val_file, d.image_root, test_transform, self.cfg.train.eval_split)
+        self._cache_features([train, val])
+        return train, val
+
+    def _cache_features(self, datasets: list[Any]) -> None:
+        if self.cfg.data.cache_features:
+            cache_features(
+                self.model.encoder, datasets, self.dist.device, self.cfg.train.eval_batch_size,
+                self.cfg.data.num_workers, self.precision, self.dist.is_main,
+            )  # fmt: skip
 
     def _per_rank_batch(self) -> int:
         total, world = self.cfg.train.batch_size, self.dist.world_size
@@ -250,6 +260,7 @@ class Run:
             load_state_strict(self.model, read_checkpoint(best)["model"], str(best))
         transform = build_transform(self.model.encoder.image_res)
         test_set = CaptionImageDataset(d.test_file, d.image_root, transform, "test")
+        self._cache_features([test_set])
         report, captions = self._evaluate(test_set, self._decode_options(validation=False), True, "test")
         if not self.dist.is_main:
             return {}

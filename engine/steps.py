@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from models.decoding import DecodeOptions, captions_from_tokens, decode
+import torch.distributed as dist
 from torch import nn
 
 from models.captioner import OPGCaptioner, Prefix
-from models.losses import scst_loss
+from models.decoding import DecodeOptions, captions_from_tokens, decode
+from models.losses import IGNORE_INDEX, scst_loss
 from utils.cider import CiderD
 from utils.config import DecodeConfig, ScstConfig, TrainConfig
+from utils.distributed import all_reduce_mean
 
 
 class XEStep:
@@ -26,13 +28,20 @@ class XEStep:
         self.label_smoothing = cfg.label_smoothing
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.forward_model(
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        out = self.forward_model(
             batch["images"].to(self.device, non_blocking=True),
             batch["input_ids"].to(self.device, non_blocking=True),
-            batch["labels"].to(self.device, non_blocking=True),
+            labels,
             aux_weight=self.aux_weight,
             label_smoothing=self.label_smoothing,
         )
+        if dist.is_initialized():
+            # Weight each process's token mean by its share of the tokens, so that the averaged gradient
+            # is that of the mean over all tokens of the combined batch, as in one process.
+            tokens = (labels != IGNORE_INDEX).sum().float()
+            out["loss"] = out["loss"] + out["xe"] * (tokens / all_reduce_mean(tokens) - 1.0)
+        return out
 
 
 class ScstStep:

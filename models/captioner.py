@@ -75,7 +75,9 @@ class OPGCaptioner(nn.Module):
         return self
 
     def encode(self, images: torch.Tensor) -> Prefix:
-        """Normalised images B x 3 x H x W -> prefix."""
+        """Normalised images B x 3 x H x W (or their precomputed encoder features B x N x C) -> prefix."""
+        if images.dim() == 3:
+            return self.prefix_from_visual(images)
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             visual = self.encoder(images)
@@ -122,9 +124,9 @@ class OPGCaptioner(nn.Module):
         aux_weight: float = 0.0,
         label_smoothing: float = 0.0,
     ) -> dict[str, torch.Tensor]:
-        """Training losses for images B x 3 x H x W and captions ``input_ids`` B x T; ``labels`` equal
-        ``input_ids`` with padding set to -100. Returns ``loss`` (= xe + aux_weight * aux), ``xe``,
-        ``aux``."""
+        """Training losses for images B x 3 x H x W (or features B x N x C) and captions ``input_ids``
+        B x T; ``labels`` equal ``input_ids`` with padding set to -100. Returns ``loss``
+        (= xe + aux_weight * aux), ``xe`` and ``aux``."""
         prefix = self.encode(images)
         hidden = self.token_hidden(prefix, input_ids)
         real = labels != IGNORE_INDEX

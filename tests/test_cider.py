@@ -351,3 +351,9 @@ def test_load_errors_name_the_file(tmp_path: Path, name: str, content: bytes, me
 def test_load_missing_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="absent.p"):
         DocumentFrequency.load(tmp_path / "absent.p")
+
+
+def test_batch_without_any_shared_ngram_scores_zero():
+    df = DocumentFrequency.from_references([["a red circle", "a blue square"], ["two stars here"]])
+    scores = CiderD(df).score_candidates(["zebra", "quokka wombat"], [["a red circle"], ["two stars here"]])
+    assert scores.dtype == np.float64 and scores.tolist() == [0.0, 0.0]

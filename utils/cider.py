@@ -271,7 +271,8 @@ class CiderD:
         clipped = np.minimum(grams.weights[rows][:, None], ref_values) * ref_values
         buckets = grams.bucket[rows]
         per_ref = [np.bincount(buckets, clipped[:, j], minlength=num_cands * n) for j in range(table.width)]
-        overlap = np.stack(per_ref, axis=1).reshape(num_cands, n, table.width)
+        # bincount of an empty selection (no shared n-gram in the batch) comes back as integers.
+        overlap = np.stack(per_ref, axis=1).astype(np.float64, copy=False).reshape(num_cands, n, table.width)
 
         ref_norms = table.norms[slots].transpose(0, 2, 1)
         divide = (cand_norms != 0) & (ref_norms != 0)

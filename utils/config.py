@@ -51,6 +51,7 @@ class DataConfig:
     synthetic: bool = False  # generate the built-in demo data set into image_root's parent if missing
     max_words: int = 30
     augment: bool = True
+    cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; uses RAM)
     num_workers: int = 4
 
 
@@ -295,6 +296,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.decode.beams < 1:
         raise ConfigError("train.batch_size and decode.beams must be >= 1, train.epochs >= 0")
+    if cfg.data.cache_features and (cfg.data.augment or not cfg.encoder.frozen):
+        raise ConfigError("data.cache_features needs a frozen encoder and data.augment=false")
     if not 0.0 < cfg.model.threshold < 1.0:
         raise ConfigError(f"model.threshold must be in (0, 1), got {cfg.model.threshold}")
 

@@ -1,0 +1,33 @@
+"""Run a few training steps and save this process's weights (launched directly or with torchrun)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import TINY_GPT2, tiny_config  # noqa: E402
+
+from engine.runner import Run  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
+
+
+def main(data_dir: str, out_dir: str) -> None:
+    no_dropout = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    cfg = tiny_config(
+        Path(data_dir), Path(out_dir), **{"model.gpt2_config": no_dropout, "train.stop_after_steps": 3,
+                                          "train.use_aux_loss": False}  # fmt: skip
+    )
+    run = Run(cfg)
+    try:
+        run.train()
+        info: DistInfo = run.dist
+        torch.save(run.model.state_dict(), Path(out_dir) / f"rank{info.rank}.pt")
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,112 @@
+"""Training runs end to end: the command line, resume after an interruption, and two-process DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from engine.runner import Run
+from utils.checkpoint import read_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def _cli_args(data: Path, out: Path) -> list[str]:
+    return [
+        "--encoder.vision_config", "swin_demo", "--encoder.checkpoint", "none", "--model.gpt2_config", "{n_layer: 2, n_embd: 64, n_head: 2}",
+        "--data.image_root", str(data), "--data.train_file", str(data / "train.json"),
+        "--data.val_file", str(data / "val.json"), "--data.test_file", str(data / "test.json"),
+        "--cider_df", "none", "--augment=False", "--num_workers", "0", "--device", "cpu",
+        "--batch_size", "8", "--eval_batch_size", "8", "--max_len", "8", "--min_len", "1",
+        "--lr", "1e-3", "--log_every", "1", "--output_dir", str(out),
+    ]  # fmt: skip
+
+
+def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_scst.py"), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_xe_then_scst_from_the_command_line(tiny_dataset, tmp_path):
+    xe_dir, scst_dir = tmp_path / "xe", tmp_path / "scst"
+    done = _run_cli([*_cli_args(tiny_dataset, xe_dir), "--epochs", "1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json", "test_predictions.json"):
+        assert (xe_dir / name).is_file(), name
+    events = [json.loads(line)["event"] for line in (xe_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("train") == 30 and "val" in events and events[-1] == "test"
+    metrics = json.loads((xe_dir / "test_metrics.json").read_text())
+    assert metrics["metrics"]["CIDEr"] >= 0.0 and "SPICE" in metrics["unavailable"]
+    assert len(json.loads((xe_dir / "test_predictions.json").read_text())) == 8
+
+    done = _run_cli([*_cli_args(tiny_dataset, scst_dir), "--scst=True", "--checkpoint", str(xe_dir / "best.pt"),
+                     "--epochs", "1", "--batch_size", "4", "--num_samples", "3", "--baseline", "mean"])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (scst_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert len(train) == 12 and all({"reward", "baseline", "sample_len", "entropy"} <= r.keys() for r in train)
+    assert read_checkpoint(scst_dir / "last.pt")["config"]["scst"] is True
+
+
+def test_scst_without_checkpoint_is_refused(tiny_dataset, tmp_path):
+    done = _run_cli([*_cli_args(tiny_dataset, tmp_path), "--scst=True"])
+    assert done.returncode == 1 and "--checkpoint" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_missing_encoder_checkpoint_is_named(tiny_dataset, tmp_path):
+    done = _run_cli([*_cli_args(tiny_dataset, tmp_path), "--encoder.checkpoint", str(tmp_path / "nope.th")])
+    assert done.returncode == 1 and "nope.th" in done.stderr and "Traceback" not in done.stderr
+
+
+def _train(cfg) -> dict:
+    run = Run(cfg)
+    try:
+        return run.train()
+    finally:
+        run.close()
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset, tmp_path):
+    overrides = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "train.save_every_steps": 2}
+    _train(tiny_config(tiny_dataset, tmp_path / "straight", **overrides))
+    stopped = _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, **{"train.stop_after_steps": 6}))
+    assert stopped["stopped"] and stopped["state"]["epoch"] == 1 and stopped["state"]["epoch_step"] == 2
+    _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, resume=True))
+    straight = read_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = read_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert straight["train_state"]["counters"] == resumed["train_state"]["counters"]
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_two_process_ddp_matches_one_process(tiny_dataset, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, double = tmp_path / "single", tmp_path / "ddp"
+    subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), str(tiny_dataset), str(single)],
+                   check=True, env=env, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(TESTS / "ddp_worker.py"), str(tiny_dataset), str(double)],
+        env=env, timeout=600, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = torch.load(single / "rank0.pt")
+    rank0, rank1 = torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt")
+    for key, value in one.items():
+        assert torch.equal(rank0[key], rank1[key]), f"ranks differ at {key}"
+        assert torch.allclose(rank0[key], value, atol=1e-5), f"DDP differs from one process at {key}"
+    steps = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["event"] == "train"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", ["--lr=abc", "--mapping_type=lstm"])
+def test_bad_options_fail_with_status_2(bad, tmp_path):
+    done = _run_cli([bad, "--print_config"])
+    assert done.returncode == 2 and bad.split("=")[0][2:] in done.stderr
