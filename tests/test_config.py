@@ -7,7 +7,10 @@ import pytest
 import train_scst
 from utils.config import CONFIG_DIR, ConfigError, build_config, from_dict, parse_bool, parse_overrides, to_dict
 
-PAPER_XE = ["--scst=False", "--device=cuda:0", "--mapping_type=mlp", "--use_sparce_mask=True", "--use_aux_loss=True", "--threshold=0.1", "--lamda=0.1"]
+PAPER_XE = [
+    "--scst=False", "--device=cuda:0", "--mapping_type=mlp", "--use_sparce_mask=True", "--use_aux_loss=True",
+    "--threshold=0.1", "--lamda=0.1",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("text,expected", [("True", True), ("false", False), ("1", True), ("no", False)])

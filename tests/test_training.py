@@ -19,7 +19,8 @@ TESTS = Path(__file__).resolve().parent
 
 def _cli_args(data: Path, out: Path) -> list[str]:
     return [
-        "--encoder.vision_config", "swin_demo", "--encoder.checkpoint", "none", "--model.gpt2_config", "{n_layer: 2, n_embd: 64, n_head: 2}",
+        "--encoder.vision_config", "swin_demo", "--encoder.checkpoint", "none",
+        "--model.gpt2_config", "{n_layer: 2, n_embd: 64, n_head: 2}",
         "--data.image_root", str(data), "--data.train_file", str(data / "train.json"),
         "--data.val_file", str(data / "val.json"), "--data.test_file", str(data / "test.json"),
         "--cider_df", "none", "--augment=False", "--num_workers", "0", "--device", "cpu",
