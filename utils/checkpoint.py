@@ -74,7 +74,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def _summarise(keys: list[str], limit: int = 12) -> str:
+def _summarise(keys: list[str], limit: int = 30) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 

@@ -1,0 +1,78 @@
+"""Checkpoints: self-describing round trip, strict loading with readable errors, atomic writes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from models.build import architecture, build_captioner, load_captioner
+from utils.checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint, save_checkpoint
+from utils.config import to_dict
+
+
+def _save_tiny(path: Path, **overrides):
+    cfg = tiny_config(**overrides)
+    model = build_captioner(cfg).eval()
+    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    return model, cfg
+
+
+def test_round_trip_rebuilds_the_same_model_from_the_file_alone(tmp_path):
+    model, cfg = _save_tiny(tmp_path / "m.pt", **{"model.mapping_type": "transformer", "model.mapper_layers": 1,
+                                                  "model.mapper_heads": 2})  # fmt: skip
+    loaded, loaded_cfg = load_captioner(tmp_path / "m.pt")
+    assert loaded_cfg == cfg
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    visual = torch.randn(2, 17, 256)
+    ids = torch.tensor([[64, 2266, 13], [734, 4171, 13]])
+    with torch.no_grad():
+        assert torch.equal(
+            model.token_logits(model.prefix_from_visual(visual), ids),
+            loaded.token_logits(loaded.prefix_from_visual(visual), ids),
+        )
+
+
+def test_strict_load_lists_missing_unexpected_and_mis_shaped_keys(tmp_path):
+    _save_tiny(tmp_path / "mlp.pt")
+    other = build_captioner(tiny_config(**{"model.use_sparse_mask": False, "model.gpt2_config": {
+        "n_layer": 1, "n_embd": 64, "n_head": 2, "n_positions": 64}}))  # fmt: skip
+    with pytest.raises(CheckpointError) as err:
+        load_state_strict(other, read_checkpoint(tmp_path / "mlp.pt")["model"], "mlp.pt")
+    message = str(err.value)
+    assert "mlp.pt" in message and "unexpected" in message and "sparse_mask.m" in message
+    assert "gpt.transformer.h.1" in message
+    wider = build_captioner(tiny_config(**{"model.gpt2_config": {"n_layer": 2, "n_embd": 32, "n_head": 2}}))
+    with pytest.raises(CheckpointError, match=r"another shape: .*checkpoint \(50257, 64\), model \(50257, 32\)"):
+        load_state_strict(wider, read_checkpoint(tmp_path / "mlp.pt")["model"], "mlp.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, I am text", b"PK\x03\x04truncated"])
+def test_unreadable_files_are_named(tmp_path, content):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        read_checkpoint(bad)
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an opg-captioner checkpoint"):
+        read_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"format": "x", "value": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_save({"value": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["value"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
