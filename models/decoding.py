@@ -162,6 +162,12 @@ def decode(
     so that ``token_logprobs`` can be back-propagated (SCST); beam search never does, as choosing among
     beams is not differentiable. ``generator`` seeds sampling.
     """
+    positions = prefix.embeds.shape[1] + options.max_len - 1
+    if positions > model.gpt.config.n_positions:
+        raise ValueError(
+            f"prefix ({prefix.embeds.shape[1]}) + max_len ({options.max_len}) - 1 = {positions} positions exceed "
+            f"GPT-2's n_positions ({model.gpt.config.n_positions})"
+        )
     differentiable = torch.is_grad_enabled() and with_logprobs and options.method != "beam"
     with torch.set_grad_enabled(differentiable):
         lm = CachedPrefixLM(model, prefix)

@@ -43,13 +43,17 @@ class PatchEncoder(nn.Module):
 
 
 def make_model(
-    seed: int = 0, sparse: bool = False, stop_bias: float | None = 8.0, vocab_size: int | None = None
+    seed: int = 0,
+    sparse: bool = False,
+    stop_bias: float | None = 8.0,
+    vocab_size: int | None = None,
+    n_positions: int = 64,
 ) -> OPGCaptioner:
     """Tiny captioner in eval mode. With ``stop_bias`` the output layer is untied, sharper and biased
     towards the stop tokens so that greedy captions end at varied lengths; without it the random model
     barely ever stops and repeats itself."""
     torch.manual_seed(seed)
-    config = {"n_layer": 2, "n_embd": WIDTH, "n_head": 2}
+    config = {"n_layer": 2, "n_embd": WIDTH, "n_head": 2, "n_positions": n_positions}
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
     gpt = build_gpt2("gpt2", config)
@@ -227,10 +231,12 @@ def test_min_len_equal_to_max_len_decodes_exactly_max_len_tokens(options: Decode
 
 @pytest.mark.parametrize("options", ALL_METHODS, ids=["greedy", "beam", "sample"])
 def test_custom_stop_ids_and_pad(options: DecodeOptions) -> None:
-    """Only '.' stops: end-of-text, just as likely, becomes an ordinary token inside captions."""
-    model = make_model(stop_bias=7.0)
+    """Only '.' stops: end-of-text, made even more likely, becomes an ordinary token inside captions."""
+    model = make_model(stop_bias=8.0)
+    with torch.no_grad():
+        model.gpt.lm_head.bias[50256] += 0.5
     custom = replace(options, stop_ids=(13,), pad_id=0, min_len=0)
-    result = decode(model, make_prefix(model, 6), custom, True, torch.Generator().manual_seed(0))
+    result = decode(model, make_prefix(model, 8), custom, True, torch.Generator().manual_seed(0))
     check_well_formed(result, custom)
     assert result.stopped.any()
     bodies = [row[: n - 1] for row, n in zip(result.tokens, result.lengths.tolist(), strict=True)]
@@ -347,6 +353,14 @@ def test_options_from_config_and_validation() -> None:
     for fields in bad:
         with pytest.raises(ValueError, match="invalid decoding options"):
             DecodeOptions(**fields)
+
+
+def test_captions_longer_than_gpt2_positions_are_refused() -> None:
+    model = make_model()
+    limit = model.gpt.config.n_positions - NUM_TOKENS + 1
+    assert decode(model, make_prefix(model, 1), DecodeOptions(max_len=limit, min_len=limit)).lengths[0] == limit
+    with pytest.raises(ValueError, match="n_positions"):
+        decode(model, make_prefix(model, 1), DecodeOptions(max_len=limit + 1))
 
 
 class CharTokenizer:
