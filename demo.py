@@ -25,10 +25,10 @@ COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 FACTS = ("count", "colour", "shape", "position", "all")
 
 
-def run_stage(config_file: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_stage(config_file: str, overrides: dict[str, Any], scorer: CaptionScorer) -> dict[str, Any]:
     from engine.runner import Run
 
-    run = Run(build_config([CONFIG_DIR / config_file], overrides))
+    run = Run(build_config([CONFIG_DIR / config_file], overrides), scorer)
     try:
         return run.train()
     finally:
@@ -84,17 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(args.data_dir).resolve()
         common.update({"data.image_root": str(data), "data.train_file": str(data / "train.json"),
                        "data.val_file": str(data / "val.json"), "data.test_file": str(data / "test.json")})  # fmt: skip
-    xe = run_stage("demo.yaml", {**common, "output_dir": str(out / "xe")})
-    rows = {"XE": (xe["test"], xe["captions"])}
-    for baseline in filter(None, args.scst_baselines.split(",")):
-        overrides = {**common, "output_dir": str(out / f"scst_{baseline}"), "checkpoint": str(out / "xe" / "best.pt"),
-                     "scst_opts.baseline": baseline}  # fmt: skip
-        scst = run_stage("demo_scst.yaml", overrides)
-        rows[f"XE + SCST ({baseline} baseline)"] = (scst["test"], scst["captions"])
-    cfg = build_config([CONFIG_DIR / "demo.yaml"], common)
-    metadata = Path(cfg.data.image_root) / "metadata.json"
     with CaptionScorer() as scorer:
+        xe = run_stage("demo.yaml", {**common, "output_dir": str(out / "xe")}, scorer)
+        rows = {"XE": (xe["test"], xe["captions"])}
+        for baseline in filter(None, args.scst_baselines.split(",")):
+            overrides = {**common, "output_dir": str(out / f"scst_{baseline}"),
+                         "checkpoint": str(out / "xe" / "best.pt"), "scst_opts.baseline": baseline}  # fmt: skip
+            scst = run_stage("demo_scst.yaml", overrides, scorer)
+            rows[f"XE + SCST ({baseline} baseline)"] = (scst["test"], scst["captions"])
+        cfg = build_config([CONFIG_DIR / "demo.yaml"], common)
         rows = {**baselines(cfg, scorer), **rows}
+    metadata = Path(cfg.data.image_root) / "metadata.json"
     gts = load_ground_truth(cfg.data.test_file)
     minutes = (time.perf_counter() - started) / 60
     summary = {name: {"metrics": m, "grounding": grounding_accuracy(c, metadata)} for name, (m, c) in rows.items()}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.datasets import ImageReader
+from utils.checkpoint import atomic_save
 from utils.precision import autocast
 
 logger = logging.getLogger(__name__)
@@ -35,7 +38,35 @@ def _collate(items: list) -> tuple[torch.Tensor, list[int]] | None:
     return torch.stack([image for image, _ in good]), [index for _, index in good]
 
 
+def _cache_key(encoder: nn.Module, reader: ImageReader, paths: list[str]) -> str:
+    """Digest of everything the features depend on: encoder weights, image root, transform, images."""
+    digest = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(str(reader.image_root.resolve()).encode())
+    digest.update(repr(reader.transform).encode())
+    digest.update("\n".join(paths).encode())
+    return digest.hexdigest()[:32]
+
+
 @torch.no_grad()
+def _encode_all(
+    encoder: nn.Module, reader: ImageReader, paths: list[str], device: torch.device, batch_size: int,
+    num_workers: int, precision: str, show_progress: bool,
+) -> dict[str, torch.Tensor]:
+    loader = DataLoader(_Images(reader, paths), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    features: dict[str, torch.Tensor] = {}
+    for batch in tqdm(loader, desc="encoding images", disable=not show_progress, leave=False):
+        if batch is None:
+            continue
+        images, indices = batch
+        with autocast(precision, device):
+            out = encoder(images.to(device)).float().cpu()
+        features.update({paths[i]: row for i, row in zip(indices, out, strict=True)})
+    return features
+
+
 def cache_features(
     encoder: nn.Module,
     datasets: list[Any],
@@ -43,25 +74,29 @@ def cache_features(
     batch_size: int,
     num_workers: int,
     precision: str,
-    show_progress: bool = True,
+    is_main: bool = True,
+    cache_dir: Path | None = None,
 ) -> None:
     """Encode every image of ``datasets`` once and make their readers return the features (N x C per
     image, kept on the CPU: images x tokens x width x 4 bytes of memory). Unreadable images stay missing,
-    so the data sets skip them as before."""
+    so the data sets skip them as before. With ``cache_dir`` the features are also stored there, keyed by
+    the encoder weights, transform and image list (written by the main process), so that later runs
+    (e.g. SCST after XE) reuse them."""
     encoder.eval()
     for dataset in datasets:
         reader: ImageReader = dataset.reader
+        reader.features = None
         paths = dataset.image_paths()
-        loader = DataLoader(
-            _Images(reader, paths), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
-        )
-        features: dict[str, torch.Tensor] = {}
-        for batch in tqdm(loader, desc="encoding images", disable=not show_progress, leave=False):
-            if batch is None:
-                continue
-            images, indices = batch
-            with autocast(precision, device):
-                out = encoder(images.to(device)).float().cpu()
-            features.update({paths[i]: row for i, row in zip(indices, out, strict=True)})
+        file = cache_dir / f"features_{_cache_key(encoder, reader, paths)}.pt" if cache_dir else None
+        if file is not None and file.is_file():
+            stored = torch.load(file, map_location="cpu", weights_only=True)
+            features = dict(zip(stored["paths"], stored["features"], strict=True))
+            logger.info("encoder features of %d images read from %s", len(features), file)
+        else:
+            features = _encode_all(encoder, reader, paths, device, batch_size, num_workers, precision, is_main)
+            if file is not None and is_main:
+                names = list(features)
+                stacked = torch.stack([features[n] for n in names]) if names else torch.zeros(0)
+                atomic_save({"paths": names, "features": stacked}, file)
         reader.features = features
         logger.info("cached encoder features of %d images (%d unreadable)", len(features), len(paths) - len(features))

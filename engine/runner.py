@@ -61,7 +61,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class Run:
     """One invocation of ``train_scst.py``."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, scorer: CaptionScorer | None = None) -> None:
+        """``scorer`` lets several runs in one process share the COCO scorers (and METEOR's Java process)."""
         self.cfg = cfg
         self.dist = distributed.setup(cfg.device)
         self.run_dir = Path(cfg.output_dir).expanduser().resolve()
@@ -76,7 +77,8 @@ class Run:
         self._prepare_data()
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.model = self._build_model()
-        self.scorer = CaptionScorer() if self.dist.is_main else None
+        self._owns_scorer = scorer is None
+        self.scorer = (scorer or CaptionScorer()) if self.dist.is_main else None
 
     # ----- set-up -------------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -122,6 +124,7 @@ class Run:
             cache_features(
                 self.model.encoder, datasets, self.dist.device, self.cfg.train.eval_batch_size,
                 self.cfg.data.num_workers, self.precision, self.dist.is_main,
+                Path(self.cfg.data.feature_cache_dir) if self.cfg.data.feature_cache_dir else None,
             )  # fmt: skip
 
     def _per_rank_batch(self) -> int:
@@ -234,12 +237,10 @@ class Run:
         self._save(trainer, self.run_dir / "last.pt")
 
     def _decode_options(self, validation: bool) -> DecodeOptions:
-        d = self.cfg.decode
-        beams = 1 if validation and not self.cfg.scst else d.beams
-        return DecodeOptions(
-            method="greedy" if beams == 1 else "beam", beams=beams, max_len=d.max_len, min_len=d.min_len,
-            length_penalty=d.length_penalty, no_repeat_ngram=d.no_repeat_ngram,
-        )  # fmt: skip
+        """Test-time decoding; XE validates with greedy decoding, as the reference does."""
+        if validation and not self.cfg.scst:
+            return DecodeOptions.from_config(self.cfg.decode, method="greedy", beams=1)
+        return DecodeOptions.from_config(self.cfg.decode)
 
     def _evaluate(
         self, dataset: CaptionImageDataset, options: DecodeOptions, spice: bool, desc: str
@@ -309,7 +310,7 @@ class Run:
         logger.info("resumed %s at epoch %d, step %d", path, trainer.state.epoch + 1, trainer.state.epoch_step)
 
     def close(self) -> None:
-        if self.scorer is not None:
+        if self.scorer is not None and self._owns_scorer:
             self.scorer.close()
         distributed.cleanup()
 

@@ -52,6 +52,7 @@ class DataConfig:
     max_words: int = 30
     augment: bool = True
     cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; uses RAM)
+    feature_cache_dir: str | None = None  # also keep those features on disk for later runs
     num_workers: int = 4
 
 
@@ -118,7 +119,7 @@ ALIASES = {
 }
 PATH_KEYS = (
     "checkpoint", "output_dir", "encoder.checkpoint", "data.image_root", "data.train_file",
-    "data.val_file", "data.test_file", "data.cider_df",
+    "data.val_file", "data.test_file", "data.cider_df", "data.feature_cache_dir",
 )  # fmt: skip
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
