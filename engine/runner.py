@@ -139,7 +139,9 @@ class Run:
             len(dataset), self.dist.rank, self.dist.world_size, True, self.cfg.train.seed, epoch,
             skip=skip_batches * per_rank,
         )  # fmt: skip
-        collate = collate_images if self.cfg.scst else CaptionCollator(self.tokenizer)
+        # Captions longer than GPT-2's remaining positions are cut (the reference keeps 30 words anyway).
+        max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
+        collate = collate_images if self.cfg.scst else CaptionCollator(self.tokenizer, min(64, max_tokens))
         return DataLoader(
             dataset,
             batch_size=per_rank,

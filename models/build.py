@@ -41,6 +41,11 @@ def build_captioner(
         cfg.model.mapper_layers,
         cfg.model.mapper_heads,
     )
+    if gpt.config.n_positions < mapper.prefix_length + 8:
+        raise ValueError(
+            f"GPT-2 has {gpt.config.n_positions} positions but the prefix alone takes {mapper.prefix_length}: "
+            "raise model.gpt2_config.n_positions or shorten the prefix"
+        )
     mask = None
     if cfg.model.use_sparse_mask:
         mask = SparsePrefixMask(mapper.prefix_length, dim, cfg.model.threshold, cfg.model.sparse_mask_mode)
