@@ -36,8 +36,9 @@ def generate_captions(
     captions. Unreadable images are logged and left out."""
     sampler = ShardedSampler(len(dataset), dist.rank, dist.world_size, shuffle=False, pad=False)
     loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_images
-    )
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_images,
+        generator=torch.Generator().manual_seed(0),  # leaves the training RNG untouched
+    )  # fmt: skip
     was_training = model.training
     model.eval()
     local: dict[ImageId, str] = {}

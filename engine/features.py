@@ -55,7 +55,11 @@ def _encode_all(
     encoder: nn.Module, reader: ImageReader, paths: list[str], device: torch.device, batch_size: int,
     num_workers: int, precision: str, show_progress: bool,
 ) -> dict[str, torch.Tensor]:
-    loader = DataLoader(_Images(reader, paths), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    # An own generator keeps the global RNG (and so the training run) the same with or without a cache hit.
+    loader = DataLoader(
+        _Images(reader, paths), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
     features: dict[str, torch.Tensor] = {}
     for batch in tqdm(loader, desc="encoding images", disable=not show_progress, leave=False):
         if batch is None:
