@@ -53,7 +53,8 @@ def test_forward_shapes_and_losses(tokenizer, mapping_type):
     assert logits.shape == (*input_ids.shape, GPT2_VOCAB_SIZE)
     out = model(images, input_ids, labels, aux_weight=0.1)
     assert torch.isfinite(out["loss"])
-    assert out["loss"].detach().item() == pytest.approx(float(out["xe"] + 0.1 * out["aux"]), rel=1e-5)
+    expected = float((out["xe"] + 0.1 * out["aux"]).detach())
+    assert out["loss"].detach().item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize(
