@@ -92,7 +92,8 @@ class Run:
 
     def _build_model(self) -> OPGCaptioner:
         cfg = self.cfg
-        if cfg.scst and not cfg.checkpoint and not cfg.resume:
+        resumable = cfg.resume and (self.run_dir / "last.pt").is_file()
+        if cfg.scst and not cfg.checkpoint and not resumable:
             raise ValueError("SCST starts from a cross-entropy checkpoint: give --checkpoint PATH")
         if cfg.checkpoint:
             payload = read_checkpoint(cfg.checkpoint)
