@@ -23,8 +23,6 @@ def split_args(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-h", "--help"):
-            raise SystemExit(print(USAGE) or 0)
         if arg == "--print_config":
             print_config = True
         elif arg.startswith("--print_config="):
@@ -44,6 +42,9 @@ def split_args(argv: list[str]) -> tuple[list[str], bool, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
     try:
         files, print_config, rest = split_args(argv)
         overrides = parse_overrides(rest)
