@@ -8,6 +8,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from threads, and lose a lot when other processes share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from models.tokenizer import load_tokenizer

@@ -21,13 +21,7 @@ STOP_IDS = (13, 50256)
 VISUAL_DIM, NUM_TOKENS, WIDTH = 32, 6, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from threads, and lose a lot when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class PatchEncoder(nn.Module):
