@@ -2,9 +2,10 @@
 
 Each image shows 1-4 copies of one shape in one colour, grouped in one region (left, right, top,
 bottom, center) or scattered, on a coloured background, with size, position, colour and noise jitter.
-Every image has several paraphrased references; one wording (``a black background with two red
-circles on the left``) appears in every image's references, so that a consensus wording exists, as in
-real caption data. Files follow the COCO Karpathy layout used by BLIP / X-VLM (see `generate_dataset`).
+Every image has several paraphrased references, each drawn from seven sentence templates, four position
+phrases and the number words; as in human caption data, no wording recurs in every image's references, so
+the caption with the most consensus differs from the most likely one. Files follow the COCO Karpathy layout
+used by BLIP / X-VLM (see `generate_dataset`).
 `grounding_accuracy` checks whether captions state the right count, colour, shape and position.
 """
 
@@ -20,7 +21,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 SPLIT_ID_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 SHAPES = ("circle", "square", "triangle", "star")
@@ -63,8 +63,8 @@ POSITION_PHRASES = {
         "spread around the picture",
     ),
 }
-CONSENSUS_TEMPLATE = "a {bg} background with {n} {c} {s} {p}"
-OTHER_TEMPLATES = (
+TEMPLATES = (
+    "a {bg} background with {n} {c} {s} {p}",
     "{n} {c} {s} {p} against a {bg} background",
     "a picture of {n} {c} {s} {p}",
     "there {be} {n} {c} {s} {p}",
@@ -231,25 +231,20 @@ def _draw_shape(
 
 
 def make_references(scene: Scene, rng: np.random.Generator, num_refs: int) -> list[str]:
-    """`num_refs` (1..10) distinct captions: the consensus wording, sometimes a variant of it, then
-    paraphrases from the other templates; at least 23 distinct ones exist for every scene."""
-    phrases = POSITION_PHRASES[scene.position]
-    refs = [_fill(CONSENSUS_TEMPLATE, scene, rng, phrases[:1], canonical_number=True)]
-    if num_refs > 2 and rng.random() < 0.5:
-        refs.append(_fill(CONSENSUS_TEMPLATE, scene, rng, phrases[1:], canonical_number=False))
+    """`num_refs` (1..10) distinct captions, each with a template, a position phrase and (for one object)
+    a number word drawn uniformly; at least 28 distinct ones exist for every scene."""
+    refs: list[str] = []
     while len(refs) < num_refs:
-        caption = _fill(str(rng.choice(OTHER_TEMPLATES)), scene, rng, phrases, canonical_number=False)
+        caption = _fill(str(rng.choice(TEMPLATES)), scene, rng)
         if caption not in refs and MIN_WORDS <= len(caption.split()) <= MAX_WORDS:
             refs.append(caption)
-    return [refs[i] for i in rng.permutation(len(refs))]
+    return refs
 
 
-def _fill(
-    template: str, scene: Scene, rng: np.random.Generator, phrases: Sequence[str], canonical_number: bool
-) -> str:
-    """Fill a template for `scene` with one of the position `phrases` ("a" for one object if canonical)."""
+def _fill(template: str, scene: Scene, rng: np.random.Generator) -> str:
+    """Fill a template with `scene`'s facts, a random position phrase and number word."""
     if scene.count == 1:
-        number = "a" if canonical_number else str(rng.choice(["a", "one", "a single"]))
+        number = str(rng.choice(["a", "one", "a single"]))
         if number == "a" and scene.colour[0] in "aeiou":
             number = "an"
     else:
@@ -258,7 +253,7 @@ def _fill(
         n=number,
         c=scene.colour,
         s=scene.shape + ("s" if scene.count > 1 else ""),
-        p=str(rng.choice(phrases)),
+        p=str(rng.choice(POSITION_PHRASES[scene.position])),
         bg=scene.background,
         be="are" if scene.count > 1 else "is",
     )

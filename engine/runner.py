@@ -185,6 +185,8 @@ class Run:
             self.dist.world_size, self.dist.device, self.precision,
         )  # fmt: skip
         state = trainer.state
+        if cfg.scst and state.global_step == 0:
+            self._validate(trainer, val_set, "validating the starting checkpoint")
         while state.epoch < cfg.train.epochs:
             loader = self._loader(train_set, state.epoch, state.epoch_step)
             batches = _take(loader, steps_per_epoch - state.epoch_step)
@@ -222,10 +224,19 @@ class Run:
 
     def _end_epoch(self, trainer: Trainer, val_set: CaptionImageDataset) -> None:
         state = trainer.state
-        options = self._decode_options(validation=True)
-        report, _ = self._evaluate(val_set, options, spice=False, desc=f"validating epoch {state.epoch + 1}")
-        state.epoch += 1
-        state.epoch_step = 0
+        self._validate(trainer, val_set, f"validating epoch {state.epoch + 1}", end_of_epoch=True)
+        self._save(trainer, self.run_dir / "last.pt")
+
+    def _validate(
+        self, trainer: Trainer, val_set: CaptionImageDataset, desc: str, end_of_epoch: bool = False
+    ) -> None:
+        """Score the validation split and keep best.pt. SCST also scores its starting checkpoint, so
+        its best.pt is never worse on validation than the model it started from."""
+        state = trainer.state
+        report, _ = self._evaluate(val_set, self._decode_options(validation=True), spice=False, desc=desc)
+        if end_of_epoch:
+            state.epoch += 1
+            state.epoch_step = 0
         if self.dist.is_main:
             score = report.metrics["CIDEr"]
             self.metrics.write("val", epoch=state.epoch, step=state.global_step, **report.metrics)
@@ -237,7 +248,6 @@ class Run:
                 self._save(None, self.run_dir / "best.pt")
                 logger.info("new best %s CIDEr %.4f -> %s", self.cfg.train.eval_split, score, "best.pt")
         state.best_score = distributed.broadcast_object(state.best_score)
-        self._save(trainer, self.run_dir / "last.pt")
 
     def _decode_options(self, validation: bool) -> DecodeOptions:
         """Test-time decoding; XE validates with greedy decoding, as the reference does."""

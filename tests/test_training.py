@@ -54,6 +54,11 @@ def test_xe_then_scst_from_the_command_line(tiny_dataset, tmp_path):
     train = [r for r in records if r["event"] == "train"]
     assert len(train) == 12 and all({"reward", "baseline", "sample_len", "entropy"} <= r.keys() for r in train)
     assert read_checkpoint(scst_dir / "last.pt")["config"]["scst"] is True
+    start, end = [r for r in records if r["event"] == "val"]
+    assert (start["step"], end["step"]) == (0, 12)  # the starting checkpoint is scored before the first step
+    kept = xe_dir / "best.pt" if start["CIDEr"] >= end["CIDEr"] else scst_dir / "last.pt"
+    best = read_checkpoint(scst_dir / "best.pt")["model"]
+    assert all(torch.equal(best[k], v) for k, v in read_checkpoint(kept)["model"].items())
 
 
 def test_scst_without_checkpoint_is_refused(tiny_dataset, tmp_path):
