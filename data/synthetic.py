@@ -232,7 +232,7 @@ def _draw_shape(
 
 def make_references(scene: Scene, rng: np.random.Generator, num_refs: int) -> list[str]:
     """`num_refs` (1..10) distinct captions, each with a template, a position phrase and (for one object)
-    a number word drawn uniformly; at least 28 distinct ones exist for every scene."""
+    a number word drawn uniformly; at least 27 distinct ones exist for every scene."""
     refs: list[str] = []
     while len(refs) < num_refs:
         caption = _fill(str(rng.choice(TEMPLATES)), scene, rng)
