@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -391,6 +392,20 @@ def ensure_dataset(out_dir: str | os.PathLike, **kwargs) -> DatasetPaths:
         logger.info("synthetic data set in %s is up to date", out_dir)
         return DatasetPaths.under(Path(out_dir).absolute())
     return generate_dataset(out_dir, **{**defaults, **kwargs})
+
+
+def ensure_generated(out_dir: str | os.PathLike, annotation_files: Sequence[str | os.PathLike] = ()) -> None:
+    """What ``data.synthetic`` training runs call: leave a complete data set in `out_dir` as it is, whatever
+    seed or sizes made it (and, without a manifest, a data set made elsewhere whose `annotation_files` all
+    exist); regenerate one made by an older generator version with its own parameters; generate the default
+    set where there is none."""
+    root = Path(out_dir)
+    manifest = _read_manifest(root)
+    if manifest is None and annotation_files and all(Path(f).is_file() for f in annotation_files):
+        logger.info("using the data set in %s as it is (not made by this generator)", root)
+        return
+    defaults = _generation_defaults()
+    ensure_dataset(root, **{key: value for key, value in (manifest or {}).items() if key in defaults})
 
 
 def _generation_defaults() -> dict:

@@ -82,12 +82,13 @@ class Run:
 
     # ----- set-up -------------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
-        if not self.cfg.data.synthetic:
+        data = self.cfg.data
+        if not data.synthetic:
             return
-        from data.synthetic import ensure_dataset
+        from data.synthetic import ensure_generated
 
         if self.dist.is_main:
-            ensure_dataset(Path(self.cfg.data.image_root))
+            ensure_generated(data.image_root, [data.train_file, data.val_file, data.test_file])
         distributed.barrier()
 
     def _build_model(self) -> OPGCaptioner:

@@ -48,7 +48,7 @@ class DataConfig:
     val_file: str = "datasets/coco/annotations/val.json"
     test_file: str = "datasets/coco/annotations/test.json"
     cider_df: str | None = "datasets/coco/annotations/cider_df.json.gz"  # None: computed from train_file
-    synthetic: bool = False  # generate the built-in demo data set into image_root's parent if missing
+    synthetic: bool = False  # generate the built-in demo data set into image_root unless one is there
     max_words: int = 30
     augment: bool = True
     cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; uses RAM)
