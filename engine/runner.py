@@ -225,19 +225,16 @@ class Run:
 
     def _end_epoch(self, trainer: Trainer, val_set: CaptionImageDataset) -> None:
         state = trainer.state
-        self._validate(trainer, val_set, f"validating epoch {state.epoch + 1}", end_of_epoch=True)
+        state.epoch += 1
+        state.epoch_step = 0
+        self._validate(trainer, val_set, f"validating epoch {state.epoch}")
         self._save(trainer, self.run_dir / "last.pt")
 
-    def _validate(
-        self, trainer: Trainer, val_set: CaptionImageDataset, desc: str, end_of_epoch: bool = False
-    ) -> None:
+    def _validate(self, trainer: Trainer, val_set: CaptionImageDataset, desc: str) -> None:
         """Score the validation split and keep best.pt. SCST also scores its starting checkpoint, so
         its best.pt is never worse on validation than the model it started from."""
         state = trainer.state
         report, _ = self._evaluate(val_set, self._decode_options(validation=True), spice=False, desc=desc)
-        if end_of_epoch:
-            state.epoch += 1
-            state.epoch_step = 0
         if self.dist.is_main:
             score = report.metrics["CIDEr"]
             self.metrics.write("val", epoch=state.epoch, step=state.global_step, **report.metrics)
