@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainDataset, collate_images
+from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainDataset, collate_images, read_annotations
 from data.sampler import ShardedSampler
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
@@ -22,10 +22,10 @@ from engine.features import cache_features
 from engine.loop import Trainer, TrainState, run_epoch
 from engine.optim import build_optimizer, linear_schedule, trainable_parameters
 from engine.steps import ScstStep, XEStep
-from models.build import architecture, build_captioner
+from models.build import architecture, build_captioner, rebuild_captioner
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions
-from models.tokenizer import load_tokenizer
+from models.tokenizer import caption_vocabulary, load_tokenizer
 from utils import distributed
 from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
 from utils.cider import CiderD
@@ -98,15 +98,24 @@ class Run:
             raise ValueError("SCST starts from a cross-entropy checkpoint: give --checkpoint PATH")
         if cfg.checkpoint:
             payload = read_checkpoint(cfg.checkpoint)
-            arch = payload["architecture"]
-            model = build_captioner(cfg, arch["vision_config"], arch["gpt2_config"])
+            model = rebuild_captioner(cfg, payload["architecture"])
             load_state_strict(model, payload["model"], cfg.checkpoint)
             logger.info("initialised from %s", cfg.checkpoint)
         else:
-            model = build_captioner(cfg)
+            model = build_captioner(cfg, output_ids=self._output_vocabulary())
         if cfg.model.use_sparse_mask and cfg.model.sparse_mask_mode == "hard":
             model.sparse_mask.requires_grad_(False)  # a hard threshold passes no gradient to it
         return model.to(self.dist.device)
+
+    def _output_vocabulary(self) -> torch.Tensor | None:
+        if self.cfg.model.output_vocab == "full":
+            return None
+        max_words = self.cfg.data.max_words
+        entries = read_annotations(self.cfg.data.train_file, "train")
+        captions = (clean_caption(e["caption"], max_words) for e in entries)
+        ids = caption_vocabulary(self.tokenizer, captions)
+        logger.info("output vocabulary: the %d GPT-2 tokens of the training captions", len(ids))
+        return ids
 
     def _datasets(self) -> tuple[Any, CaptionImageDataset]:
         d, res = self.cfg.data, self.model.encoder.image_res

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,16 @@ from utils.config import Config, from_dict
 
 
 def build_captioner(
-    cfg: Config, vision_config: dict[str, Any] | None = None, gpt2_config: dict[str, Any] | None = None
+    cfg: Config,
+    vision_config: dict[str, Any] | None = None,
+    gpt2_config: dict[str, Any] | None = None,
+    output_ids: Sequence[int] | None = None,
 ) -> OPGCaptioner:
     """Build the model described by ``cfg``, loading the encoder checkpoint and GPT-2 weights it names.
 
     ``vision_config`` and ``gpt2_config`` rebuild a saved model's exact architecture with random weights
-    (its checkpoint then supplies every weight), so no external file is read.
+    (its checkpoint then supplies every weight), so no external file is read. ``output_ids`` restricts
+    the output vocabulary to those GPT-2 ids (see ``model.output_vocab``).
     """
     if vision_config is not None:
         encoder = build_encoder(vision_config, None, cfg.encoder.image_res, cfg.encoder.frozen)
@@ -49,19 +54,29 @@ def build_captioner(
     mask = None
     if cfg.model.use_sparse_mask:
         mask = SparsePrefixMask(mapper.prefix_length, dim, cfg.model.threshold, cfg.model.sparse_mask_mode)
-    return OPGCaptioner(encoder, mapper, gpt, mask, only_prefix=cfg.model.only_prefix)
+    ids = None if output_ids is None else torch.as_tensor(output_ids, dtype=torch.long)
+    return OPGCaptioner(encoder, mapper, gpt, mask, only_prefix=cfg.model.only_prefix, output_ids=ids)
 
 
 def architecture(model: OPGCaptioner) -> dict[str, Any]:
     """What a checkpoint must carry to rebuild ``model`` without external files."""
-    return {"vision_config": dict(model.encoder.vision_config), "gpt2_config": model.gpt.config.to_dict()}
+    output_ids = None if model.output_ids is None else model.output_ids.tolist()
+    return {
+        "vision_config": dict(model.encoder.vision_config),
+        "gpt2_config": model.gpt.config.to_dict(),
+        "output_ids": output_ids,
+    }
+
+
+def rebuild_captioner(cfg: Config, arch: dict[str, Any]) -> OPGCaptioner:
+    """The architecture saved by :func:`architecture`, with random weights."""
+    return build_captioner(cfg, arch["vision_config"], arch["gpt2_config"], arch.get("output_ids"))
 
 
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> tuple[OPGCaptioner, Config]:
     """Rebuild a saved model from its checkpoint alone, in eval mode on ``device``."""
     payload = read_checkpoint(path)
     cfg = from_dict(payload["config"])
-    arch = payload["architecture"]
-    model = build_captioner(cfg, arch["vision_config"], arch["gpt2_config"])
+    model = rebuild_captioner(cfg, payload["architecture"])
     load_state_strict(model, payload["model"], str(path))
     return model.to(device).eval(), cfg

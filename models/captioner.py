@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2LMHeadModel
 
@@ -53,13 +55,16 @@ class OPGCaptioner(nn.Module):
         gpt: GPT2LMHeadModel,
         sparse_mask: SparsePrefixMask | None = None,
         only_prefix: bool = False,
+        output_ids: torch.Tensor | None = None,
     ) -> None:
+        """``output_ids``: sorted GPT-2 ids the model may produce (its output vocabulary); None for all."""
         super().__init__()
         self.encoder = encoder
         self.mapper = mapper
         self.gpt = gpt
         self.sparse_mask = sparse_mask
         self.only_prefix = only_prefix
+        self.register_buffer("output_ids", None if output_ids is None else output_ids.long())
         if only_prefix:
             self.gpt.requires_grad_(False)
             self.gpt.eval()
@@ -112,9 +117,44 @@ class OPGCaptioner(nn.Module):
         )
         return out.last_hidden_state[:, self.prefix_length - 1 :]
 
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight V' x D and bias (V' or None) of the output layer over the output vocabulary."""
+        head = self.gpt.lm_head
+        if self.output_ids is None:
+            return head.weight, head.bias
+        return head.weight[self.output_ids], None if head.bias is None else head.bias[self.output_ids]
+
+    def output_embeddings(self) -> torch.Tensor:
+        """GPT-2 input embeddings of the output vocabulary, V' x D (row i embeds output token i)."""
+        weight = self.gpt.transformer.wte.weight
+        return weight if self.output_ids is None else weight[self.output_ids]
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """GPT-2 states ... x D -> logits ... x V' over the output vocabulary (V' = len(output_ids))."""
+        return F.linear(hidden, *self.output_layer())
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """GPT-2 states ... x D -> logits ... x V over all GPT-2 ids, -inf outside the output vocabulary."""
+        logits = self.output_logits(hidden)
+        if self.output_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.gpt.config.vocab_size), -math.inf)
+        return full.index_copy(-1, self.output_ids, logits)
+
+    def output_index(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """GPT-2 ids -> their indices in the output vocabulary; ValueError for ids outside it."""
+        if self.output_ids is None:
+            return token_ids
+        index = torch.searchsorted(self.output_ids, token_ids).clamp(max=len(self.output_ids) - 1)
+        outside = self.output_ids[index] != token_ids
+        if outside.any():
+            unknown = sorted(set(token_ids[outside].tolist()))[:10]
+            raise ValueError(f"caption token ids {unknown} are outside the model's output vocabulary")
+        return index
+
     def token_logits(self, prefix: Prefix, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits B x T x V for the caption tokens ``input_ids`` (B x T)."""
-        return self.gpt.lm_head(self.token_hidden(prefix, input_ids))
+        return self.vocab_logits(self.token_hidden(prefix, input_ids))
 
     def forward(
         self,
@@ -131,7 +171,8 @@ class OPGCaptioner(nn.Module):
         hidden = self.token_hidden(prefix, input_ids)
         real = labels != IGNORE_INDEX
         # The vocabulary projection dominates the cost: apply it to real tokens only.
-        xe = caption_xe_loss(self.gpt.lm_head(hidden[real]), labels[real], label_smoothing)
+        targets = self.output_index(labels[real])
+        xe = caption_xe_loss(self.output_logits(hidden[real]), targets, label_smoothing)
         losses = {"xe": xe}
         if aux_weight > 0:
             token_embeds = self.gpt.transformer.wte(input_ids) * real.unsqueeze(-1)

@@ -24,16 +24,15 @@ finishes. With one beam this is exactly greedy decoding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from models.captioner import OPGCaptioner, Prefix, attention_mask
+from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
 from utils.config import DecodeConfig
 
 METHODS = ("greedy", "beam", "sample")
-GPT2_PERIOD_ID = 13
-GPT2_END_OF_TEXT_ID = 50256
 
 
 @dataclass(frozen=True)
@@ -101,10 +100,15 @@ class DecodeResult:
 
 class CachedPrefixLM:
     """GPT-2 over ``[prefix ; tokens]`` one token per step, with a KV cache, training's positions and the
-    prefix keep mask. Rows are independent sequences; :meth:`select` reorders or drops them."""
+    prefix keep mask. Rows are independent sequences; :meth:`select` reorders or drops them.
+
+    Logits and tokens are indices into the model's output vocabulary (GPT-2 ids when it has none)."""
 
     def __init__(self, model: OPGCaptioner, prefix: Prefix) -> None:
         self.gpt = model.gpt
+        # Gathered once per decode: per-step gathers would each scatter a full-vocabulary gradient.
+        self.head = model.output_layer()
+        self.embeddings = model.output_embeddings()
         self.prefix = prefix
         self.key_keep = prefix.keep
         self.cache = None
@@ -112,7 +116,7 @@ class CachedPrefixLM:
     def prefill(self, repeats: int = 1) -> torch.Tensor:
         """Run the prefix once per image, then copy its cache ``repeats`` times (image-major rows).
         Returns the logits of the first caption token, (B * repeats) x V, float32."""
-        embeds = self.prefix.embeds.to(self.gpt.transformer.wte.weight.dtype)
+        embeds = self.prefix.embeds.to(self.embeddings.dtype)
         logits = self._forward(embeds)
         if repeats > 1:
             self.cache.batch_repeat_interleave(repeats)
@@ -124,7 +128,7 @@ class CachedPrefixLM:
         """Feed each row's latest token (R) and return the next-token logits, R x V, float32."""
         ones = self.key_keep.new_ones(self.key_keep.shape[0], 1)
         self.key_keep = torch.cat([self.key_keep, ones], dim=1)
-        return self._forward(self.gpt.transformer.wte(tokens).unsqueeze(1))
+        return self._forward(self.embeddings[tokens].unsqueeze(1))
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep the rows ``rows`` (LongTensor, may repeat or reorder them) for the following steps."""
@@ -145,7 +149,7 @@ class CachedPrefixLM:
         )
         self.cache = out.cache
         # The vocabulary projection dominates small models: apply it to the last position only.
-        return self.gpt.lm_head(out.last_hidden_state[:, -1]).float()
+        return torch.nn.functional.linear(out.last_hidden_state[:, -1], *self.head).float()
 
 
 def decode(
@@ -169,16 +173,30 @@ def decode(
             f"GPT-2's n_positions ({model.gpt.config.n_positions})"
         )
     differentiable = torch.is_grad_enabled() and with_logprobs and options.method != "beam"
+    local = _in_output_vocabulary(model, options)
     with torch.set_grad_enabled(differentiable):
         lm = CachedPrefixLM(model, prefix)
         logits = lm.prefill(options.rows_per_image)
         if options.method == "beam":
-            result = _beam_search(lm, logits, options)
+            result = _beam_search(lm, logits, local)
         else:
-            result = _decode_rows(lm, logits, options, generator)
+            result = _decode_rows(lm, logits, local, generator)
+    if model.output_ids is not None:
+        caption = torch.arange(result.tokens.shape[1], device=result.tokens.device)[None] < result.lengths[:, None]
+        result.tokens = torch.where(caption, model.output_ids[result.tokens], options.pad_id)
     if not with_logprobs:
         result.token_logprobs = None
     return result
+
+
+def _in_output_vocabulary(model: OPGCaptioner, options: DecodeOptions) -> DecodeOptions:
+    """``options`` with stop ids as output-vocabulary indices (ids outside it can never be produced) and
+    a placeholder pad that :func:`decode` replaces."""
+    if model.output_ids is None:
+        return options
+    vocab = model.output_ids.tolist()
+    stop_ids = tuple(vocab.index(i) for i in options.stop_ids if i in vocab)
+    return replace(options, stop_ids=stop_ids, pad_id=0)
 
 
 def captions_from_tokens(tokenizer, result: DecodeResult) -> list[str]:

@@ -7,13 +7,17 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
 GPT2_VOCAB_SIZE = 50257
+GPT2_PERIOD_ID = 13  # "." ends every training caption
+GPT2_END_OF_TEXT_ID = 50256
 _HUB_HOST = "huggingface.co"
 
 
@@ -74,3 +78,17 @@ def _from_hub_or_bundled(name: str) -> PreTrainedTokenizerFast:
         return GPT2TokenizerFast.from_pretrained(name)
     logger.info("hub unreachable and %r not cached: using the bundled GPT-2 BPE files", name)
     return _from_bundled()
+
+
+def caption_vocabulary(tokenizer: PreTrainedTokenizerFast, captions: Iterable[str]) -> torch.Tensor:
+    """Sorted GPT-2 ids of every token in ``captions`` (already cleaned, as training reads them) and of
+    both stop tokens: an output vocabulary that holds everything the training data asks the model to say."""
+    ids = {GPT2_PERIOD_ID, GPT2_END_OF_TEXT_ID}
+    batch: list[str] = []
+    for caption in captions:
+        batch.append(caption)
+        if len(batch) == 4096:
+            ids.update(i for seq in tokenizer(batch)["input_ids"] for i in seq)
+            batch = []
+    ids.update(i for seq in tokenizer(batch)["input_ids"] for i in seq)
+    return torch.tensor(sorted(ids), dtype=torch.long)

@@ -34,6 +34,20 @@ def test_round_trip_rebuilds_the_same_model_from_the_file_alone(tmp_path):
         )
 
 
+def test_round_trip_keeps_the_output_vocabulary(tmp_path):
+    cfg = tiny_config()
+    vocab = torch.tensor([13, 64, 257, 2266, 4171, 50256])
+    model = build_captioner(cfg, output_ids=vocab).eval()
+    save_checkpoint(tmp_path / "m.pt", model, to_dict(cfg), architecture(model))
+    loaded, _ = load_captioner(tmp_path / "m.pt")
+    assert torch.equal(loaded.output_ids, vocab)
+    visual, ids = torch.randn(2, 17, 256), torch.tensor([[64, 2266, 13], [257, 4171, 13]])
+    with torch.no_grad():
+        logits = loaded.token_logits(loaded.prefix_from_visual(visual), ids)
+        assert torch.equal(logits, model.token_logits(model.prefix_from_visual(visual), ids))
+    assert torch.isfinite(logits[..., vocab]).all() and torch.isinf(logits).sum() == logits[..., 0].numel() * 50251
+
+
 def test_strict_load_lists_missing_unexpected_and_mis_shaped_keys(tmp_path):
     _save_tiny(tmp_path / "mlp.pt")
     other = build_captioner(tiny_config(**{"model.use_sparse_mask": False, "model.gpt2_config": {

@@ -42,6 +42,7 @@ def make_model(
     stop_bias: float | None = 8.0,
     vocab_size: int | None = None,
     n_positions: int = 64,
+    output_ids: torch.Tensor | None = None,
 ) -> OPGCaptioner:
     """Tiny captioner in eval mode. With ``stop_bias`` the output layer is untied, sharper and biased
     towards the stop tokens so that greedy captions end at varied lengths; without it the random model
@@ -60,7 +61,8 @@ def make_model(
             head.bias[list(STOP_IDS)] = stop_bias
         gpt.lm_head = head
     mask = SparsePrefixMask(NUM_TOKENS, WIDTH, threshold=0.5) if sparse else None
-    return OPGCaptioner(PatchEncoder(), MLPMapper(VISUAL_DIM, WIDTH, NUM_TOKENS), gpt, mask).eval()
+    encoder, mapper = PatchEncoder(), MLPMapper(VISUAL_DIM, WIDTH, NUM_TOKENS)
+    return OPGCaptioner(encoder, mapper, gpt, mask, output_ids=output_ids).eval()
 
 
 @torch.no_grad()
@@ -102,15 +104,23 @@ ALL_METHODS = [
 ]
 
 
-@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("sparse, restricted", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("options", ALL_METHODS, ids=["greedy", "beam", "sample"])
-def test_logprobs_equal_teacher_forced_training_forward(sparse: bool, options: DecodeOptions) -> None:
-    model = make_model(sparse=sparse)
+def test_logprobs_equal_teacher_forced_training_forward(sparse: bool, restricted: bool, options: DecodeOptions) -> None:
+    """Also with an output vocabulary (``restricted``): only its tokens are produced, and the teacher-forced
+    logits are -inf outside it."""
+    vocab = None
+    if restricted:
+        vocab = torch.randperm(50000, generator=torch.Generator().manual_seed(2))[:20000]
+        vocab = torch.cat([vocab, torch.tensor(STOP_IDS)]).unique()
+    model = make_model(sparse=sparse, output_ids=vocab)
     prefix = make_prefix(model, 5)
     if sparse:
         assert (~prefix.keep).any() and prefix.keep.any(dim=1).all(), "the mask must really drop positions"
     result = decode(model, prefix, options, with_logprobs=True, generator=torch.Generator().manual_seed(0))
     check_well_formed(result, options)
+    if restricted:
+        assert torch.isin(result.tokens, vocab).all()
     assert result.lengths.float().mean() > 2
     with torch.no_grad():
         logits = model.token_logits(prefix.repeat_interleave(options.num_samples), result.tokens)

@@ -10,7 +10,7 @@ from models.captioner import Prefix, attention_mask
 from models.losses import IGNORE_INDEX, npair_loss, scst_loss
 from models.mapper import MLPMapper, TransformerMapper
 from models.sparse_mask import SparsePrefixMask
-from models.tokenizer import GPT2_VOCAB_SIZE
+from models.tokenizer import GPT2_VOCAB_SIZE, caption_vocabulary
 
 
 def _batch(tokenizer, captions, size=128, seed=0):
@@ -121,6 +121,29 @@ def test_attention_mask_is_causal_and_self_visible():
                              [False, True, False, False], [False, True, False, True]]  # fmt: skip
     step = attention_mask(torch.tensor([[False, True, False, True, True]]), 4, 1)[0, 0]
     assert step.tolist() == [[False, True, False, True, True]]
+
+
+def test_output_vocabulary_restricts_the_softmax_to_the_training_tokens(tokenizer):
+    captions = ["a red circle", "two blue squares on the left"]
+    images, input_ids, labels = _batch(tokenizer, captions)
+    vocab = caption_vocabulary(tokenizer, [clean_caption(c) for c in captions])
+    assert vocab.tolist() == sorted(set(labels[labels != IGNORE_INDEX].tolist()) | {13, 50256})
+    full = build_captioner(tiny_config()).eval()
+    restricted = build_captioner(tiny_config(), output_ids=vocab).eval()
+    restricted.load_state_dict({**full.state_dict(), "output_ids": vocab})
+    prefix = full.encode(images)
+    full_logits, logits = full.token_logits(prefix, input_ids), restricted.token_logits(prefix, input_ids)
+    outside = torch.ones(GPT2_VOCAB_SIZE, dtype=torch.bool)
+    outside[vocab] = False
+    torch.testing.assert_close(logits[..., vocab], full_logits[..., vocab])
+    assert (logits[..., outside] == -torch.inf).all()
+    real = labels != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[real], labels[real])
+    xe = restricted(images, input_ids, labels)["xe"]
+    assert xe.item() == pytest.approx(expected.item(), rel=1e-5) and xe.item() < full(images, input_ids, labels)["xe"]
+    labels[0, 0] = 9999  # a token the training captions never used
+    with pytest.raises(ValueError, match=r"\[9999\] are outside the model's output vocabulary"):
+        restricted(images, input_ids, labels)
 
 
 def test_padding_is_ignored_not_a_real_token(tokenizer):

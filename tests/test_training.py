@@ -10,7 +10,9 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from data.text import clean_caption
 from engine.runner import Run
+from models.tokenizer import caption_vocabulary, load_tokenizer
 from utils.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,8 +39,11 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_xe_then_scst_from_the_command_line(tiny_dataset, tmp_path):
     xe_dir, scst_dir = tmp_path / "xe", tmp_path / "scst"
-    done = _run_cli([*_cli_args(tiny_dataset, xe_dir), "--epochs", "1"])
+    done = _run_cli([*_cli_args(tiny_dataset, xe_dir), "--epochs", "1", "--output_vocab", "train"])
     assert done.returncode == 0, done.stderr[-3000:]
+    output_ids = read_checkpoint(xe_dir / "best.pt")["architecture"]["output_ids"]
+    captions = [e["caption"] for e in json.loads((tiny_dataset / "train.json").read_text())]
+    assert output_ids == caption_vocabulary(load_tokenizer("gpt2"), map(clean_caption, captions)).tolist()
     for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json", "test_predictions.json"):
         assert (xe_dir / name).is_file(), name
     events = [json.loads(line)["event"] for line in (xe_dir / "metrics.jsonl").read_text().splitlines()]
@@ -54,6 +59,7 @@ def test_xe_then_scst_from_the_command_line(tiny_dataset, tmp_path):
     train = [r for r in records if r["event"] == "train"]
     assert len(train) == 12 and all({"reward", "baseline", "sample_len", "entropy"} <= r.keys() for r in train)
     assert read_checkpoint(scst_dir / "last.pt")["config"]["scst"] is True
+    assert read_checkpoint(scst_dir / "last.pt")["architecture"]["output_ids"] == output_ids
     start, end = [r for r in records if r["event"] == "val"]
     assert (start["step"], end["step"]) == (0, 12)  # the starting checkpoint is scored before the first step
     kept = xe_dir / "best.pt" if start["CIDEr"] >= end["CIDEr"] else scst_dir / "last.pt"

@@ -39,6 +39,9 @@ class ModelConfig:
     use_sparse_mask: bool = True
     sparse_mask_mode: str = "ste"  # ste (learns) | hard (reference behaviour, never learns)
     threshold: float = 0.1
+    # full: softmax over GPT-2's 50257 tokens; train: over the tokens of the training captions only
+    # (and the stop tokens), which makes the output layer cheaper; kept by checkpoints trained with it
+    output_vocab: str = "full"
 
 
 @dataclass
@@ -287,6 +290,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "model.mapping_type": ("mlp", "transformer"),
         "model.sparse_mask_mode": ("ste", "hard"),
+        "model.output_vocab": ("full", "train"),
         "train.precision": ("auto", "fp32", "bf16", "fp16"),
         "scst_opts.baseline": ("greedy", "mean"),
         "train.eval_split": ("val", "test"),
