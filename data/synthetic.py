@@ -343,7 +343,7 @@ def _parameters(num_train, num_val, num_test, image_size, seed, refs_per_image, 
 def generate_dataset(
     out_dir: str | os.PathLike,
     num_train: int = 4000,
-    num_val: int = 250,
+    num_val: int = 1000,
     num_test: int = 500,
     image_size: int = 128,
     seed: int = 0,
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes captioning data set.")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num_train", type=int, default=4000)
-    parser.add_argument("--num_val", type=int, default=250)
+    parser.add_argument("--num_val", type=int, default=1000)
     parser.add_argument("--num_test", type=int, default=500)
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
