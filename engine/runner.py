@@ -101,6 +101,10 @@ class Run:
             model = rebuild_captioner(cfg, payload["architecture"])
             load_state_strict(model, payload["model"], cfg.checkpoint)
             logger.info("initialised from %s", cfg.checkpoint)
+            if (model.output_ids is None) != (cfg.model.output_vocab == "full"):
+                logger.warning("model.output_vocab=%s is ignored: %s keeps its own output vocabulary (%s)",
+                               cfg.model.output_vocab, cfg.checkpoint,
+                               "full" if model.output_ids is None else f"{len(model.output_ids)} tokens")  # fmt: skip
         else:
             model = build_captioner(cfg, output_ids=self._output_vocabulary())
         if cfg.model.use_sparse_mask and cfg.model.sparse_mask_mode == "hard":
