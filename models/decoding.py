@@ -194,9 +194,9 @@ def _in_output_vocabulary(model: OPGCaptioner, options: DecodeOptions) -> Decode
     a placeholder pad that :func:`decode` replaces."""
     if model.output_ids is None:
         return options
-    vocab = model.output_ids.tolist()
-    stop_ids = tuple(vocab.index(i) for i in options.stop_ids if i in vocab)
-    return replace(options, stop_ids=stop_ids, pad_id=0)
+    stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=model.output_ids.device)
+    stop_ids = stop_ids[torch.isin(stop_ids, model.output_ids)]
+    return replace(options, stop_ids=tuple(model.output_index(stop_ids).tolist()), pad_id=0)
 
 
 def captions_from_tokens(tokenizer, result: DecodeResult) -> list[str]:
