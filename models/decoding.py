@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from models.captioner import OPGCaptioner, Prefix, attention_mask
+from models.gpt2 import forward_with_cache
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
 from utils.config import DecodeConfig
 
@@ -140,14 +141,13 @@ class CachedPrefixLM:
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
         count = embeds.shape[1]
         start = self.key_keep.shape[1] - count
-        out = self.gpt.transformer(
+        out, self.cache = forward_with_cache(
+            self.gpt.transformer,
+            self.cache,
             inputs_embeds=embeds,
             attention_mask=attention_mask(self.key_keep, start, count),
             position_ids=torch.arange(start, start + count, device=embeds.device).unsqueeze(0),
-            cache=self.cache,
-            use_cache=True,
         )
-        self.cache = out.cache
         # The vocabulary projection dominates small models: apply it to the last position only.
         return torch.nn.functional.linear(out.last_hidden_state[:, -1], *self.head).float()
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from models.tokenizer import GPT2_VOCAB_SIZE, _hub_reachable
 
 logger = logging.getLogger(__name__)
+
+# Recent transformers releases renamed GPT-2's ``past_key_values`` (argument and output field) to ``cache``.
+_CACHE_FIELD = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 
 
 def build_gpt2(name_or_dir: str, config: dict[str, Any] | None = None) -> GPT2LMHeadModel:
@@ -35,3 +40,12 @@ def build_gpt2(name_or_dir: str, config: dict[str, Any] | None = None) -> GPT2LM
                 "model.gpt2 to that folder, or give model.gpt2_config to train from random weights."
             ) from None
     return GPT2LMHeadModel.from_pretrained(name_or_dir)
+
+
+def forward_with_cache(
+    transformer: GPT2Model, cache: Any, **kwargs: Any
+) -> tuple[BaseModelOutputWithPastAndCrossAttentions, Any]:
+    """Run ``transformer`` with a KV cache (None on the first call) under either transformers spelling;
+    returns its output and the updated cache."""
+    out = transformer(**{_CACHE_FIELD: cache}, use_cache=True, **kwargs)
+    return out, getattr(out, _CACHE_FIELD)
