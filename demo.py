@@ -87,20 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     with CaptionScorer() as scorer:
         xe = run_stage("demo.yaml", {**common, "output_dir": str(out / "xe")}, scorer)
         rows = {"XE": (xe["test"], xe["captions"])}
+        gains: dict[str, float] = {}  # SCST's relative change of the test CIDEr, per baseline
         for baseline in filter(None, args.scst_baselines.split(",")):
             overrides = {**common, "output_dir": str(out / f"scst_{baseline}"),
                          "checkpoint": str(out / "xe" / "best.pt"), "scst_opts.baseline": baseline}  # fmt: skip
             scst = run_stage("demo_scst.yaml", overrides, scorer)
             rows[f"XE + SCST ({baseline} baseline)"] = (scst["test"], scst["captions"])
+            gains[baseline] = scst["test"]["CIDEr"] / xe["test"]["CIDEr"] - 1
         cfg = build_config([CONFIG_DIR / "demo.yaml"], common)
         rows = {**baselines(cfg, scorer), **rows}
     metadata = Path(cfg.data.image_root) / "metadata.json"
     gts = load_ground_truth(cfg.data.test_file)
     minutes = (time.perf_counter() - started) / 60
     summary = {name: {"metrics": m, "grounding": grounding_accuracy(c, metadata)} for name, (m, c) in rows.items()}
-    (out / "demo_summary.json").write_text(json.dumps({"minutes": minutes, "rows": summary}, indent=2))
+    report = {"minutes": minutes, "rows": summary, "scst_cider_gain": gains}
+    (out / "demo_summary.json").write_text(json.dumps(report, indent=2))
     print(f"\nDemo test split ({len(gts)} images), metrics x100; grounding = % of captions stating the truth")
     print(format_table(rows, metadata))
+    if gains:
+        print("SCST's test CIDEr relative to XE: " + ", ".join(f"{b} baseline {g:+.1%}" for b, g in gains.items()))
     print(f"\nExamples:\n{examples(rows, gts, 4)}")
     print(f"\nTotal time {minutes:.1f} min; details in {out}")
     return 0
