@@ -60,6 +60,9 @@ def test_xe_then_scst_from_the_command_line(tiny_dataset, tmp_path):
     assert len(train) == 12 and all({"reward", "baseline", "sample_len", "entropy"} <= r.keys() for r in train)
     assert read_checkpoint(scst_dir / "last.pt")["config"]["scst"] is True
     assert read_checkpoint(scst_dir / "last.pt")["architecture"]["output_ids"] == output_ids
+    # the command line left model.output_vocab at "full": the checkpoint's vocabulary wins, with a warning
+    log = (scst_dir / "train.log").read_text()
+    assert f"model.output_vocab=full is ignored: {xe_dir / 'best.pt'} keeps its own" in log
     start, end = [r for r in records if r["event"] == "val"]
     assert (start["step"], end["step"]) == (0, 12)  # the starting checkpoint is scored before the first step
     kept = xe_dir / "best.pt" if start["CIDEr"] >= end["CIDEr"] else scst_dir / "last.pt"
