@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from models.tokenizer import GPT2_VOCAB_SIZE, _hub_reachable
 
@@ -42,9 +41,7 @@ def build_gpt2(name_or_dir: str, config: dict[str, Any] | None = None) -> GPT2LM
     return GPT2LMHeadModel.from_pretrained(name_or_dir)
 
 
-def forward_with_cache(
-    transformer: GPT2Model, cache: Any, **kwargs: Any
-) -> tuple[BaseModelOutputWithPastAndCrossAttentions, Any]:
+def forward_with_cache(transformer: GPT2Model, cache: Any, **kwargs: Any) -> tuple[Any, Any]:
     """Run ``transformer`` with a KV cache (None on the first call) under either transformers spelling;
     returns its output and the updated cache."""
     out = transformer(**{_CACHE_FIELD: cache}, use_cache=True, **kwargs)
