@@ -98,7 +98,13 @@ class ScstStep:
         n = self.opts.num_samples
         if self.opts.baseline == "mean":
             return (rewards.sum(axis=1, keepdims=True) - rewards) / (n - 1)
-        with torch.no_grad():
-            greedy = decode(self.model, Prefix(prefix.embeds.detach(), prefix.keep), self.greedy_options)
+        # The baseline is the caption the model would give at test time: greedy, without dropout.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                greedy = decode(self.model, Prefix(prefix.embeds.detach(), prefix.keep), self.greedy_options)
+        finally:
+            self.model.train(was_training)
         greedy_rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, greedy), refs)
         return np.repeat(greedy_rewards[:, None], n, axis=1)

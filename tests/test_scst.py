@@ -67,3 +67,37 @@ def test_scst_raises_the_reward_and_moves_only_trainable_weights(tokenizer):
         assert torch.equal(value, dict(model.named_parameters())[name]), f"frozen {name} changed"
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
     assert any(n.startswith("mapper.") for n in moved) and any(n.startswith("gpt.") for n in moved)
+
+
+class _RecordingCider(CiderD):
+    """CiderD that remembers the candidates of each call."""
+
+    def __init__(self, df: DocumentFrequency) -> None:
+        super().__init__(df)
+        self.calls: list[list[str]] = []
+
+    def score_candidates(self, candidates, references):
+        self.calls.append(list(candidates))
+        return super().score_candidates(candidates, references)
+
+
+def test_greedy_baseline_is_the_test_time_caption_without_dropout(tokenizer):
+    torch.manual_seed(0)
+    cfg = tiny_config(**{"scst_opts.num_samples": 2, "scst_opts.baseline": "greedy", "scst_opts.sample_max_len": 10})
+    model = build_captioner(cfg).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5  # train-mode decoding would give other captions at every call
+    visual = torch.randn(3, 17, 256)
+    refs = [[GOOD] * 5] * 3
+    cider = _RecordingCider(DocumentFrequency.from_references(refs))
+    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, cfg.decode, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        options = DecodeOptions(method="greedy", max_len=10, min_len=cfg.decode.min_len)
+        expected = captions_from_tokens(tokenizer, decode(model, model.encode(visual), options))
+    model.train()
+    for _ in range(3):
+        step({"images": visual, "indices": [0, 1, 2]})
+        assert cider.calls[-1] == expected  # calls: samples, then the greedy baseline
+        assert model.training
