@@ -2,6 +2,7 @@
 test metrics with a constant-caption baseline and the human leave-one-out score.
 
     python demo.py [--output_dir runs/demo] [--data_dir datasets/demo] [--scst_baselines greedy,mean]
+                   [--xe KEY=VALUE ...] [--scst KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -70,13 +71,24 @@ def examples(rows: dict[str, tuple[dict, dict[ImageId, str]]], gts: dict[ImageId
     return "\n".join(lines)
 
 
+def _overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (_, sep, _) in zip(items, pairs, strict=True) if not sep]
+    if bad:
+        parser.error(f"overrides must be KEY=VALUE, got {bad}")
+    return {key: value for key, _, value in pairs}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=str(ROOT / "runs" / "demo"))
     parser.add_argument("--data_dir", default=None, help="demo data set folder (default: configs/demo.yaml's)")
     parser.add_argument("--scst_baselines", default="greedy,mean", help="SCST runs to make ('' for none)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--xe", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, XE stage")
+    parser.add_argument("--scst", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, SCST stage")
     args = parser.parse_args(argv)
+    xe_overrides, scst_overrides = _overrides(parser, args.xe), _overrides(parser, args.scst)
     started = time.perf_counter()
     out = Path(args.output_dir).resolve()
     common: dict[str, Any] = {"device": args.device}
@@ -85,15 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         common.update({"data.image_root": str(data), "data.train_file": str(data / "train.json"),
                        "data.val_file": str(data / "val.json"), "data.test_file": str(data / "test.json")})  # fmt: skip
     with CaptionScorer() as scorer:
-        xe = run_stage("demo.yaml", {**common, "output_dir": str(out / "xe")}, scorer)
+        xe = run_stage("demo.yaml", {**common, **xe_overrides, "output_dir": str(out / "xe")}, scorer)
         rows = {"XE": (xe["test"], xe["captions"])}
         gains: dict[str, float] = {}  # SCST's relative change of the test CIDEr, per baseline
         for baseline in filter(None, args.scst_baselines.split(",")):
-            overrides = {**common, "output_dir": str(out / f"scst_{baseline}"),
+            overrides = {**common, **scst_overrides, "output_dir": str(out / f"scst_{baseline}"),
                          "checkpoint": str(out / "xe" / "best.pt"), "scst_opts.baseline": baseline}  # fmt: skip
             scst = run_stage("demo_scst.yaml", overrides, scorer)
             rows[f"XE + SCST ({baseline} baseline)"] = (scst["test"], scst["captions"])
-            gains[baseline] = scst["test"]["CIDEr"] / xe["test"]["CIDEr"] - 1
+            xe_cider = xe["test"]["CIDEr"]
+            gains[baseline] = scst["test"]["CIDEr"] / xe_cider - 1 if xe_cider else float("nan")
         cfg = build_config([CONFIG_DIR / "demo.yaml"], common)
         rows = {**baselines(cfg, scorer), **rows}
     metadata = Path(cfg.data.image_root) / "metadata.json"
