@@ -99,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     with CaptionScorer() as scorer:
         xe = run_stage("demo.yaml", {**common, **xe_overrides, "output_dir": str(out / "xe")}, scorer)
         rows = {"XE": (xe["test"], xe["captions"])}
+        xe_cider = xe["test"]["CIDEr"]
         gains: dict[str, float] = {}  # SCST's relative change of the test CIDEr, per baseline
         for baseline in filter(None, args.scst_baselines.split(",")):
             overrides = {**common, **scst_overrides, "output_dir": str(out / f"scst_{baseline}"),
                          "checkpoint": str(out / "xe" / "best.pt"), "scst_opts.baseline": baseline}  # fmt: skip
             scst = run_stage("demo_scst.yaml", overrides, scorer)
             rows[f"XE + SCST ({baseline} baseline)"] = (scst["test"], scst["captions"])
-            xe_cider = xe["test"]["CIDEr"]
             gains[baseline] = scst["test"]["CIDEr"] / xe_cider - 1 if xe_cider else float("nan")
         cfg = build_config([CONFIG_DIR / "demo.yaml"], common)
         rows = {**baselines(cfg, scorer), **rows}

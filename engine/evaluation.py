@@ -12,7 +12,7 @@ from tqdm import tqdm
 from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
 from models.captioner import OPGCaptioner
-from models.decoding import DecodeOptions, captions_from_tokens, decode
+from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
 from utils.coco_eval import CaptionScorer, EvalReport, ImageId, evaluate_results
 from utils.distributed import DistInfo, gather_objects
 from utils.precision import autocast
@@ -39,18 +39,16 @@ def generate_captions(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_images,
         generator=torch.Generator().manual_seed(0),  # leaves the training RNG untouched
     )  # fmt: skip
-    was_training = model.training
-    model.eval()
     local: dict[ImageId, str] = {}
-    for batch in tqdm(loader, desc=desc, disable=not dist.is_main, leave=False):
-        if "images" not in batch:
-            continue
-        with autocast(precision, dist.device):
-            prefix = model.encode(batch["images"].to(dist.device, non_blocking=True))
-            result = decode(model, prefix, options)
-        for index, caption in zip(batch["indices"], captions_from_tokens(tokenizer, result), strict=True):
-            local[dataset.ids[index]] = caption
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in tqdm(loader, desc=desc, disable=not dist.is_main, leave=False):
+            if "images" not in batch:
+                continue
+            with autocast(precision, dist.device):
+                prefix = model.encode(batch["images"].to(dist.device, non_blocking=True))
+                result = decode(model, prefix, options)
+            for index, caption in zip(batch["indices"], captions_from_tokens(tokenizer, result), strict=True):
+                local[dataset.ids[index]] = caption
     merged: dict[ImageId, str] = {}
     for part in gather_objects(local):
         merged.update(part)

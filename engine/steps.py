@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.captioner import OPGCaptioner, Prefix
-from models.decoding import DecodeOptions, captions_from_tokens, decode
+from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
 from models.losses import IGNORE_INDEX, scst_loss
 from utils.cider import CiderD
 from utils.config import DecodeConfig, ScstConfig, TrainConfig
@@ -99,12 +99,7 @@ class ScstStep:
         if self.opts.baseline == "mean":
             return (rewards.sum(axis=1, keepdims=True) - rewards) / (n - 1)
         # The baseline is the caption the model would give at test time: greedy, without dropout.
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                greedy = decode(self.model, Prefix(prefix.embeds.detach(), prefix.keep), self.greedy_options)
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.no_grad():
+            greedy = decode(self.model, Prefix(prefix.embeds.detach(), prefix.keep), self.greedy_options)
         greedy_rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, greedy), refs)
         return np.repeat(greedy_rewards[:, None], n, axis=1)

@@ -24,6 +24,8 @@ finishes. With one beam this is exactly greedy decoding.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -206,15 +208,22 @@ def captions_from_tokens(tokenizer, result: DecodeResult) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(rows)]
 
 
-@torch.no_grad()
-def caption_images(model: OPGCaptioner, images: torch.Tensor, tokenizer, options: DecodeOptions) -> list[str]:
-    """Caption normalised images B x 3 x H x W in eval mode (B x ``num_samples`` captions when sampling)."""
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block in eval mode (no dropout), then restore the model's training mode."""
     was_training = model.training
     model.eval()
     try:
-        result = decode(model, model.encode(images), options)
+        yield
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def caption_images(model: OPGCaptioner, images: torch.Tensor, tokenizer, options: DecodeOptions) -> list[str]:
+    """Caption normalised images B x 3 x H x W in eval mode (B x ``num_samples`` captions when sampling)."""
+    with eval_mode(model):
+        result = decode(model, model.encode(images), options)
     return captions_from_tokens(tokenizer, result)
 
 
