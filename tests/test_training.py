@@ -1,5 +1,6 @@
 """Training runs end to end: the command line, resume after an interruption, and two-process DDP."""
 
+import copy
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from helpers import tiny_config
 
 from data.text import clean_caption
+from engine.optim import build_optimizer
 from engine.runner import Run
 from models.tokenizer import caption_vocabulary, load_tokenizer
 from utils.checkpoint import read_checkpoint
@@ -125,3 +127,26 @@ def test_two_process_ddp_matches_one_process(tiny_dataset, tmp_path):
 def test_bad_options_fail_with_status_2(bad, tmp_path):
     done = _run_cli([bad, "--print_config"])
     assert done.returncode == 2 and bad.split("=")[0][2:] in done.stderr
+
+
+def test_optimizer_is_fused_adamw_over_trainable_parameters_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    model[0].bias.requires_grad_(False)
+    initial = copy.deepcopy(model)
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.01)
+    reference_optimizer = torch.optim.AdamW(
+        [p for p in reference.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01, foreach=False
+    )
+    assert optimizer.defaults["fused"]
+    inputs = torch.randn(4, 6)
+    for _ in range(3):
+        for net, opt in ((model, optimizer), (reference, reference_optimizer)):
+            opt.zero_grad()
+            net(inputs).square().mean().backward()
+            opt.step()
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param, ref, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(model[0].bias, initial[0].bias)
+    assert not torch.equal(model[1].weight, initial[1].weight)
