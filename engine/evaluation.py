@@ -56,7 +56,11 @@ def generate_captions(
 
 
 def score_split(
-    captions: dict[ImageId, str], dataset: CaptionImageDataset, scorer: CaptionScorer, spice: bool
+    captions: dict[ImageId, str],
+    dataset: CaptionImageDataset,
+    scorer: CaptionScorer,
+    spice: bool,
+    meteor: bool = True,
 ) -> EvalReport:
     """COCO metrics of ``captions`` against the split's references. Images that could not be read have
     no caption: they are reported (coverage) rather than silently ignored."""
@@ -64,5 +68,5 @@ def score_split(
     if missing:
         logger.warning("%d of %d images could not be read and are not scored", missing, len(dataset))
     return evaluate_results(
-        captions, dataset.references, allow_partial=missing > 0, spice=spice, scorer=scorer
+        captions, dataset.references, allow_partial=missing > 0, spice=spice, scorer=scorer, meteor=meteor
     )

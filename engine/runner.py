@@ -247,7 +247,8 @@ class Run:
         """Score the validation split and keep best.pt. SCST also scores its starting checkpoint, so
         its best.pt is never worse on validation than the model it started from."""
         state = trainer.state
-        report, _ = self._evaluate(val_set, self._decode_options(validation=True), spice=False, desc=desc)
+        options = self._decode_options(validation=True)
+        report, _ = self._evaluate(val_set, options, spice=False, desc=desc, meteor=self.cfg.train.val_meteor)
         if self.dist.is_main:
             score = report.metrics["CIDEr"]
             self.metrics.write("val", epoch=state.epoch, step=state.global_step, **report.metrics)
@@ -267,7 +268,7 @@ class Run:
         return DecodeOptions.from_config(self.cfg.decode)
 
     def _evaluate(
-        self, dataset: CaptionImageDataset, options: DecodeOptions, spice: bool, desc: str
+        self, dataset: CaptionImageDataset, options: DecodeOptions, spice: bool, desc: str, meteor: bool = True
     ) -> tuple[EvalReport, dict]:
         captions = generate_captions(
             self.model, dataset, self.tokenizer, options, self.dist, self.cfg.train.eval_batch_size,
@@ -275,7 +276,7 @@ class Run:
         )  # fmt: skip
         if not self.dist.is_main:
             return EvalReport(metrics={}), captions
-        return score_split(captions, dataset, self.scorer, spice), captions
+        return score_split(captions, dataset, self.scorer, spice, meteor), captions
 
     def _final_test(self) -> dict[str, Any]:
         """Test split with the best checkpoint and test-time decoding; SPICE when available."""

@@ -103,6 +103,13 @@ def test_line_breaks_inside_captions_do_not_shift_images(scorer):
     assert scorer.score(GTS, broken, spice=False).metrics == scorer.score(GTS, RES, spice=False).metrics
 
 
+def test_meteor_can_be_skipped_without_changing_the_other_metrics(scorer):
+    full = scorer.score(GTS, RES, spice=False)
+    fast = evaluate_results(RES, GTS, spice=False, scorer=scorer, meteor=False)
+    assert "METEOR" not in fast.metrics and fast.unavailable["METEOR"].startswith("skipped")
+    assert fast.metrics == {name: value for name, value in full.metrics.items() if name != "METEOR"}
+
+
 def test_spice_reported_unavailable_when_jars_missing(scorer, tmp_path, monkeypatch):
     monkeypatch.setattr(scorer, "spice_lib_dir", tmp_path)  # an empty folder: no CoreNLP jars
     report = scorer.score(GTS, RES)

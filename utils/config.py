@@ -78,6 +78,7 @@ class TrainConfig:
     log_every: int = 50
     eval_batch_size: int = 64
     eval_split: str = "val"  # split evaluated each epoch to pick the best checkpoint
+    val_meteor: bool = True  # METEOR at each validation too (Java, ~4 s per 1,000 images); test always has it
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ScstConfig:
     sample_max_len: int = 20
     temperature: float = 1.0
     length_norm: bool = True  # average log-probabilities over each sample's tokens
+    dropout: bool = True  # sample with dropout on, as the reference does; false samples the test-time model
 
 
 @dataclass
