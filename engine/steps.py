@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.captioner import OPGCaptioner, Prefix
-from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
+from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off, eval_mode
 from models.losses import IGNORE_INDEX, scst_loss
 from utils.cider import CiderD
 from utils.config import DecodeConfig, ScstConfig, TrainConfig
@@ -74,8 +75,9 @@ class ScstStep:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = self.opts.num_samples
-        prefix = self.model.encode(batch["images"].to(self.device, non_blocking=True))
-        samples = decode(self.model, prefix, self.sample_options, with_logprobs=True)
+        with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
+            prefix = self.model.encode(batch["images"].to(self.device, non_blocking=True))
+            samples = decode(self.model, prefix, self.sample_options, with_logprobs=True)
         refs = [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)

@@ -219,6 +219,20 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def dropout_off(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block with every dropout layer's rate at 0 (training mode otherwise kept), then restore them."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    rates = [m.p for m in layers]
+    for layer in layers:
+        layer.p = 0.0
+    try:
+        yield
+    finally:
+        for layer, rate in zip(layers, rates, strict=True):
+            layer.p = rate
+
+
 @torch.no_grad()
 def caption_images(model: OPGCaptioner, images: torch.Tensor, tokenizer, options: DecodeOptions) -> list[str]:
     """Caption normalised images B x 3 x H x W in eval mode (B x ``num_samples`` captions when sampling)."""

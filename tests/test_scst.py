@@ -1,12 +1,14 @@
 """SCST on a tiny model: the reward rises on an easy batch and only trainable weights move."""
 
+import contextlib
+
 import torch
 from helpers import tiny_config
 
 from data.text import clean_caption
 from engine.steps import ScstStep
 from models.build import build_captioner
-from models.decoding import DecodeOptions, captions_from_tokens, decode
+from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
 from models.losses import IGNORE_INDEX
 from utils.cider import CiderD
 from utils.cider_df import DocumentFrequency
@@ -101,3 +103,29 @@ def test_greedy_baseline_is_the_test_time_caption_without_dropout(tokenizer):
         step({"images": visual, "indices": [0, 1, 2]})
         assert cider.calls[-1] == expected  # calls: samples, then the greedy baseline
         assert model.training
+
+
+def test_sampling_without_dropout_samples_the_test_time_model(tokenizer):
+    cfg = tiny_config(**{"scst_opts.num_samples": 3, "scst_opts.baseline": "mean", "scst_opts.sample_max_len": 10})
+    model = build_captioner(cfg).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    visual = torch.randn(2, 17, 256)
+    refs = [[GOOD] * 5] * 2
+    batch = {"images": visual, "indices": [0, 1]}
+
+    def sampled(dropout: bool, mode) -> list[str]:
+        cfg.scst_opts.dropout = dropout
+        cider = _RecordingCider(DocumentFrequency.from_references(refs))
+        step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, cfg.decode, torch.device("cpu"))
+        torch.manual_seed(1)
+        with mode(model):
+            out = step(batch)
+        assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+        return cider.calls[0]
+
+    test_time = sampled(dropout=True, mode=eval_mode)
+    assert sampled(dropout=False, mode=contextlib.nullcontext) == test_time
+    assert model.training and all(m.p == 0.5 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert sampled(dropout=True, mode=contextlib.nullcontext) != test_time  # dropout 0.5 changes the samples
