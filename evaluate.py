@@ -28,9 +28,7 @@ from utils.coco_eval import (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--results", type=Path, required=True, help="COCO results JSON: [{image_id, caption}]"
-    )
+    parser.add_argument("--results", type=Path, required=True, help="COCO results JSON: [{image_id, caption}]")
     parser.add_argument(
         "--annotations",
         type=Path,
@@ -51,10 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def per_image_rows(report: EvalReport, results: dict[ImageId, str]) -> list[dict]:
     """Per-image CIDEr rows, worst first, for error analysis."""
     scores = report.per_image or {}
-    rows = [
-        {"image_id": image_id, "caption": results[image_id], "CIDEr": cider}
-        for image_id, cider in scores.items()
-    ]
+    rows = [{"image_id": image_id, "caption": results[image_id], "CIDEr": cider} for image_id, cider in scores.items()]
     return sorted(rows, key=lambda row: row["CIDEr"])
 
 
@@ -80,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report.format_table())
     output = args.output or args.results.with_suffix(".metrics.json")
-    write_json_atomic(
-        output, {"results": str(args.results), "annotations": str(args.annotations), **report.to_dict()}
-    )
+    write_json_atomic(output, {"results": str(args.results), "annotations": str(args.annotations), **report.to_dict()})
     print(f"metrics written to {output}")
     if args.per_image is not None:
         write_json_atomic(args.per_image, per_image_rows(report, results))

@@ -178,9 +178,7 @@ def cache_bytes_per_set(df: DocumentFrequency, reference_sets: list[list[str]]) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--predictions", type=Path, default=None, help=f"default: <shared>/{PREDICTIONS_NAME}"
-    )
+    parser.add_argument("--predictions", type=Path, default=None, help=f"default: <shared>/{PREDICTIONS_NAME}")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--samples", type=int, default=16, help="sampled captions per image (plus 1 greedy)")
     parser.add_argument("--refs", type=int, default=5)
@@ -190,14 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.predictions or shared_dir() / PREDICTIONS_NAME
     if not path.is_file():
-        print(
-            f"predictions file not found: {path} (set OPG_SHARED_DIR or pass --predictions)", file=sys.stderr
-        )
+        print(f"predictions file not found: {path} (set OPG_SHARED_DIR or pass --predictions)", file=sys.stderr)
         return 1
     captions = load_captions(path)
-    candidates, references, training = build_workload(
-        captions, args.images, args.samples, args.refs, args.seed
-    )
+    candidates, references, training = build_workload(captions, args.images, args.samples, args.refs, args.seed)
     df = DocumentFrequency.from_references(training)
     num = len(candidates)
 
@@ -225,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "CiderD, warm cache": lambda: warm.score_candidates(candidates, references),
         },
     )
-    per_set = cache_bytes_per_set(
-        df, [captions[i : i + args.refs] for i in range(0, len(captions), args.refs)]
-    )
+    per_set = cache_bytes_per_set(df, [captions[i : i + args.refs] for i in range(0, len(captions), args.refs)])
 
     distinct = len(set(zip(candidates, map(id, references), strict=True)))
     print(

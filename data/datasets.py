@@ -83,7 +83,6 @@ class CaptionTrainDataset(Dataset):
         return image, clean_caption(entry["caption"], self.max_words)
 
 
-
 class CaptionImageDataset(Dataset):
     """One item per image: ``(image 3 x R x R, index)``, or ``None`` when unreadable. ``references``
     holds the raw reference captions per image, ``ids`` the COCO image ids."""

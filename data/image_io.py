@@ -83,9 +83,7 @@ def load_image(
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(
-            path, f"not a recognised image format (supported: {', '.join(_FORMATS)})"
-        ) from None
+        raise ImageLoadError(path, f"not a recognised image format (supported: {', '.join(_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
@@ -190,9 +188,7 @@ def _downscale(image: Image.Image, max_pixels: int) -> Image.Image:
     return image
 
 
-def collect_images(
-    inputs: Sequence[str | os.PathLike], recursive: bool = True
-) -> tuple[list[Path], list[str]]:
+def collect_images(inputs: Sequence[str | os.PathLike], recursive: bool = True) -> tuple[list[Path], list[str]]:
     """Expand files, folders, glob patterns and list files into image paths.
 
     Folders (recursively unless `recursive` is false) and glob patterns contribute only files with an

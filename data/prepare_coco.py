@@ -92,11 +92,7 @@ def read_xvlm_dir(directory: Path) -> list[ImageRecord]:
             raise PreparationError(f"{directory / name}: expected a list of {{'image', 'caption'}} entries")
         by_path: dict[str, ImageRecord] = {}
         for index, entry in enumerate(entries):
-            if (
-                not isinstance(entry, dict)
-                or not isinstance(entry.get("image"), str)
-                or "caption" not in entry
-            ):
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or "caption" not in entry:
                 logger.warning("%s: skipped entry %d without 'image' or 'caption'", directory / name, index)
                 continue
             record = by_path.setdefault(
@@ -156,16 +152,12 @@ def ground_truth_json(records: list[ImageRecord], description: str) -> dict:
 def write_splits(records: list[ImageRecord], out: Path) -> None:
     """Write train.json, val.json, test.json and the val/test COCO ground-truth files into ``out``."""
     by_split = {split: [r for r in records if r.split == split] for split in SPLITS}
-    train = [
-        {"image": r.path, "caption": c, "image_id": r.image_id} for r in by_split["train"] for c in r.captions
-    ]
+    train = [{"image": r.path, "caption": c, "image_id": r.image_id} for r in by_split["train"] for c in r.captions]
     write_json_atomic(out / "train.json", train)
     for split in ("val", "test"):
         entries = [{"image": r.path, "caption": r.captions, "image_id": r.image_id} for r in by_split[split]]
         write_json_atomic(out / f"{split}.json", entries)
-        write_json_atomic(
-            out / f"{split}_gt.json", ground_truth_json(by_split[split], f"Karpathy {split} split")
-        )
+        write_json_atomic(out / f"{split}_gt.json", ground_truth_json(by_split[split], f"Karpathy {split} split"))
     for split, items in by_split.items():
         logger.info("%s: %d images, %d captions", split, len(items), sum(len(r.captions) for r in items))
 
@@ -185,9 +177,7 @@ def write_df_cache(train_records: list[ImageRecord], path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--karpathy", type=Path, help="Karpathy's dataset_coco.json (or dataset_flickr*.json)"
-    )
+    source.add_argument("--karpathy", type=Path, help="Karpathy's dataset_coco.json (or dataset_flickr*.json)")
     source.add_argument("--xvlm_dir", type=Path, help="folder with X-VLM/BLIP's coco_karpathy_*.json")
     parser.add_argument(
         "--image_root",

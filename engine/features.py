@@ -52,8 +52,14 @@ def _cache_key(encoder: nn.Module, reader: ImageReader, paths: list[str]) -> str
 
 @torch.no_grad()
 def _encode_all(
-    encoder: nn.Module, reader: ImageReader, paths: list[str], device: torch.device, batch_size: int,
-    num_workers: int, precision: str, show_progress: bool,
+    encoder: nn.Module,
+    reader: ImageReader,
+    paths: list[str],
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    show_progress: bool,
 ) -> dict[str, torch.Tensor]:
     # An own generator keeps the global RNG (and so the training run) the same with or without a cache hit.
     loader = DataLoader(

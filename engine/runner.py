@@ -345,4 +345,3 @@ def _take(loader: DataLoader, count: int):
         if i >= count:
             break
         yield batch
-

@@ -49,23 +49,39 @@ logger = logging.getLogger(__name__)
 VISION_PRESETS: dict[str, dict] = {
     # X-VLM 4M base, the paper's encoder (X-VLM's config_swinB_224.json): 50 tokens x 1024
     "xvlm_swin_b_224": {
-        "vision_width": 1024, "image_res": 224, "window_size": 7,
-        "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
+        "vision_width": 1024,
+        "image_res": 224,
+        "window_size": 7,
+        "embed_dim": 128,
+        "depths": [2, 2, 18, 2],
+        "num_heads": [4, 8, 16, 32],
     },
     # X-VLM's config_swinB_384.json: 145 tokens x 1024
     "xvlm_swin_b_384": {
-        "vision_width": 1024, "image_res": 384, "window_size": 12,
-        "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
+        "vision_width": 1024,
+        "image_res": 384,
+        "window_size": 12,
+        "embed_dim": 128,
+        "depths": [2, 2, 18, 2],
+        "num_heads": [4, 8, 16, 32],
     },
     # the shared conformance vector's model: 50 tokens x 128
     "swin_tiny_test": {
-        "vision_width": 128, "image_res": 224, "window_size": 7,
-        "embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8],
+        "vision_width": 128,
+        "image_res": 224,
+        "window_size": 7,
+        "embed_dim": 16,
+        "depths": [2, 2, 2, 2],
+        "num_heads": [1, 2, 4, 8],
     },
     # fast on a CPU for demos: 128 px, a 4 x 4 grid, 17 tokens x 256
     "swin_demo": {
-        "vision_width": 256, "image_res": 128, "window_size": 4,
-        "embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8],
+        "vision_width": 256,
+        "image_res": 128,
+        "window_size": 4,
+        "embed_dim": 32,
+        "depths": [1, 1, 2, 1],
+        "num_heads": [1, 2, 4, 8],
     },
 }
 
@@ -73,9 +89,7 @@ _FIELDS = ("vision_width", "image_res", "window_size", "embed_dim", "depths", "n
 _IGNORED_FIELDS = ("ckpt",)  # X-VLM's JSON names the ImageNet weights it started from; unused here
 
 
-def resolve_vision_config(
-    vision_config: str | os.PathLike | Mapping, image_res: int | None = None
-) -> dict:
+def resolve_vision_config(vision_config: str | os.PathLike | Mapping, image_res: int | None = None) -> dict:
     """A validated copy of a Swin config (preset name, dict or X-VLM JSON path), at ``image_res`` if given.
 
     A resolution other than the config's also sets ``window_size = image_res // 32`` (X-VLM's convention).
@@ -126,14 +140,17 @@ def _validate(config: dict, source: str) -> None:
     stages = len(depths)
     width = config["embed_dim"] * 2 ** (stages - 1)
     if config["vision_width"] != width:
-        raise ValueError(f"vision config {source}: vision_width {config['vision_width']} != embed_dim * "
-                         f"2^(stages-1) = {width}")
+        raise ValueError(
+            f"vision config {source}: vision_width {config['vision_width']} != embed_dim * 2^(stages-1) = {width}"
+        )
     if any((config["embed_dim"] * 2**i) % h for i, h in enumerate(heads)):
         raise ValueError(f"vision config {source}: stage widths must divide by num_heads {heads}")
     reduction = 4 * 2 ** (stages - 1)
     if config["image_res"] % reduction:
-        raise ValueError(f"vision config {source}: image_res {config['image_res']} must be a multiple of "
-                         f"{reduction} (patch 4 and {stages - 1} patch mergings)")
+        raise ValueError(
+            f"vision config {source}: image_res {config['image_res']} must be a multiple of "
+            f"{reduction} (patch 4 and {stages - 1} patch mergings)"
+        )
     grids = [config["image_res"] // (4 * 2**i) for i in range(stages)]
     window = config["window_size"]
     if any(grid > window and grid % window for grid in grids):
@@ -192,8 +209,10 @@ class ImageEncoder(nn.Module):
     def describe(self) -> str:
         """One line naming the architecture (used in error messages and logs)."""
         cfg = self.vision_config
-        return (f"image_res {cfg['image_res']}, window {cfg['window_size']}, embed_dim {cfg['embed_dim']}, "
-                f"depths {cfg['depths']}, heads {cfg['num_heads']}")
+        return (
+            f"image_res {cfg['image_res']}, window {cfg['window_size']}, embed_dim {cfg['embed_dim']}, "
+            f"depths {cfg['depths']}, heads {cfg['num_heads']}"
+        )
 
 
 def build_encoder(

@@ -101,7 +101,7 @@ def read_swin_checkpoint(path: str | os.PathLike) -> SwinWeights:
     for key, value in state.items():
         if not isinstance(key, str) or not key.startswith(prefix):
             continue
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
         if not isinstance(value, torch.Tensor):
             kind = type(value).__name__
             raise CheckpointFormatError(f"{path}: entry {prefix + key!r} is a {kind}, not a tensor")
@@ -269,7 +269,10 @@ def _infer_image_res(weights: SwinWeights, window: int) -> int:
         if from_mask is not None and from_mask != weights.config_image_res:
             logger.warning(
                 "%s: config image_res %d but the stored attention mask is for %d; using %d",
-                weights.path, weights.config_image_res, from_mask, weights.config_image_res,
+                weights.path,
+                weights.config_image_res,
+                from_mask,
+                weights.config_image_res,
             )
         return weights.config_image_res
     return from_mask if from_mask is not None else window * 32
@@ -302,7 +305,11 @@ def load_swin_weights(swin: torch.nn.Module, weights: SwinWeights, model_desc: s
     swin.load_state_dict(tensors, strict=True)
     logger.info(
         "loaded %d encoder tensors from %s (prefix %r, patch merging at stage %s, %d tables resized)",
-        len(tensors), weights.path, weights.prefix, "end" if weights.merge_at_stage_end else "start", resized,
+        len(tensors),
+        weights.path,
+        weights.prefix,
+        "end" if weights.merge_at_stage_end else "start",
+        resized,
     )
 
 
@@ -352,7 +359,7 @@ def _xvlm_offsets(src: int, dst: int) -> torch.Tensor:
     low, high = 1.01, 1.5
     while high - low > 1e-6:
         ratio = (low + high) / 2
-        outermost = (1.0 - ratio ** half_src) / (1.0 - ratio)
+        outermost = (1.0 - ratio**half_src) / (1.0 - ratio)
         if outermost > half_dst:
             high = ratio
         else:
@@ -360,7 +367,7 @@ def _xvlm_offsets(src: int, dst: int) -> torch.Tensor:
     offsets, distance = [], 1.0
     for power in range(1, half_src + 1):
         offsets.append(distance)
-        distance += ratio ** power
+        distance += ratio**power
     positive = torch.tensor(offsets, dtype=torch.float64)
     return torch.cat([-positive.flip(0), torch.zeros(1, dtype=torch.float64), positive])
 

@@ -17,8 +17,9 @@ from utils.distributed import DistInfo  # noqa: E402
 def main(data_dir: str, out_dir: str) -> None:
     no_dropout = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     cfg = tiny_config(
-        Path(data_dir), Path(out_dir), **{"model.gpt2_config": no_dropout, "train.stop_after_steps": 3,
-                                          "train.use_aux_loss": False}  # fmt: skip
+        Path(data_dir),
+        Path(out_dir),
+        **{"model.gpt2_config": no_dropout, "train.stop_after_steps": 3, "train.use_aux_loss": False},  # fmt: skip
     )
     run = Run(cfg)
     try:

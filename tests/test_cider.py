@@ -58,18 +58,14 @@ def plain_vectors(sentence: str, df: dict, log_n: float, n: int) -> tuple[list[d
     return vectors, norms, length
 
 
-def plain_cider_d(
-    candidate: str, refs: list[str], df: dict, log_n: float, n: int = 4, sigma: float = 6.0
-) -> float:
+def plain_cider_d(candidate: str, refs: list[str], df: dict, log_n: float, n: int = 4, sigma: float = 6.0) -> float:
     cand_vecs, cand_norms, cand_len = plain_vectors(candidate, df, log_n, n)
     per_order = [0.0] * n
     for ref in refs:
         ref_vecs, ref_norms, ref_len = plain_vectors(ref, df, log_n, n)
         penalty = math.exp(-((cand_len - ref_len) ** 2) / (2 * sigma**2))
         for k in range(n):
-            overlap = sum(
-                min(v, ref_vecs[k].get(g, 0.0)) * ref_vecs[k].get(g, 0.0) for g, v in cand_vecs[k].items()
-            )
+            overlap = sum(min(v, ref_vecs[k].get(g, 0.0)) * ref_vecs[k].get(g, 0.0) for g, v in cand_vecs[k].items())
             if cand_norms[k] != 0 and ref_norms[k] != 0:
                 overlap /= cand_norms[k] * ref_norms[k]
             per_order[k] += overlap * penalty
@@ -152,9 +148,7 @@ def test_precomputed_df_matches_plain_implementation(split, n: int, sigma: float
     assert df.counts == plain_df
     assert df.log_num_docs == pytest.approx(plain_log_n, abs=1e-15)
     _, scores = CiderD(df, n=n, sigma=sigma).compute_score(gts, res)
-    np.testing.assert_allclose(
-        scores, plain_scores(gts, res, plain_df, plain_log_n, n, sigma), rtol=0, atol=TOLERANCE
-    )
+    np.testing.assert_allclose(scores, plain_scores(gts, res, plain_df, plain_log_n, n, sigma), rtol=0, atol=TOLERANCE)
 
 
 def test_scst_batch_matches_per_item_scores(split, captions) -> None:
@@ -168,9 +162,7 @@ def test_scst_batch_matches_per_item_scores(split, captions) -> None:
         candidates.extend(samples)
         references.extend([gts[key]] * len(samples))
     scores = CiderD(df).score_candidates(candidates, references)
-    expected = [
-        plain_cider_d(c, r, df.counts, df.log_num_docs) for c, r in zip(candidates, references, strict=True)
-    ]
+    expected = [plain_cider_d(c, r, df.counts, df.log_num_docs) for c, r in zip(candidates, references, strict=True)]
     np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
 
 
@@ -294,12 +286,9 @@ def test_load_self_critical_pickle(tmp_path: Path, split, protocol: int) -> None
     candidates = [f"{res[k][0]} <eos>" for k in res]
     references = [[f"{ref} <eos>" for ref in gts[k]] for k in res]
     expected = [
-        plain_cider_d(c, r, plain_df, math.log(len(eos_training)))
-        for c, r in zip(candidates, references, strict=True)
+        plain_cider_d(c, r, plain_df, math.log(len(eos_training))) for c, r in zip(candidates, references, strict=True)
     ]
-    np.testing.assert_allclose(
-        CiderD(path).score_candidates(candidates, references), expected, atol=TOLERANCE
-    )
+    np.testing.assert_allclose(CiderD(path).score_candidates(candidates, references), expected, atol=TOLERANCE)
 
 
 def test_load_idxs_pickle_with_integer_tokens(tmp_path: Path) -> None:

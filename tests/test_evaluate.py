@@ -141,9 +141,7 @@ def test_per_domain_metrics_match_scoring_each_domain_alone(scorer):
 def test_coverage_errors_name_the_images():
     results = {i: c for i, c in RES.items() if i != 391895}
     results[999] = "an extra caption"
-    with pytest.raises(
-        CoverageError, match=r"1 ground-truth images without prediction: 391895.*1 predictions .* 999"
-    ):
+    with pytest.raises(CoverageError, match=r"1 ground-truth images without prediction: 391895.*1 predictions .* 999"):
         check_coverage(results, GTS)
     coverage = check_coverage(results, GTS, allow_partial=True)
     assert (coverage.n_evaluated, coverage.n_missing, coverage.n_extra, coverage.partial) == (4, 1, 1, True)
@@ -247,9 +245,7 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys, reference_metrics, scorer, mo
     # Reuse the running METEOR instead of starting another Java process (about 10 s).
     monkeypatch.setattr(evaluate, "CaptionScorer", lambda: contextlib.nullcontext(scorer))
     gt_path = write_json(tmp_path / "test_gt.json", coco_ground_truth(GTS))
-    results_path = write_json(
-        tmp_path / "preds.json", [{"image_id": i, "caption": c} for i, c in RES.items()]
-    )
+    results_path = write_json(tmp_path / "preds.json", [{"image_id": i, "caption": c} for i, c in RES.items()])
     per_image = tmp_path / "per_image.json"
     code = evaluate.main(
         [

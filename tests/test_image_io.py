@@ -191,10 +191,7 @@ def test_absurd_dimensions_are_rejected_without_decoding(tmp_path: Path) -> None
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
     path = tmp_path / "bomb.png"
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     )
     with pytest.raises(ImageLoadError, match="bomb.png.*too large"):
         load_image(path)

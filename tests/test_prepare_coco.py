@@ -148,9 +148,7 @@ def test_xvlm_files(tmp_path):
     ]
     splits = {"train": train}
     for split in ("val", "test"):
-        splits[split] = [
-            {"image": image_path(c, f), "caption": caps} for c, s, f, caps in COCO_IMAGES if s == split
-        ]
+        splits[split] = [{"image": image_path(c, f), "caption": caps} for c, s, f, caps in COCO_IMAGES if s == split]
     xvlm = tmp_path / "xvlm"
     xvlm.mkdir()
     for split, entries in splits.items():

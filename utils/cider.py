@@ -363,9 +363,7 @@ def _check_keys(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Se
     if gts.keys() != res.keys():
         missing = [k for k in res if k not in gts][:5]
         extra = [k for k in gts if k not in res][:5]
-        raise ValueError(
-            f"gts and res keys differ: only in res {missing}, only in gts {extra} (up to 5 each)"
-        )
+        raise ValueError(f"gts and res keys differ: only in res {missing}, only in gts {extra} (up to 5 each)")
 
 
 def _checked_refs(refs: Sequence[str], where: str) -> Sequence[str]:

@@ -187,9 +187,7 @@ def parse_results(items: Any, source: str = "results") -> dict[ImageId, str]:
     duplicate image ids or empty captions.
     """
     if not isinstance(items, list):
-        raise CaptionDataError(
-            f"{source}: expected a list of {{'image_id', 'caption'}}, got {type(items).__name__}"
-        )
+        raise CaptionDataError(f"{source}: expected a list of {{'image_id', 'caption'}}, got {type(items).__name__}")
     results: dict[ImageId, str] = {}
     duplicates: list[ImageId] = []
     empty: list[ImageId] = []
@@ -231,9 +229,7 @@ class Coverage:
     def describe(self) -> str:
         parts = [f"{self.n_evaluated} of {self.n_ground_truth} ground-truth images have a prediction"]
         if self.n_missing:
-            parts.append(
-                f"{self.n_missing} ground-truth images without prediction: {_preview(self.missing_ids)}"
-            )
+            parts.append(f"{self.n_missing} ground-truth images without prediction: {_preview(self.missing_ids)}")
         if self.n_extra:
             parts.append(f"{self.n_extra} predictions for unknown images: {_preview(self.extra_ids)}")
         return "; ".join(parts)
@@ -255,8 +251,7 @@ class EvalReport:
         lines = [f"{'metric':<8}" + "".join(f"{name:>13}" for name in columns)]
         for metric in METRICS:
             cells = [
-                f"{values[metric] * 100:13.2f}" if metric in values else f"{'n/a':>13}"
-                for values in columns.values()
+                f"{values[metric] * 100:13.2f}" if metric in values else f"{'n/a':>13}" for values in columns.values()
             ]
             lines.append(f"{metric:<8}" + "".join(cells))
         if self.coverage is not None:
@@ -346,9 +341,7 @@ class CaptionScorer:
         that domain's images alone as nocaps does.
         """
         if gts.keys() != res.keys():
-            raise CaptionDataError(
-                "gts and res must have the same image ids; use evaluate_results for coverage"
-            )
+            raise CaptionDataError("gts and res must have the same image ids; use evaluate_results for coverage")
         if not gts:
             raise CaptionDataError("nothing to score: no images")
         if shutil.which("java") is None:
@@ -370,15 +363,11 @@ class CaptionScorer:
                 _subset(gts_tok, members), _subset(res_tok, members), meteor
             )
             if spice_per_image is not None:
-                report.per_domain[domain]["SPICE"] = float(
-                    sum(spice_per_image[k] for k in members) / len(members)
-                )
+                report.per_domain[domain]["SPICE"] = float(sum(spice_per_image[k] for k in members) / len(members))
         return report
 
     @staticmethod
-    def _tokenize(
-        refs: list[list[str]], hyps: list[str]
-    ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    def _tokenize(refs: list[list[str]], hyps: list[str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
         tokenizer = PTBTokenizer()
         gts_tok = tokenizer.tokenize({k: [{"caption": _one_line(c)} for c in r] for k, r in enumerate(refs)})
         res_tok = tokenizer.tokenize({k: [{"caption": _one_line(c)}] for k, c in enumerate(hyps)})
@@ -387,9 +376,7 @@ class CaptionScorer:
             raise RuntimeError("PTB tokenizer returned a different number of captions than it was given")
         return gts_tok, res_tok
 
-    def _corpus_metrics(
-        self, gts: dict[int, list[str]], res: dict[int, list[str]], meteor: bool
-    ) -> tuple[dict, list]:
+    def _corpus_metrics(self, gts: dict[int, list[str]], res: dict[int, list[str]], meteor: bool) -> tuple[dict, list]:
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         metrics = {f"BLEU-{n + 1}": float(value) for n, value in enumerate(bleu)}
         if meteor:
@@ -434,9 +421,7 @@ class CaptionScorer:
                 groups.setdefault(domains[image_id], []).append(key)
         unlabelled = len(ids) - sum(len(members) for members in groups.values())
         if unlabelled:
-            logger.warning(
-                "%d scored images have no domain; they count only in the overall metrics", unlabelled
-            )
+            logger.warning("%d scored images have no domain; they count only in the overall metrics", unlabelled)
         order = {name: rank for rank, name in enumerate(DOMAINS)}
         return dict(sorted(groups.items(), key=lambda item: (order.get(item[0], math.inf), item[0])))
 
@@ -461,9 +446,7 @@ def check_coverage(
     if coverage.n_evaluated == 0:
         raise CoverageError(f"predictions and ground truth share no image id: {coverage.describe()}")
     if coverage.partial and not allow_partial:
-        raise CoverageError(
-            f"{coverage.describe()}. Use allow_partial (--allow_partial) to score the overlap only"
-        )
+        raise CoverageError(f"{coverage.describe()}. Use allow_partial (--allow_partial) to score the overlap only")
     if coverage.partial:
         logger.warning("scoring the overlap only: %s", coverage.describe())
     return coverage
@@ -490,8 +473,6 @@ def evaluate_results(
     with contextlib.ExitStack() as stack:
         if scorer is None:
             scorer = stack.enter_context(CaptionScorer())
-        report = scorer.score(
-            gts_used, res_used, per_image=per_image, spice=spice, domains=domains, meteor=meteor
-        )
+        report = scorer.score(gts_used, res_used, per_image=per_image, spice=spice, domains=domains, meteor=meteor)
     report.coverage = coverage
     return report
