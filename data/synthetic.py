@@ -77,6 +77,8 @@ TEMPLATES = (
     ("an image showing {n} {c} {s} {p} on a {bg} background", 0.1),
     ("a drawing of {n} {c} {s} {p} on a {bg} backdrop", 0.1),
 )
+_TEMPLATE_TEXTS = tuple(template for template, _ in TEMPLATES)
+_TEMPLATE_PROBS = np.array([weight for _, weight in TEMPLATES]) / sum(weight for _, weight in TEMPLATES)
 MIN_WORDS, MAX_WORDS = 6, 18
 # Centre boxes (x0, y0, x1, y1) as fractions of the image side, per grouped position.
 _REGIONS = {
@@ -236,11 +238,9 @@ def _draw_shape(
 def make_references(scene: Scene, rng: np.random.Generator, num_refs: int) -> list[str]:
     """`num_refs` (1..10) distinct captions, each with a template drawn by its weight, a position phrase and
     (for one object) a number word drawn uniformly; at least 32 distinct ones exist for every scene."""
-    templates = [template for template, _ in TEMPLATES]
-    weights = np.array([weight for _, weight in TEMPLATES])
     refs: list[str] = []
     while len(refs) < num_refs:
-        caption = _fill(templates[rng.choice(len(templates), p=weights / weights.sum())], scene, rng)
+        caption = _fill(_TEMPLATE_TEXTS[rng.choice(len(_TEMPLATE_TEXTS), p=_TEMPLATE_PROBS)], scene, rng)
         if caption not in refs and MIN_WORDS <= len(caption.split()) <= MAX_WORDS:
             refs.append(caption)
     return refs
