@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     cider = CiderD(DocumentFrequency.from_references(references))
     for baseline in ("greedy", "mean"):
         opts = dataclasses.replace(cfg.scst_opts, baseline=baseline)
-        scst = ScstStep(model, tokenizer, cider, references, opts, cfg.decode, device)
+        scst = ScstStep(model, tokenizer, cider, references, opts, device)
         for batch in args.scst_batches:
             inputs = {"images": torch.randn(batch, 3, res, res, device=device), "indices": list(range(batch))}
             seconds, peak = timed(train_step(lambda s=scst, b=inputs: s(b)["loss"]), device, args.repeats)

@@ -170,7 +170,8 @@ def write_df_cache(train_records: list[ImageRecord], path: Path) -> None:
     if not train_records:
         raise PreparationError("no training images: cannot compute CIDEr-D document frequencies")
     references = [[strip_stop(clean_caption(c)) for c in r.captions] for r in train_records]
-    DocumentFrequency.from_references(references).save(path)
+    # Counted as the reward scores them, "words <eos>" (scst_opts.reward_eos), like coco-train-words.p.
+    DocumentFrequency.from_references(references, append_eos=True).save(path)
     logger.info("CIDEr-D document frequencies of %d training images written to %s", len(references), path)
 
 

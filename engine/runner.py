@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,6 @@ class Run:
                                "full" if model.output_ids is None else f"{len(model.output_ids)} tokens")  # fmt: skip
         else:
             model = build_captioner(cfg, output_ids=self._output_vocabulary())
-        if cfg.model.use_sparse_mask and cfg.model.sparse_mask_mode == "hard":
-            model.sparse_mask.requires_grad_(False)  # a hard threshold passes no gradient to it
         return model.to(self.dist.device)
 
     def _output_vocabulary(self) -> torch.Tensor | None:
@@ -154,9 +153,13 @@ class Run:
             len(dataset), self.dist.rank, self.dist.world_size, True, self.cfg.train.seed, epoch,
             skip=skip_batches * per_rank,
         )  # fmt: skip
-        # Captions longer than GPT-2's remaining positions are cut (the reference keeps 30 words anyway).
+        # Captions are cut at data.max_tokens, and at GPT-2's remaining positions.
         max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
-        collate = collate_images if self.cfg.scst else CaptionCollator(self.tokenizer, min(64, max_tokens))
+        collate = (
+            collate_images
+            if self.cfg.scst
+            else CaptionCollator(self.tokenizer, min(self.cfg.data.max_tokens, max_tokens))
+        )
         return DataLoader(
             dataset,
             batch_size=per_rank,
@@ -182,9 +185,13 @@ class Run:
         cfg = self.cfg
         train_set, val_set = self._datasets()
         steps_per_epoch = self._steps_per_epoch(train_set)
-        lr = cfg.train.lr
-        optimizer = build_optimizer(self.model, lr, cfg.train.weight_decay)
-        scheduler = linear_schedule(optimizer, steps_per_epoch * cfg.train.epochs, cfg.train.warmup_ratio)
+        # The schedule spans train.total_steps (the reference's SCST) or all epochs; the run ends at the
+        # earlier of the two.
+        schedule_steps = cfg.train.total_steps or steps_per_epoch * cfg.train.epochs
+        total_steps = min(schedule_steps, steps_per_epoch * cfg.train.epochs)
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        optimizer = build_optimizer(self.model, cfg.train)
+        scheduler = linear_schedule(optimizer, schedule_steps, cfg.train.warmup_ratio)
         trainer = Trainer(
             params=trainable_parameters(self.model), optimizer=optimizer, scheduler=scheduler,
             scaler=grad_scaler(self.precision, self.dist.device), precision=self.precision, dist=self.dist,
@@ -194,19 +201,27 @@ class Run:
             self._resume(trainer)
         step_fn = self._step_fn(train_set)
         logger.info(
-            "%s training: %d items, %d steps/epoch, %d epochs, batch %d on %d process(es), %s, %s",
-            self.stage.upper(), len(train_set), steps_per_epoch, cfg.train.epochs, cfg.train.batch_size,
+            "%s training: %d items, %d steps/epoch, %d steps in %d epoch(s), batch %d on %d process(es), %s, %s",
+            self.stage.upper(), len(train_set), steps_per_epoch, total_steps, epochs, cfg.train.batch_size,
             self.dist.world_size, self.dist.device, self.precision,
         )  # fmt: skip
+        if schedule_steps > total_steps:
+            logger.info("the learning-rate schedule spans %d steps (train.total_steps): this run ends before it "
+                        "reaches 0", schedule_steps)  # fmt: skip
         state = trainer.state
         if cfg.scst and state.global_step == 0:
             self._validate(trainer, val_set, "validating the starting checkpoint")
-        while state.epoch < cfg.train.epochs:
+        while state.epoch < epochs:
+            in_epoch = min(steps_per_epoch, total_steps - state.epoch * steps_per_epoch)
+            # Training mode at every epoch, as the reference: GPT-2 from from_pretrained comes in eval mode.
+            self.model.train()
+            if isinstance(step_fn, ScstStep):
+                step_fn.set_epoch(state.epoch)
             loader = self._loader(train_set, state.epoch, state.epoch_step)
-            batches = _take(loader, steps_per_epoch - state.epoch_step)
+            batches = _take(loader, in_epoch - state.epoch_step)
             save = lambda: self._save(trainer, self.run_dir / "last.pt")  # noqa: E731
-            desc = f"{self.stage} epoch {state.epoch + 1}/{cfg.train.epochs}"
-            if not run_epoch(trainer, batches, steps_per_epoch, step_fn, save, desc):
+            desc = f"{self.stage} epoch {state.epoch + 1}/{epochs}"
+            if not run_epoch(trainer, batches, in_epoch, step_fn, save, desc):
                 return {"stopped": True, "state": state.to_dict()}
             self._end_epoch(trainer, val_set)
         return self._final_test()
@@ -220,17 +235,27 @@ class Run:
             return XEStep(forward_model, self.dist.device, self.cfg.train)
         references = [[strip_stop(clean_caption(c, self.cfg.data.max_words)) for c in e["caption"]]
                       for e in train_set.entries]  # fmt: skip
-        cider = CiderD(self._document_frequency(references))
+        eos = self.cfg.scst_opts.reward_eos
+        cider = CiderD(self._document_frequency(references, eos), append_eos=eos)
         return ScstStep(
-            self.model, self.tokenizer, cider, references, self.cfg.scst_opts, self.cfg.decode, self.dist.device
-        )
+            self.model, self.tokenizer, cider, references, self.cfg.scst_opts, self.dist.device, self.cfg.train.seed,
+        )  # fmt: skip
 
-    def _document_frequency(self, references: list[list[str]]) -> DocumentFrequency:
+    def _document_frequency(self, references: list[list[str]], eos: bool) -> DocumentFrequency:
+        """The reward's document frequencies: data.cider_df, or computed from the training references (and
+        kept in the run folder). With ``eos`` they must count "<eos>", as the reward's sentences end in it."""
         path = Path(self.cfg.data.cider_df) if self.cfg.data.cider_df else self.run_dir / "cider_df.json.gz"
         if path.is_file():
             logger.info("CIDEr-D document frequencies from %s", path)
-            return DocumentFrequency.load(path)
-        df = DocumentFrequency.from_references(references)
+            df = DocumentFrequency.load(path)
+            if eos and not df.counts_eos:
+                raise ValueError(
+                    f"{path} counts no '<eos>' n-grams, but the reward scores 'words <eos>' "
+                    "(scst_opts.reward_eos): write it again with python -m data.prepare_coco, or set "
+                    "--scst_opts.reward_eos false"
+                )
+            return df
+        df = DocumentFrequency.from_references(references, append_eos=eos)
         if self.dist.is_main:
             df.save(path)
             logger.info("CIDEr-D document frequencies of %d training images cached in %s", len(references), path)

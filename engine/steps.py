@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.captioner import OPGCaptioner, Prefix
+from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off, eval_mode
 from models.losses import IGNORE_INDEX, scst_loss
 from utils.cider import CiderD
-from utils.config import DecodeConfig, ScstConfig, TrainConfig
+from utils.config import ScstConfig, TrainConfig
 from utils.distributed import all_reduce_mean
 
 
@@ -26,6 +26,7 @@ class XEStep:
         self.forward_model = forward_model
         self.device = device
         self.aux_weight = cfg.aux_weight if cfg.use_aux_loss else 0.0
+        self.aux_text_tokens = cfg.aux_text_tokens
         self.label_smoothing = cfg.label_smoothing
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -36,6 +37,7 @@ class XEStep:
             labels,
             aux_weight=self.aux_weight,
             label_smoothing=self.label_smoothing,
+            aux_text_tokens=self.aux_text_tokens,
         )
         if dist.is_initialized():
             # Weight each process's token mean by its share of the tokens, so that the averaged gradient
@@ -48,7 +50,12 @@ class XEStep:
 class ScstStep:
     """Sample captions, reward them with CIDEr-D against the image's references, and weight their
     log-probabilities by reward minus baseline (the greedy caption's reward, or the mean of the other
-    samples)."""
+    samples).
+
+    The random draws of an image's samples depend only on ``seed``, the epoch (:meth:`set_epoch`) and the
+    image's index in the training set, so a step samples the same captions however the batch is split
+    over processes, and a resumed run samples what the uninterrupted one would have.
+    """
 
     def __init__(
         self,
@@ -57,31 +64,38 @@ class ScstStep:
         cider: CiderD,
         references: Sequence[Sequence[str]],
         opts: ScstConfig,
-        decode_cfg: DecodeConfig,
         device: torch.device,
+        seed: int = 0,
     ) -> None:
         if opts.baseline == "mean" and opts.num_samples < 2:
             raise ValueError("the mean-of-others baseline needs scst_opts.num_samples >= 2")
         self.model, self.tokenizer, self.cider, self.references = model, tokenizer, cider, references
-        self.opts, self.device = opts, device
+        self.opts, self.device, self.seed, self.epoch = opts, device, seed, 0
         self.sample_options = DecodeOptions(
             method="sample",
             num_samples=opts.num_samples,
             max_len=opts.sample_max_len,
-            min_len=decode_cfg.min_len,
+            min_len=opts.sample_min_len,
             temperature=opts.temperature,
         )
-        self.greedy_options = DecodeOptions(method="greedy", max_len=opts.sample_max_len, min_len=decode_cfg.min_len)
+        self.greedy_options = DecodeOptions(method="greedy", max_len=opts.sample_max_len, min_len=opts.sample_min_len)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the coming steps' samples with ``epoch`` (each image is visited once per epoch)."""
+        self.epoch = epoch
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = self.opts.num_samples
+        images = batch["images"].to(self.device, non_blocking=True)
         with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
-            prefix = self.model.encode(batch["images"].to(self.device, non_blocking=True))
-            samples = decode(self.model, prefix, self.sample_options, with_logprobs=True)
+            prefix = self.model.encode(images)
+            samples = decode(
+                self.model, prefix, self.sample_options, with_logprobs=True, uniforms=self._uniforms(batch["indices"])
+            )
         refs = [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)
-        baselines = self._baselines(prefix, refs, rewards.reshape(-1, n)).reshape(-1)
+        baselines = self._baselines(images, refs, rewards.reshape(-1, n)).reshape(-1)
         token_mask = torch.arange(samples.tokens.shape[1], device=self.device)[None] < samples.lengths[:, None]
         logprobs = samples.token_logprobs
         rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=self.device)
@@ -96,12 +110,22 @@ class ScstStep:
             "entropy": entropy,
         }
 
-    def _baselines(self, prefix: Prefix, refs: list[Sequence[str]], rewards: np.ndarray) -> np.ndarray:
+    def _uniforms(self, indices: Sequence[int]) -> torch.Tensor:
+        """(len(indices) * num_samples) x sample_max_len uniform draws, image-major."""
+        shape = (self.opts.num_samples, self.opts.sample_max_len)
+        draws = []
+        for index in indices:
+            seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(index)) % 2**63
+            draws.append(torch.rand(shape, generator=torch.Generator().manual_seed(seed)))
+        return torch.cat(draws).to(self.device)
+
+    def _baselines(self, images: torch.Tensor, refs: list[Sequence[str]], rewards: np.ndarray) -> np.ndarray:
         n = self.opts.num_samples
         if self.opts.baseline == "mean":
             return (rewards.sum(axis=1, keepdims=True) - rewards) / (n - 1)
-        # The baseline is the caption the model would give at test time: greedy, without dropout.
+        # The baseline is the caption the model would give at test time: greedy and in eval mode (no dropout,
+        # no drop path in the encoder), from the image encoded again.
         with eval_mode(self.model), torch.no_grad():
-            greedy = decode(self.model, Prefix(prefix.embeds.detach(), prefix.keep), self.greedy_options)
+            greedy = decode(self.model, self.model.encode(images), self.greedy_options)
         greedy_rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, greedy), refs)
         return np.repeat(greedy_rewards[:, None], n, axis=1)

@@ -29,12 +29,11 @@ def build_captioner(
     (its checkpoint then supplies every weight), so no external file is read. ``output_ids`` restricts
     the output vocabulary to those GPT-2 ids (see ``model.output_vocab``).
     """
+    enc = cfg.encoder
     if vision_config is not None:
-        encoder = build_encoder(vision_config, None, cfg.encoder.image_res, cfg.encoder.frozen)
+        encoder = build_encoder(vision_config, None, enc.image_res, enc.frozen, enc.drop_path)
     else:
-        encoder = build_encoder(
-            cfg.encoder.vision_config, cfg.encoder.checkpoint, cfg.encoder.image_res, cfg.encoder.frozen
-        )
+        encoder = build_encoder(enc.vision_config, enc.checkpoint, enc.image_res, enc.frozen, enc.drop_path)
     gpt = build_gpt2(cfg.model.gpt2, gpt2_config if gpt2_config is not None else cfg.model.gpt2_config)
     dim = gpt.config.n_embd
     mapper = build_mapper(

@@ -12,6 +12,7 @@ from transformers import GPT2LMHeadModel
 
 from models.losses import IGNORE_INDEX, caption_xe_loss, npair_loss
 from models.sparse_mask import SparsePrefixMask
+from utils.distributed import gather_with_grad
 
 
 @dataclass
@@ -163,10 +164,16 @@ class OPGCaptioner(nn.Module):
         labels: torch.Tensor,
         aux_weight: float = 0.0,
         label_smoothing: float = 0.0,
+        aux_text_tokens: int = 20,
     ) -> dict[str, torch.Tensor]:
         """Training losses for images B x 3 x H x W (or features B x N x C) and captions ``input_ids``
         B x T; ``labels`` equal ``input_ids`` with padding set to -100. Returns ``loss``
-        (= xe + aux_weight * aux), ``xe`` and ``aux``."""
+        (= xe + aux_weight * aux), ``xe`` and ``aux``.
+
+        ``aux`` is the N-pair loss of the reference: each caption's text embedding (the mean GPT-2 input
+        embedding of its first ``aux_text_tokens`` tokens) must pick its own image (the mean prefix
+        embedding) among the images of the whole batch, over all processes. The reference's mean also
+        counts the padding of captions shorter than that; here it covers real tokens only."""
         prefix = self.encode(images)
         hidden = self.token_hidden(prefix, input_ids)
         real = labels != IGNORE_INDEX
@@ -175,9 +182,11 @@ class OPGCaptioner(nn.Module):
         xe = caption_xe_loss(self.output_logits(hidden[real]), targets, label_smoothing)
         losses = {"xe": xe}
         if aux_weight > 0:
-            token_embeds = self.gpt.transformer.wte(input_ids) * real.unsqueeze(-1)
-            text_mean = token_embeds.sum(1) / real.sum(1, keepdim=True).clamp(min=1)
-            losses["aux"] = npair_loss(prefix.embeds.mean(1), text_mean)
+            first = real[:, :aux_text_tokens].unsqueeze(-1)
+            token_embeds = self.gpt.transformer.wte(input_ids[:, :aux_text_tokens]) * first
+            text_mean = token_embeds.sum(1) / first.sum(1).clamp(min=1)
+            image_mean = prefix.embeds.mean(1)
+            losses["aux"] = npair_loss(gather_with_grad(text_mean), gather_with_grad(image_mean))
             losses["loss"] = xe + aux_weight * losses["aux"]
         else:
             losses["loss"] = xe

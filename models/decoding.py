@@ -160,6 +160,7 @@ def decode(
     options: DecodeOptions,
     with_logprobs: bool = False,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Decode captions for a batch of prefixes (``prefix.embeds`` B x P x D, ``prefix.keep`` B x P).
 
@@ -182,7 +183,7 @@ def decode(
         if options.method == "beam":
             result = _beam_search(lm, logits, local)
         else:
-            result = _decode_rows(lm, logits, local, generator)
+            result = _decode_rows(lm, logits, local, generator, uniforms)
     if model.output_ids is not None:
         caption = torch.arange(result.tokens.shape[1], device=result.tokens.device)[None] < result.lengths[:, None]
         result.tokens = torch.where(caption, model.output_ids[result.tokens], options.pad_id)
@@ -221,16 +222,18 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 @contextmanager
 def dropout_off(model: torch.nn.Module) -> Iterator[None]:
-    """Run the block with every dropout layer's rate at 0 (training mode otherwise kept), then restore them."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-    rates = [m.p for m in layers]
-    for layer in layers:
-        layer.p = 0.0
+    """Run the block with every dropout and drop-path rate at 0 (training mode otherwise kept), then
+    restore them. Drop-path layers (timm's ``DropPath``) keep their rate in ``drop_prob``."""
+    rated = [(m, "p") for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rated += [(m, "drop_prob") for m in model.modules() if isinstance(getattr(m, "drop_prob", None), float)]
+    rates = [getattr(m, name) for m, name in rated]
+    for module, name in rated:
+        setattr(module, name, 0.0)
     try:
         yield
     finally:
-        for layer, rate in zip(layers, rates, strict=True):
-            layer.p = rate
+        for (module, name), rate in zip(rated, rates, strict=True):
+            setattr(module, name, rate)
 
 
 @torch.no_grad()
@@ -242,7 +245,11 @@ def caption_images(model: OPGCaptioner, images: torch.Tensor, tokenizer, options
 
 
 def _decode_rows(
-    lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOptions, generator: torch.Generator | None
+    lm: CachedPrefixLM,
+    logits: torch.Tensor,
+    options: DecodeOptions,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Greedy decoding or sampling; every row is independent and finished rows leave the batch."""
     rows, device = logits.shape[0], logits.device
@@ -258,7 +265,8 @@ def _decode_rows(
         logprobs = torch.log_softmax(logits, dim=-1)
         allowed = _apply_bans(logprobs.detach(), tokens[active, :t], t, stop_ids, options)
         if options.method == "sample":
-            chosen = _sample(allowed, options.top_k, options.top_p, generator)
+            draw = None if uniforms is None else uniforms[active, t].unsqueeze(1)
+            chosen = _sample(allowed, options.top_k, options.top_p, generator, draw)
         else:
             chosen = allowed.argmax(dim=-1)
         tokens[active, t] = chosen
@@ -422,8 +430,15 @@ def _apply_bans(
     return allowed
 
 
-def _sample(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row (R x V logits) by inverse-CDF sampling after top-k / top-p truncation.
+def _sample(
+    logits: torch.Tensor,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+    uniform: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row (R x V logits) by inverse-CDF sampling after top-k / top-p truncation, with the
+    uniform draws ``uniform`` (R x 1) or fresh ones from ``generator``.
 
     ``searchsorted`` over the cumulative probabilities draws from the same distribution as
     ``torch.multinomial`` at a fraction of its cost over a 50k vocabulary; ``right=True`` never lands on a
@@ -439,7 +454,9 @@ def _sample(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Gen
         ordered = ordered.masked_fill(mass_before >= top_p, -math.inf)
         logits = torch.full_like(logits, -math.inf).scatter(1, order, ordered)
     cdf = torch.softmax(logits, dim=1).cumsum(dim=1)
-    uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    uniform = uniform.to(cdf.dtype)
     chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
     return chosen.squeeze(1).clamp_(max=logits.shape[1] - 1)
 

@@ -162,10 +162,12 @@ class ImageEncoder(nn.Module):
 
     Attributes: ``width`` (C), ``num_tokens`` (1 + L), ``image_res`` (R), ``grid_size`` (R / 32),
     ``vision_config`` (the resolved, JSON-serialisable config), ``frozen``. A frozen encoder has no trainable
-    parameters and stays in eval mode even when a parent module calls ``.train()``.
+    parameters. It follows its parent's train/eval mode like any module: in training mode its blocks drop
+    paths at rate ``drop_path`` (stochastic depth, X-VLM's 0.1), as the reference's frozen encoder does under
+    ``model.train()``; with ``drop_path=0`` its features are the same in both modes.
     """
 
-    def __init__(self, vision_config: str | os.PathLike | Mapping, frozen: bool = True) -> None:
+    def __init__(self, vision_config: str | os.PathLike | Mapping, frozen: bool = True, drop_path: float = 0.1) -> None:
         super().__init__()
         self.frozen = frozen
         self.vision_config = resolve_vision_config(vision_config)
@@ -182,7 +184,7 @@ class ImageEncoder(nn.Module):
             window_size=cfg["window_size"],
             mlp_ratio=4.0,
             qkv_bias=True,
-            drop_path_rate=0.1,  # X-VLM's value; only matters when trained unfrozen
+            drop_path_rate=drop_path,
             norm_layer=nn.LayerNorm,
         )
         self.width: int = cfg["vision_width"]
@@ -192,10 +194,6 @@ class ImageEncoder(nn.Module):
         if frozen:
             self.requires_grad_(False)
             self.eval()
-
-    def train(self, mode: bool = True) -> ImageEncoder:
-        """Switch train/eval mode; a frozen encoder always stays in eval mode (no drop path)."""
-        return super().train(mode and not self.frozen)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: B x 3 x R x R, normalised. Returns B x (1 + L) x C: [mean of grid ; grid row-major]."""
@@ -220,6 +218,7 @@ def build_encoder(
     checkpoint: str | os.PathLike | None = None,
     image_res: int | None = None,
     frozen: bool = True,
+    drop_path: float = 0.1,
 ) -> ImageEncoder:
     """Build the encoder and load ``checkpoint`` strictly into it (random timm init without one).
 
@@ -234,7 +233,7 @@ def build_encoder(
         logger.info("vision config inferred from %s: %s", checkpoint, vision_config)
     elif vision_config is None:
         vision_config = "xvlm_swin_b_224"
-    encoder = ImageEncoder(resolve_vision_config(vision_config, image_res), frozen=frozen)
+    encoder = ImageEncoder(resolve_vision_config(vision_config, image_res), frozen=frozen, drop_path=drop_path)
     if weights is not None:
         load_swin_weights(encoder.swin, weights, encoder.describe())
     return encoder

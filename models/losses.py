@@ -14,8 +14,9 @@ def caption_xe_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing
 
 
 def npair_loss(anchors: torch.Tensor, positives: torch.Tensor, l2_weight: float = 0.02 * 0.25) -> torch.Tensor:
-    """N-pair loss: each anchor (B x D) must score its own positive (B x D) above the batch's others,
-    plus ``l2_weight`` times the mean squared norms of both sets."""
+    """N-pair loss: each anchor (B x D) must score its own positive (B x D) above the batch's others
+    (cross-entropy of each anchor over the positives), plus ``l2_weight`` times the squared norms of both
+    sets divided by B. The reference's anchors are the texts and its positives the images."""
     anchors, positives = anchors.float(), positives.float()
     logits = anchors @ positives.t()
     targets = torch.arange(anchors.shape[0], device=anchors.device)

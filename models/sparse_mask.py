@@ -12,23 +12,27 @@ class SparsePrefixMask(nn.Module):
     """Scores every prefix position and keeps those whose score exceeds ``threshold``.
 
     ``score = sigmoid(LayerNorm((m K^T) V))`` with a learned vector ``m`` (P) and per-image ``K``, ``V``
-    (P x P) projected from the prefix. In ``hard`` mode the threshold is applied as in the reference code,
-    so none of these parameters ever receives a gradient. In ``ste`` mode (default) the forward pass is
-    identical, and a straight-through estimator lets the mask learn: each position's embedding is scaled
-    by ``1 + s - stop_gradient(s)`` (exactly 1 in the forward pass), so its score receives the gradient
-    of scaling that position's contribution up or down.
+    (P x P) projected from the prefix, all initialised as in the reference (``m`` standard normal). In
+    ``hard`` mode (default) the threshold is applied as in the reference code, so none of these parameters
+    ever receives a gradient: the mask stays as initialised and, with threshold 0.1, drops only positions
+    whose normalised score is below about -2.2. In ``ste`` mode the forward pass is identical, and a
+    straight-through estimator lets the mask learn: each position's embedding is scaled by
+    ``1 + s - stop_gradient(s)`` (exactly 1 in the forward pass), so its score receives the gradient of
+    scaling that position's contribution up or down.
     """
 
-    def __init__(self, prefix_length: int, dim: int, threshold: float = 0.1, mode: str = "ste") -> None:
+    def __init__(self, prefix_length: int, dim: int, threshold: float = 0.1, mode: str = "hard") -> None:
         super().__init__()
         if mode not in SPARSE_MASK_MODES:
             raise ValueError(f"sparse mask mode must be one of {SPARSE_MASK_MODES}, got {mode!r}")
         self.threshold = threshold
         self.mode = mode
-        self.m = nn.Parameter(torch.randn(prefix_length) * 0.02)
+        self.m = nn.Parameter(torch.randn(prefix_length))
         self.key = nn.Linear(dim, prefix_length)
         self.value = nn.Linear(dim, prefix_length)
         self.norm = nn.LayerNorm(prefix_length)
+        if mode == "hard":
+            self.requires_grad_(False)  # a hard threshold passes them no gradient: they stay as initialised
 
     def scores(self, prefix: torch.Tensor) -> torch.Tensor:
         """Keep probabilities, B x P, for a prefix B x P x D."""

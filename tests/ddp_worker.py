@@ -1,4 +1,6 @@
-"""Run a few training steps and save this process's weights (launched directly or with torchrun)."""
+"""Run a few training steps and save this process's weights (launched directly or with torchrun).
+
+Usage: ddp_worker.py DATA OUT xe | ddp_worker.py DATA OUT scst XE_CHECKPOINT"""
 
 import sys
 from pathlib import Path
@@ -14,13 +16,12 @@ from engine.runner import Run  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 
 
-def main(data_dir: str, out_dir: str) -> None:
+def main(data_dir: str, out_dir: str, stage: str, checkpoint: str | None = None) -> None:
     no_dropout = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-    cfg = tiny_config(
-        Path(data_dir),
-        Path(out_dir),
-        **{"model.gpt2_config": no_dropout, "train.stop_after_steps": 3, "train.use_aux_loss": False},  # fmt: skip
-    )
+    overrides = {"model.gpt2_config": no_dropout, "train.stop_after_steps": 3, "train.aux_weight": 1.0}
+    if stage == "scst":
+        overrides.update({"scst": True, "checkpoint": checkpoint, "train.stop_after_steps": 2, "train.lr": 1e-2})
+    cfg = tiny_config(Path(data_dir), Path(out_dir), **overrides)
     run = Run(cfg)
     try:
         run.train()
@@ -31,4 +32,4 @@ def main(data_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

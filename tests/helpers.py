@@ -14,6 +14,7 @@ def tiny_config(data_dir: Path | None = None, output_dir: Path | None = None, **
     """A CPU-sized config: demo encoder, 2-layer GPT-2, optionally pointed at a generated data set."""
     values: dict[str, Any] = {
         "encoder.vision_config": "swin_demo",
+        "encoder.drop_path": 0.0,
         "model.gpt2_config": dict(TINY_GPT2),
         "train.batch_size": 8,
         "train.epochs": 1,

@@ -346,3 +346,50 @@ def test_batch_without_any_shared_ngram_scores_zero():
     df = DocumentFrequency.from_references([["a red circle", "a blue square"], ["two stars here"]])
     scores = CiderD(df).score_candidates(["zebra", "quokka wombat"], [["a red circle"], ["two stars here"]])
     assert scores.dtype == np.float64 and scores.tolist() == [0.0, 0.0]
+
+
+# The reference reward's sentence form: "words <eos>".
+
+
+def paper_wrap(sentence: str) -> str:
+    """The reference code's _wrap_sentence: strip, drop one trailing '.', append ' <eos>'."""
+    r = sentence.strip()
+    if r.endswith("."):
+        r = r[:-1]
+    return r + " <eos>"
+
+
+def test_append_eos_scores_as_the_reference_reward(tmp_path: Path, split) -> None:
+    gts, res, training = split
+    wrapped_training = [[paper_wrap(ref) for ref in refs] for refs in training]
+    plain_df, log_n = plain_document_frequency(wrapped_training, 4)
+    path = tmp_path / "coco-train-words.p"
+    with open(path, "wb") as f:
+        pickle.dump({"document_frequency": defaultdict(float, plain_df), "ref_len": len(training)}, f, protocol=2)
+    expected = [plain_cider_d(paper_wrap(res[k][0]), [paper_wrap(r) for r in gts[k]], plain_df, log_n) for k in res]
+    for df in (path, DocumentFrequency.from_references(training, append_eos=True)):
+        mean, scores = CiderD(df, append_eos=True).compute_score(gts, res)
+        np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
+        assert mean == pytest.approx(float(np.mean(expected)), abs=TOLERANCE)
+    assert DocumentFrequency.from_references(training, append_eos=True).counts == plain_df
+    corpus_df, corpus_log_n = plain_document_frequency([[paper_wrap(r) for r in gts[k]] for k in res], 4)
+    corpus = [
+        plain_cider_d(paper_wrap(res[k][0]), [paper_wrap(r) for r in gts[k]], corpus_df, corpus_log_n) for k in res
+    ]
+    np.testing.assert_allclose(CiderD(append_eos=True).compute_score(gts, res)[1], corpus, rtol=0, atol=TOLERANCE)
+
+
+def test_append_eos_tells_a_cut_caption_from_a_finished_one() -> None:
+    references = [
+        "a man riding a horse on a beach.",
+        "a person rides a brown horse along the shore.",
+        "a man riding a horse near the ocean.",
+        "a rider on a horse at the beach.",
+        "a man is riding a horse by the water.",
+    ]
+    training = [references, ["a dog on a couch."], ["two cats sleeping on a bed."], ["a plate of food."]]
+    cider = CiderD(DocumentFrequency.from_references(training, append_eos=True), append_eos=True)
+    finished, cut = cider.score_candidates(["a man riding a horse.", "a man riding a"], [references, references])
+    assert cut < finished
+    with pytest.raises(ValueError, match="<eos>"):
+        CiderD(DocumentFrequency.from_references(training), append_eos=True)

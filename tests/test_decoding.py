@@ -60,7 +60,7 @@ def make_model(
             head.bias.zero_()
             head.bias[list(STOP_IDS)] = stop_bias
         gpt.lm_head = head
-    mask = SparsePrefixMask(NUM_TOKENS, WIDTH, threshold=0.5) if sparse else None
+    mask = SparsePrefixMask(NUM_TOKENS, WIDTH, threshold=0.5, mode="ste") if sparse else None
     encoder, mapper = PatchEncoder(), MLPMapper(VISUAL_DIM, WIDTH, NUM_TOKENS)
     return OPGCaptioner(encoder, mapper, gpt, mask, output_ids=output_ids).eval()
 

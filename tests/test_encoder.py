@@ -282,13 +282,25 @@ def test_table_resize_matches_xvlm_interpolation(src, dst, reference):
     assert resize_relative_position_table(table, src) is table
 
 
-def test_frozen_encoder_stays_frozen():
-    encoder = build_encoder("swin_demo")
+def test_frozen_encoder_drops_paths_in_training_mode_only():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 128, 128)
+    encoder = build_encoder("swin_demo", drop_path=0.5)
     parent = nn.Sequential(encoder, nn.Linear(encoder.width, 2))
-    parent.train()
-    assert not any(p.requires_grad for p in encoder.parameters())
-    assert not any(m.training for m in encoder.modules())
-    assert parent[1].training
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    with torch.no_grad():
+        clean = encoder(images)
+        parent.train()  # the reference's model.train() reaches the frozen encoder too
+        assert encoder.training and parent[1].training
+        noisy = [encoder(images) for _ in range(2)]
+        parent.eval()
+        assert torch.equal(encoder(images), clean)
+    assert not torch.allclose(noisy[0], clean) and not torch.allclose(noisy[0], noisy[1])
+    deterministic = build_encoder("swin_demo", drop_path=0.0)
+    with torch.no_grad():
+        expected = deterministic(images)
+        deterministic.train()
+        torch.testing.assert_close(deterministic(images), expected)
     trainable = build_encoder("swin_demo", frozen=False)
     nn.Sequential(trainable).train()
     assert trainable.training and all(p.requires_grad for p in trainable.parameters())

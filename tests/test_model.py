@@ -59,8 +59,10 @@ def test_forward_shapes_and_losses(tokenizer, mapping_type):
 
 @pytest.mark.parametrize(
     "overrides,frozen_prefixes",
-    [({}, ("encoder.",)), ({"model.only_prefix": True}, ("encoder.", "gpt.")),
-     ({"model.mapping_type": "transformer", "model.mapper_layers": 1, "model.mapper_heads": 2}, ("encoder.",))],
+    [({}, ("encoder.", "sparse_mask.")), ({"model.sparse_mask_mode": "ste"}, ("encoder.",)),
+     ({"model.only_prefix": True, "model.sparse_mask_mode": "ste"}, ("encoder.", "gpt.")),
+     ({"model.mapping_type": "transformer", "model.mapper_layers": 1, "model.mapper_heads": 2},
+      ("encoder.", "sparse_mask."))],
 )  # fmt: skip
 def test_every_trainable_parameter_gets_a_gradient(tokenizer, overrides, frozen_prefixes):
     model = build_captioner(tiny_config(**overrides))
@@ -85,7 +87,7 @@ def test_hard_mask_passes_no_gradient_and_ste_matches_its_forward():
     assert torch.equal(gate_h, torch.ones_like(gate_h))
     assert 0 < keep_s.sum() < keep_s.numel()
     (prefix * gate_h.unsqueeze(-1)).sum().backward()
-    assert all(p.grad is None for p in hard.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in hard.parameters())
     (prefix * gate_s.unsqueeze(-1)).sum().backward()
     assert all(p.grad is not None for p in ste.parameters())
 
@@ -183,3 +185,32 @@ def test_overfitting_a_few_samples_drives_the_loss_down(tokenizer):
         optimizer.step()
         optimizer.zero_grad()
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_npair_loss_is_the_references_text_to_image_loss(tokenizer):
+    """Each caption's mean embedding over its first 20 real tokens is classified among the batch's mean
+    prefixes (the reference: anchor = text, positive = image; its mean also counted padding, ours not)."""
+    captions = [
+        "a very long caption with many words that goes on and on past twenty tokens for sure right now ok",
+        "a dog.",
+        "two cats on a bed.",
+    ]
+    model = build_captioner(tiny_config(**{"model.use_sparse_mask": False})).eval()
+    with torch.no_grad():  # larger embeddings, so that the texts' and images' similarities differ clearly
+        model.gpt.transformer.wte.weight.mul_(20)
+        for param in model.mapper.parameters():
+            param.mul_(3)
+    images, input_ids, labels = _batch(tokenizer, captions)
+    assert (labels[0] != IGNORE_INDEX).sum() > 20 and (labels[1] != IGNORE_INDEX).sum() < 20
+    with torch.no_grad():
+        aux = model(images, input_ids, labels, aux_weight=1.0)["aux"]
+        image = model.encode(images).embeds.mean(1)
+        wte = model.gpt.transformer.wte.weight
+        real = [ids[lab != IGNORE_INDEX][:20] for ids, lab in zip(input_ids, labels, strict=True)]
+        text = torch.stack([wte[ids].mean(0) for ids in real])
+        logits = text @ image.t()  # rows: texts, columns: images
+        ce = -torch.log_softmax(logits, dim=1).diagonal().mean()
+        l2 = 0.02 * 0.25 * (text.pow(2).sum() / 3 + image.pow(2).sum() / 3)
+    assert aux.item() == pytest.approx((ce + l2).item(), rel=1e-5)
+    swapped = -torch.log_softmax(logits, dim=0).diagonal().mean() + l2
+    assert aux.item() != pytest.approx(swapped.item(), rel=1e-3)

@@ -53,7 +53,7 @@ def test_scst_raises_the_reward_and_moves_only_trainable_weights(tokenizer):
 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, cfg.decode, torch.device("cpu"))
+    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = {"images": visual, "indices": [0, 1]}
     for _ in range(8):
@@ -93,7 +93,7 @@ def test_greedy_baseline_is_the_test_time_caption_without_dropout(tokenizer):
     visual = torch.randn(3, 17, 256)
     refs = [[GOOD] * 5] * 3
     cider = _RecordingCider(DocumentFrequency.from_references(refs))
-    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, cfg.decode, torch.device("cpu"))
+    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
     model.eval()
     with torch.no_grad():
         options = DecodeOptions(method="greedy", max_len=10, min_len=cfg.decode.min_len)
@@ -118,7 +118,7 @@ def test_sampling_without_dropout_samples_the_test_time_model(tokenizer):
     def sampled(dropout: bool, mode) -> list[str]:
         cfg.scst_opts.dropout = dropout
         cider = _RecordingCider(DocumentFrequency.from_references(refs))
-        step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, cfg.decode, torch.device("cpu"))
+        step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
         torch.manual_seed(1)
         with mode(model):
             out = step(batch)
@@ -129,3 +129,22 @@ def test_sampling_without_dropout_samples_the_test_time_model(tokenizer):
     assert sampled(dropout=False, mode=contextlib.nullcontext) == test_time
     assert model.training and all(m.p == 0.5 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert sampled(dropout=True, mode=contextlib.nullcontext) != test_time  # dropout 0.5 changes the samples
+
+
+def test_an_images_samples_do_not_depend_on_the_rest_of_the_batch(tokenizer, tmp_path):
+    """Samples are drawn from per-image seeds, so splitting a batch over processes samples the same."""
+    cfg = tiny_config(**{"scst": True, "scst_opts.dropout": False})
+    model = build_captioner(cfg).eval()
+    step = ScstStep(model, tokenizer, CiderD(), [["a b"]] * 10, cfg.scst_opts, torch.device("cpu"), seed=3)
+    step.set_epoch(2)
+    features = torch.randn(3, model.encoder.num_tokens, model.encoder.width)
+    options = step.sample_options
+    with torch.no_grad():
+        both = decode(model, model.prefix_from_visual(features), options, uniforms=step._uniforms([7, 4, 1]))
+        alone = decode(model, model.prefix_from_visual(features[1:2]), options, uniforms=step._uniforms([4]))
+        step.set_epoch(3)
+        later = decode(model, model.prefix_from_visual(features[1:2]), options, uniforms=step._uniforms([4]))
+    n = cfg.scst_opts.num_samples
+    width = alone.tokens.shape[1]
+    assert torch.equal(both.tokens[n : 2 * n, :width], alone.tokens)
+    assert not torch.equal(later.tokens, alone.tokens)

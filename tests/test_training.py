@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import TINY_GPT2, tiny_config
 
 from data.text import clean_caption
 from engine.optim import build_optimizer
 from engine.runner import Run
+from models.gpt2 import build_gpt2
 from models.tokenizer import caption_vocabulary, load_tokenizer
 from utils.checkpoint import read_checkpoint
+from utils.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -103,24 +105,50 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset
         assert torch.equal(value, resumed["model"][key]), key
 
 
-def test_two_process_ddp_matches_one_process(tiny_dataset, tmp_path):
+def _one_and_two_processes(tmp_path: Path, name: str, *args: str) -> tuple[dict, dict, dict, Path]:
+    """Run ddp_worker.py in one process and with torchrun in two; their saved weights and the DDP folder."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single, double = tmp_path / "single", tmp_path / "ddp"
-    subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), str(tiny_dataset), str(single)],
+    single, double = tmp_path / f"{name}_single", tmp_path / f"{name}_ddp"
+    subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), args[0], str(single), *args[1:]],
                    check=True, env=env, timeout=600)  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(TESTS / "ddp_worker.py"), str(tiny_dataset), str(double)],
+         str(TESTS / "ddp_worker.py"), args[0], str(double), *args[1:]],
         env=env, timeout=600, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     one = torch.load(single / "rank0.pt")
-    rank0, rank1 = torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt")
+    return one, torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt"), double
+
+
+def _assert_same_training(one: dict, rank0: dict, rank1: dict) -> None:
     for key, value in one.items():
         assert torch.equal(rank0[key], rank1[key]), f"ranks differ at {key}"
         assert torch.allclose(rank0[key], value, atol=1e-5), f"DDP differs from one process at {key}"
+
+
+def test_two_process_ddp_matches_one_process(tiny_dataset, tmp_path):
+    """XE with the N-pair loss (weight 1): its negatives come from both processes, so the step is the same."""
+    one, rank0, rank1, double = _one_and_two_processes(tmp_path, "xe", str(tiny_dataset), "xe")
+    _assert_same_training(one, rank0, rank1)
     steps = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if r["event"] == "train"] == [1, 2, 3]
+    train = [r for r in steps if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(r["aux"] > 0 for r in train)
+
+
+def test_two_process_scst_matches_one_process(tiny_dataset, tmp_path):
+    """SCST averages gradients by hand; each image samples from its own seed, so both runs draw the same
+    captions and take the same steps."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    xe = tmp_path / "xe"
+    subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), str(tiny_dataset), str(xe), "xe"],
+                   check=True, env=env, timeout=600)  # fmt: skip
+    one_xe, start = torch.load(xe / "rank0.pt"), str(xe / "last.pt")
+    one, rank0, rank1, double = _one_and_two_processes(tmp_path, "scst", str(tiny_dataset), "scst", start)
+    _assert_same_training(one, rank0, rank1)
+    assert any(not torch.equal(one[k], one_xe[k]) for k in one)
+    train = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["event"] == "train"] == [1, 2]
 
 
 @pytest.mark.parametrize("bad", ["--lr=abc", "--mapping_type=lstm"])
@@ -135,9 +163,9 @@ def test_optimizer_is_fused_adamw_over_trainable_parameters_only():
     model[0].bias.requires_grad_(False)
     initial = copy.deepcopy(model)
     reference = copy.deepcopy(model)
-    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.01)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.01, adam_eps=1e-6))
     reference_optimizer = torch.optim.AdamW(
-        [p for p in reference.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01, foreach=False
+        [p for p in reference.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01, eps=1e-6, foreach=False
     )
     assert optimizer.defaults["fused"]
     inputs = torch.randn(4, 6)
@@ -150,3 +178,38 @@ def test_optimizer_is_fused_adamw_over_trainable_parameters_only():
         torch.testing.assert_close(param, ref, rtol=1e-5, atol=1e-6, msg=name)
     assert torch.equal(model[0].bias, initial[0].bias)
     assert not torch.equal(model[1].weight, initial[1].weight)
+
+
+def test_pretrained_gpt2_trains_with_dropout_from_the_first_step(tiny_dataset, tmp_path):
+    """from_pretrained returns GPT-2 in eval mode; the reference's model.train() turns its dropout on."""
+    folder = tmp_path / "gpt2"
+    build_gpt2("gpt2", dict(TINY_GPT2)).save_pretrained(folder)
+    cfg = tiny_config(tiny_dataset, tmp_path / "run", **{"model.gpt2": str(folder), "model.gpt2_config": None,
+                                                          "train.stop_after_steps": 2})  # fmt: skip
+    run = Run(cfg)
+    assert not run.model.gpt.training  # as loaded
+    modes: list[bool] = []
+    run.model.gpt.transformer.drop.register_forward_pre_hook(lambda module, _: modes.append(module.training))
+    try:
+        assert run.train()["stopped"]
+    finally:
+        run.close()
+    assert modes == [True, True] and run.model.gpt.transformer.drop.p == 0.1
+
+
+@pytest.mark.parametrize(("epochs", "total_steps", "steps"), [(3, 5, 5), (1, 10, 4)])
+def test_total_steps_sets_the_schedule_and_caps_the_run(tiny_dataset, tmp_path, epochs, total_steps, steps):
+    overrides = {"train.epochs": epochs, "train.total_steps": total_steps, "train.max_steps_per_epoch": 4,
+                 "train.warmup_ratio": 0.2, "train.val_meteor": False}  # fmt: skip
+    cfg = tiny_config(tiny_dataset, tmp_path, **overrides)
+    _train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    # transformers' linear schedule: lr(s) = s / warm-up, then (total - s) / (total - warm-up); logged after step s
+    warmup = 0.2 * total_steps
+    expected = [
+        1e-3 * (s / warmup if s < warmup else (total_steps - s) / (total_steps - warmup)) for s in range(1, steps + 1)
+    ]
+    assert [r["lr"] for r in train] == pytest.approx(expected)
+    assert (train[-1]["lr"] == 0.0) == (steps == total_steps)

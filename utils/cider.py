@@ -30,7 +30,7 @@ from itertools import chain, repeat
 
 import numpy as np
 
-from utils.cider_df import DocumentFrequency, Ngram, ngram_counts
+from utils.cider_df import EOS, DocumentFrequency, Ngram, ngram_counts, wrap_eos
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ class CiderD:
         cache_size: reference sets kept in the LRU cache (precomputed df only). SCST visits every image
             once per epoch, so the cache only pays off across epochs when it holds the whole training set;
             0 disables it.
+        append_eos: score every candidate and reference as :func:`wrap_eos` writes it ("words <eos>"), as
+            the reference SCST reward does; its document frequencies must count ``<eos>`` too (those of
+            ``coco-train-words.p`` and of ``data.prepare_coco`` do).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class CiderD:
         n: int = 4,
         sigma: float = 6.0,
         cache_size: int = 150_000,
+        append_eos: bool = False,
     ) -> None:
         if n < 1 or not sigma > 0 or cache_size < 0:
             raise ValueError(f"need n >= 1, sigma > 0, cache_size >= 0; got {n=}, {sigma=}, {cache_size=}")
@@ -117,6 +121,9 @@ class CiderD:
         self.n = n
         self.sigma = sigma
         self.cache_size = cache_size
+        self.append_eos = append_eos
+        if append_eos and df is not None and not df.counts_eos:
+            raise ValueError(f"append_eos needs document frequencies that count {EOS!r}; these count none")
         self._vocab = _Vocabulary(df) if df is not None else None
         self._cache: OrderedDict[tuple[str, ...], _RefSet] = OrderedDict()
 
@@ -179,6 +186,8 @@ class CiderD:
             raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
         if not candidates:
             return np.zeros(0, dtype=np.float64)
+        if self.append_eos:
+            candidates, references = _wrapped(candidates, references)
         vocab = self._vocab
         if vocab is None:
             for i, refs in enumerate(references):
@@ -355,6 +364,22 @@ class _RefTable:
         positions = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
         hit = np.flatnonzero(self._keys[positions] == keys)
         return hit, positions[hit]
+
+
+def _wrapped(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[str], list[Sequence[str]]]:
+    """Candidates and references through :func:`wrap_eos`; references shared by several candidates stay
+    one (wrapped) list object, so they are still digested once."""
+    for i, text in enumerate(candidates):
+        if not isinstance(text, str):
+            raise TypeError(f"candidate {i} is not a string: {text!r}")
+    by_object: dict[int, list[str]] = {}
+    wrapped_refs: list[Sequence[str]] = []
+    for i, refs in enumerate(references):
+        wrapped = by_object.get(id(refs))
+        if wrapped is None:
+            wrapped = by_object[id(refs)] = [wrap_eos(r) for r in _checked_refs(refs, f"references[{i}]")]
+        wrapped_refs.append(wrapped)
+    return [wrap_eos(c) for c in candidates], wrapped_refs
 
 
 def _check_keys(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, Sequence[str]]) -> None:

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 Ngram = tuple[str, ...]
 
+EOS = "<eos>"  # the end token of the reference SCST reward's sentences (see ``utils.cider.wrap_eos``)
+
 _FORMAT_NAME = "cider-document-frequency"
 _FORMAT_VERSION = 1
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -43,6 +45,14 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ALLOWED_PICKLE_GLOBALS = frozenset(
     (module, name) for module in ("builtins", "__builtin__") for name in ("float", "int", "dict")
 ) | {("collections", "defaultdict")}
+
+
+def wrap_eos(sentence: str) -> str:
+    """The reference SCST reward's form of a caption: stripped, one trailing "." dropped, " <eos>" appended."""
+    text = sentence.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    return f"{text} {EOS}"
 
 
 def ngram_counts(tokens: Sequence[str], n: int) -> Counter[Ngram]:
@@ -69,10 +79,18 @@ class DocumentFrequency:
     log_num_docs: float
     n: int = 4
 
+    @property
+    def counts_eos(self) -> bool:
+        """Whether the references were counted with the end token appended (``"... <eos>"``)."""
+        return (EOS,) in self.counts
+
     @classmethod
-    def from_references(cls, references: Iterable[Sequence[str]], n: int = 4) -> DocumentFrequency:
+    def from_references(
+        cls, references: Iterable[Sequence[str]], n: int = 4, append_eos: bool = False
+    ) -> DocumentFrequency:
         """Count document frequencies; ``references`` holds one entry per image: its reference strings
-        (already tokenized, split on whitespace)."""
+        (already tokenized, split on whitespace). ``append_eos`` counts them as :func:`wrap_eos` writes them,
+        as ``coco-train-words.p`` does."""
         counter: Counter[Ngram] = Counter()
         num_docs = 0
         for refs in references:
@@ -80,7 +98,7 @@ class DocumentFrequency:
                 raise TypeError(f"each item must be one image's list of references, got the string {refs!r}")
             seen: set[Ngram] = set()
             for ref in refs:
-                seen.update(ngram_counts(ref.split(), n))
+                seen.update(ngram_counts((wrap_eos(ref) if append_eos else ref).split(), n))
             counter.update(seen)
             num_docs += 1
         if num_docs == 0:

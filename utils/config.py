@@ -24,6 +24,9 @@ class EncoderConfig:
     checkpoint: str | None = None  # X-VLM checkpoint; None builds random weights (tests, demo)
     image_res: int | None = None  # None: the vision config's resolution
     frozen: bool = True
+    # Stochastic depth of the Swin blocks in training mode. The reference builds Swin with 0.1 and its
+    # model.train() turns it on in the frozen encoder too; 0 gives deterministic features (feature caching)
+    drop_path: float = 0.1
 
 
 @dataclass
@@ -37,7 +40,7 @@ class ModelConfig:
     tokenizer: str = "gpt2"
     only_prefix: bool = False  # freeze GPT-2, train the mapper (and mask) only
     use_sparse_mask: bool = True
-    sparse_mask_mode: str = "ste"  # ste (learns) | hard (reference behaviour, never learns)
+    sparse_mask_mode: str = "hard"  # hard (reference: a fixed threshold, never learns) | ste (learns)
     threshold: float = 0.1
     # full: softmax over GPT-2's 50257 tokens; train: over the tokens of the training captions only
     # (and the stop tokens), which makes the output layer cheaper; kept by checkpoints trained with it
@@ -53,6 +56,7 @@ class DataConfig:
     cider_df: str | None = "datasets/coco/annotations/cider_df.json.gz"  # None: computed from train_file
     synthetic: bool = False  # generate the built-in demo data set into image_root unless one is there
     max_words: int = 30
+    max_tokens: int = 30  # GPT-2 tokens per training caption (longer ones are cut, as in the reference)
     augment: bool = True
     cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; uses RAM)
     feature_cache_dir: str | None = None  # also keep those features on disk for later runs
@@ -62,15 +66,22 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 40  # per step, over all processes
+    # Length of the learning-rate schedule in steps (None: epochs x steps per epoch); the run ends after
+    # train.epochs or total_steps, whichever comes first
+    total_steps: int | None = None
+    batch_size: int = 30  # per step, over all processes
     lr: float = 2e-5
     weight_decay: float = 0.01
+    decay_norm_and_bias: bool = True  # false: no weight decay on biases and LayerNorm parameters
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6  # transformers' AdamW default, which the reference's XE stage uses
     warmup_ratio: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0  # 0: no clipping
     label_smoothing: float = 0.0
     use_aux_loss: bool = True
     aux_weight: float = 0.1
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    aux_text_tokens: int = 20  # the N-pair loss's text embedding: mean of the first N caption tokens
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 on CPU)
     seed: int = 42
     max_steps_per_epoch: int | None = None  # cap on steps per epoch (quick runs)
     save_every_steps: int = 1000  # also checkpoint mid-epoch every N steps (0: at epoch ends only)
@@ -85,17 +96,24 @@ class TrainConfig:
 class ScstConfig:
     num_samples: int = 5
     baseline: str = "greedy"  # greedy (reference) | mean (mean of the other samples)
-    sample_max_len: int = 20
+    sample_max_len: int = 20  # also the greedy baseline's
+    sample_min_len: int = 0  # the reference passes no minimum length to its sampler
     temperature: float = 1.0
     length_norm: bool = True  # average log-probabilities over each sample's tokens
     dropout: bool = True  # sample with dropout on, as the reference does; false samples the test-time model
+    # Score captions and references as "words <eos>" (the reference's wrap; its coco-train-words.p counts
+    # <eos>), so the reward sees whether a caption ended; false scores the bare words
+    reward_eos: bool = True
 
 
 @dataclass
 class DecodeConfig:
-    beams: int = 2
-    max_len: int = 20
-    min_len: int = 5
+    """Test-time decoding (and SCST's validation); XE always validates greedily. The defaults are the
+    reference's XE evaluation: greedy, up to 30 tokens."""
+
+    beams: int = 1
+    max_len: int = 30
+    min_len: int = 0
     length_penalty: float = 1.0
     no_repeat_ngram: int = 0
 
@@ -303,8 +321,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.decode.beams < 1:
         raise ConfigError("train.batch_size and decode.beams must be >= 1, train.epochs >= 0")
-    if cfg.data.cache_features and (cfg.data.augment or not cfg.encoder.frozen):
-        raise ConfigError("data.cache_features needs a frozen encoder and data.augment=false")
+    if cfg.data.cache_features and (cfg.data.augment or not cfg.encoder.frozen or cfg.encoder.drop_path > 0):
+        raise ConfigError(
+            "data.cache_features needs deterministic features: a frozen encoder, data.augment=false and "
+            "encoder.drop_path=0"
+        )
+    if cfg.train.total_steps is not None and cfg.train.total_steps < 1:
+        raise ConfigError(f"train.total_steps must be >= 1 or empty, got {cfg.train.total_steps}")
     if not 0.0 < cfg.model.threshold < 1.0:
         raise ConfigError(f"model.threshold must be in (0, 1), got {cfg.model.threshold}")
 

@@ -82,6 +82,34 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each process the summed gradient of its own rows."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process computed a loss over all rows: sum their gradients
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's ``tensor`` (same shape on all, N x ...) in rank order, keeping gradients.
+
+    A loss computed over the gathered rows on every process, then averaged over processes by DDP (or
+    :func:`average_gradients`), has the gradient of that loss in one process over the combined batch.
+    Identity in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every process's ``obj``, in rank order."""
     if not dist.is_initialized():

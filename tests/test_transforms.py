@@ -1,0 +1,90 @@
+"""X-VLM's RandomAugment as the reference recipe applies it, checked against PIL and against geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from data.transforms import RandomAugment, autocontrast, brightness, equalize, rotation_matrix, sharpness
+
+
+def _photo(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A smooth colour image with texture: no channel spans the full 0..255 range."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    base = np.stack([60 + 2 * x, 40 + 3 * y, 120 + x + y], axis=-1).astype(np.float64)
+    pixels = (base + rng.normal(0, 6, base.shape)).clip(10, 230).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _blob(center: tuple[float, float], size: tuple[int, int] = (64, 64)) -> Image.Image:
+    """A bright Gaussian spot at ``center`` (x, y) on the grey of the fill."""
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    spot = 128 + 127 * np.exp(-((x - center[0]) ** 2 + (y - center[1]) ** 2) / (2 * 2.0**2))
+    return Image.fromarray(np.repeat(spot[..., None], 3, axis=2).round().astype(np.uint8))
+
+
+def _centroid(image: Image.Image) -> np.ndarray:
+    """Centre (x, y) of the brightness above the grey background."""
+    pixels = np.asarray(image)[..., 0].astype(np.float64)
+    weights = pixels - 128.0
+    y, x = np.mgrid[0 : pixels.shape[0], 0 : pixels.shape[1]]
+    return np.array([(weights * x).sum(), (weights * y).sum()]) / weights.sum()
+
+
+def test_autocontrast_and_equalize_equal_pil():
+    pixels = np.asarray(_photo())
+    assert np.array_equal(autocontrast(pixels), np.asarray(ImageOps.autocontrast(_photo())))
+    assert np.array_equal(equalize(pixels), np.asarray(ImageOps.equalize(_photo())))
+
+
+def test_brightness_and_sharpness_at_magnitude_7():
+    pixels = np.asarray(_photo())
+    factor = 7 / 10 * 1.8 + 0.1  # 1.36: always brighter and sharper
+    assert np.array_equal(brightness(pixels, factor), np.floor(np.minimum(pixels * np.float32(factor), 255)))
+    ours = sharpness(pixels, factor).astype(int)
+    pil = np.asarray(ImageEnhance.Sharpness(_photo()).enhance(factor)).astype(int)
+    assert np.abs(ours[1:-1, 1:-1] - pil[1:-1, 1:-1]).max() <= 1  # PIL uses the same 3 x 3 kernel
+    assert np.array_equal(ours[0], pixels[0]) and np.array_equal(ours[:, -1], pixels[:, -1])
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_translations_move_7_pixels_and_fill_grey(sign):
+    augment, image = RandomAugment(), _photo()
+    pixels = np.asarray(image)
+    moved = np.asarray(augment.apply(image, "TranslateX", sign))
+    if sign > 0:  # the reference's offset +7 shows the source 7 pixels further right
+        assert np.array_equal(moved[:, :-7], pixels[:, 7:]) and (moved[:, -7:] == 128).all()
+    else:
+        assert np.array_equal(moved[:, 7:], pixels[:, :-7]) and (moved[:, :7] == 128).all()
+    moved_y = np.asarray(augment.apply(image, "TranslateY", sign))
+    assert np.array_equal(moved_y[:-7] if sign > 0 else moved_y[7:], pixels[7:] if sign > 0 else pixels[:-7])
+
+
+@pytest.mark.parametrize(("op", "sign"), [("Rotate", 1.0), ("Rotate", -1.0), ("ShearX", 1.0), ("ShearY", -1.0)])
+def test_geometric_ops_follow_opencv_geometry(op, sign):
+    """A spot at p lands at M p, with M OpenCV's forward matrix at magnitude 7 (21 degrees, shear 0.21)."""
+    source = (40.0, 22.0)
+    moved = RandomAugment().apply(_blob(source), op, sign)
+    if op == "Rotate":
+        matrix = rotation_matrix((64, 64), sign * 21.0)
+    else:
+        shear = sign * 0.21
+        matrix = np.array([[1.0, shear, 0.0], [0.0, 1.0, 0.0]] if op == "ShearX" else [[1.0, 0, 0], [shear, 1, 0]])
+    expected = matrix @ np.array([*source, 1.0])
+    np.testing.assert_allclose(_centroid(moved), expected, atol=0.05)
+
+
+def test_two_ops_each_applied_with_probability_one_half():
+    """P(image unchanged) = (1/2 + 1/2 * 1/10)^2 = 0.3025: each of the 2 ops is skipped half the time and
+    is the identity once in 10 otherwise (every other op changes this image)."""
+    torch.manual_seed(0)
+    augment, image = RandomAugment(), _photo(size=(24, 20))
+    pixels = np.asarray(image)
+    trials = 2000
+    unchanged = sum(np.array_equal(np.asarray(augment(image)), pixels) for _ in range(trials))
+    assert abs(unchanged / trials - 0.3025) < 4 * (0.3025 * 0.6975 / trials) ** 0.5
+    for op in RandomAugment.OPS[1:]:
+        assert not np.array_equal(np.asarray(augment.apply(image, op)), pixels), op
