@@ -6,22 +6,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
 import signal
 import stat
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from faults import Job, limit_file_size, subprocess_env, train_command
+from faults import REPO, Job, limit_file_size, subprocess_env, train_command, write_hostile_checkpoint
 
+import train_scst
+from data.sampler import ShardedSampler
 from data.synthetic import generate_dataset
 from utils.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """In-process runs replace the root logger's handlers (with ones writing to pytest's captured streams)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +182,109 @@ def test_sigterm_full_disk_java_loss_and_kill_9_then_resume_equals_the_uninterru
         (reference / "test_predictions.json").read_text()
     )
     assert _temporaries(out) == []
+
+
+def _poison_one_image(features: Path, poisoned: Path, data: Path, seed: int) -> int:
+    """Copy the feature cache with NaN features for one training image that first appears in the third
+    batch of the first epoch; returns that step (3)."""
+    shutil.copytree(features, poisoned)
+    entries = json.loads((data / "train.json").read_text())
+    order = list(ShardedSampler(len(entries), shuffle=True, seed=seed, epoch=0))
+    first_step = {}
+    for position, index in enumerate(order):
+        first_step.setdefault(entries[index]["image"], position // 8 + 1)
+    image = next(name for name, step in first_step.items() if step == 3)
+    for file in poisoned.glob("features_*.pt"):
+        stored = torch.load(file, weights_only=True)
+        if image in stored["paths"]:
+            stored["features"][stored["paths"].index(image)] = float("nan")
+            torch.save(stored, file)
+            return 3
+    raise AssertionError(f"{image} is in no cached feature file")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data, features, reference, tmp_path):
+    seed = read_checkpoint(reference / "last.pt")["config"]["train"]["seed"]
+    bad_step = _poison_one_image(features, tmp_path / "poisoned", data, seed)
+    out = tmp_path / "run"
+    command = train_command(data, out, "--data.cache_features", "true", "--num_workers", "1",
+                            "--data.feature_cache_dir", str(tmp_path / "poisoned"))  # fmt: skip
+    job = Job(command, tmp_path / "logs", "nan")
+    assert job.wait() == 1, job.error_text()[-3000:]
+    line = _last_line(job)
+    assert line.startswith(f"train_scst.py: error: non-finite loss (nan) at step {bad_step} "), line
+    assert "Traceback" not in job.error_text()
+    checkpoint = read_checkpoint(out / "last.pt")
+    assert checkpoint["train_state"]["counters"]["global_step"] == bad_step - 1 == _train_steps(out)[-1]
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values())
+    assert _temporaries(out) == []
+
+
+@pytest.fixture
+def hostile(reference, tmp_path) -> tuple[Path, Path]:
+    """(a captioner checkpoint carrying a pickled os.system call, the file that call would create)."""
+    marker = tmp_path / "code_was_executed"
+    write_hostile_checkpoint(reference / "last.pt", tmp_path / "hostile.pt", marker)
+    return tmp_path / "hostile.pt", marker
+
+
+def test_pickle_payload_in_a_checkpoint_is_refused_and_never_run(data, features, hostile, tmp_path):
+    path, marker = hostile
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    shutil.copy(path, run_dir / "last.pt")
+    commands = {
+        "resume": _command(data, features, run_dir, "--resume"),
+        "checkpoint": _command(data, features, tmp_path / "init", "--checkpoint", str(path)),
+        "predict": [sys.executable, str(REPO / "predict.py"), "--checkpoint", str(path), "--images", str(data)],
+    }
+    for name, command in commands.items():
+        job = Job(command, tmp_path / "logs", name)
+        status, text = job.wait(), job.error_text()
+        named = run_dir / "last.pt" if name == "resume" else path
+        assert status != 0 and f"{named} cannot be read: it pickles a Python object (posix.system)" in text, text
+        assert "Traceback" not in text and "weights_only=False" not in text
+        assert not marker.exists(), f"{name}: the pickled call ran"
+
+
+def _corrupt(reference: Path, kind: str, target: Path) -> None:
+    if kind == "truncated":
+        target.write_bytes((reference / "last.pt").read_bytes()[: 3 * 1024 * 1024])
+    elif kind == "text":
+        target.write_text("this is not a checkpoint\n")
+    else:  # bytes flipped in the middle of the archive
+        blob = bytearray((reference / "last.pt").read_bytes())
+        middle = len(blob) // 2
+        blob[middle : middle + 4096] = bytes(4096)
+        target.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "zeroed"])
+def test_corrupted_last_pt_is_named_in_one_line(data, features, reference, tmp_path, capsys, kind):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _corrupt(reference, kind, run_dir / "last.pt")
+    before = _sha256(run_dir / "last.pt")
+    status = train_scst.main(_command(data, features, run_dir, "--resume")[2:])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith(f"train_scst.py: error: checkpoint {run_dir / 'last.pt'} cannot be read: ")
+    assert _sha256(run_dir / "last.pt") == before and not (run_dir / "best.pt").exists()
+
+
+def test_resume_without_a_checkpoint_and_other_architectures_are_errors(data, features, reference, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    assert train_scst.main(_command(data, features, empty, "--resume")[2:]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"train_scst.py: error: --resume: nothing to resume, {empty / 'last.pt'} does not exist "
+        "(run without --resume to start afresh)"
+    )
+    assert not (empty / "metrics.jsonl").exists()
+    other = ["--mapping_type", "transformer", "--mapper_layers", "1", "--mapper_heads", "2"]
+    shutil.copytree(reference, tmp_path / "copy")
+    for extra in (["--resume"], ["--checkpoint", str(reference / "best.pt")]):
+        out = tmp_path / "copy" if extra == ["--resume"] else tmp_path / "init"
+        assert train_scst.main(_command(data, features, out, *other, *extra)[2:]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+        assert len(errors) == 1 and "do not fit the model" in errors[0] and "mapper." in errors[0], errors
+        assert str(reference / "best.pt") in errors[0] or str(out / "last.pt") in errors[0]

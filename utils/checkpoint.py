@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -154,25 +155,39 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    damage = _archive_damage(path)
+    if damage:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {damage}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_failure(path, err)}") from err
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_failure(err)}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an {FORMAT} checkpoint (no 'format': '{FORMAT}' entry)")
     return payload
 
 
-def _load_failure(path: Path, err: Exception) -> str:
+def _archive_damage(path: Path) -> str | None:
+    """Why the file is not an intact torch archive, or None. torch.load does not check the CRC-32 that
+    torch.save stores for every record, so flipped or zeroed bytes would otherwise load silently."""
+    with open(path, "rb") as handle:
+        if handle.read(4) != _ZIP_SIGNATURE:
+            return "not a torch checkpoint (empty, text or another format: no zip archive signature)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        return f"truncated or corrupted file ({type(err).__name__}: {err})"
+    return f"corrupted file (record {bad} fails its CRC-32 check)" if bad else None
+
+
+def _load_failure(err: Exception) -> str:
     """One line on why ``torch.load`` failed. A refused global means the file pickles code or objects:
     say so, and never suggest ``weights_only=False`` as torch's own message does."""
     text = str(err)
     blocked = _BLOCKED_GLOBAL.search(text)
     if blocked:
         return f"it pickles a Python object ({blocked.group(1)}), refused: checkpoints hold tensors and plain data only"
-    with open(path, "rb") as handle:
-        if handle.read(4) != _ZIP_SIGNATURE:
-            return "not a torch checkpoint (empty, text or another format: no zip archive signature)"
     if isinstance(err, EOFError) or "zip archive" in text:
         return f"truncated or corrupted file ({type(err).__name__}: not a complete torch zip archive)"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
