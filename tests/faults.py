@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def _absurd_png(path: Path) -> None:
     buffer = io.BytesIO()
     Image.new("L", (1, 1)).save(buffer, format="PNG")
     data = bytearray(buffer.getvalue())
-    data[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR width, height (the CRC is not checked on open)
+    data[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR width, height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # the chunk's CRC over type and data
     path.write_bytes(bytes(data))
 
 

@@ -12,18 +12,33 @@ import random
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from faults import REPO, Job, limit_file_size, subprocess_env, train_command, write_hostile_checkpoint
+from faults import (
+    BROKEN_IMAGES,
+    ODD_IMAGES,
+    REPO,
+    Job,
+    limit_file_size,
+    make_images,
+    subprocess_env,
+    train_command,
+    write_hostile_checkpoint,
+)
+from helpers import tiny_config
 
+import predict
 import train_scst
 from data.sampler import ShardedSampler
 from data.synthetic import generate_dataset
+from engine.runner import Run
 from utils.checkpoint import read_checkpoint
+from utils.coco_eval import CaptionScorer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -288,3 +303,121 @@ def test_resume_without_a_checkpoint_and_other_architectures_are_errors(data, fe
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
         assert len(errors) == 1 and "do not fit the model" in errors[0] and "mapper." in errors[0], errors
         assert str(reference / "best.pt") in errors[0] or str(out / "last.pt") in errors[0]
+
+
+def test_without_java_each_entry_point_stops_before_any_work(tmp_path):
+    no_java = tmp_path / "bin"
+    no_java.mkdir()
+    env = subprocess_env(PATH=str(no_java))
+    out, demo_out, demo_data = tmp_path / "run", tmp_path / "demo", tmp_path / "demo_data"
+    commands = {
+        "train_scst.py": [str(REPO / "train_scst.py"), "--output_dir", str(out), "--device", "cpu"],
+        "evaluate.py": [
+            str(REPO / "evaluate.py"),
+            "--results",
+            str(tmp_path / "r.json"),
+            "--annotations",
+            str(tmp_path / "gt.json"),
+        ],  # fmt: skip
+        "demo.py": [str(REPO / "demo.py"), "--output_dir", str(demo_out), "--data_dir", str(demo_data)],
+    }
+    for name, command in commands.items():
+        done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (name, done.stderr[-2000:])
+        assert "java not found on PATH" in lines[0] and "install a Java runtime" in lines[0]
+    assert not out.exists() and not demo_out.exists() and not demo_data.exists()
+
+
+def _meteor_processes() -> list[int]:
+    """Process ids of METEOR's Java servers started by this process (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"meteor-1.5.jar" in cmdline and parent == os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_meteor_killed_between_calls_is_restarted_by_the_next_one():
+    gts = {1: ["a red circle on the left", "one red circle at left"], 2: ["two blue stars", "a pair of blue stars"]}
+    res = {1: "a red circle on the left side", 2: "three blue stars on a gray background"}
+    with CaptionScorer() as scorer:
+        first = scorer.score(gts, res, spice=False).metrics
+        [java] = _meteor_processes()
+        os.kill(java, signal.SIGKILL)
+        while java in _meteor_processes() and _process_state(java) != "Z":  # dead (a zombie until reaped)
+            time.sleep(0.01)
+        second = scorer.score(gts, res, spice=False).metrics
+        restarted = _meteor_processes()
+    assert second == first and 0 < first["METEOR"] < 1
+    assert len(restarted) == 1 and restarted != [java]
+
+
+def _training_set_with_bad_files(data: Path, root: Path) -> Path:
+    """24 good entries, one for each kind of unreadable file, a huge but valid image and two empty captions."""
+    shutil.copytree(data, root)
+    bad = root / "images" / "bad"
+    make_images(bad, {name: make for name, (make, _) in BROKEN_IMAGES.items()})
+    make_images(bad, {"huge.jpg": ODD_IMAGES["huge_12000x9000.jpg"]})
+    good = json.loads((data / "train.json").read_text())[:24]
+    files = ["missing.jpg", *BROKEN_IMAGES, "huge.jpg"]
+    entries = good + [{"image": f"images/bad/{name}", "caption": "a red circle on the left"} for name in files]
+    entries += [{"image": good[0]["image"], "caption": caption} for caption in ("", " ... !")]
+    (root / "train.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_bad_training_files_are_skipped_counted_and_explained(data, tmp_path):
+    root = _training_set_with_bad_files(data, tmp_path / "data")
+    overrides = {"train.batch_size": 6, "data.num_workers": 2, "train.val_meteor": False}  # 30 entries: 5 steps
+    run = Run(tiny_config(root, tmp_path / "run", **overrides))
+    try:
+        result = run.train()
+    finally:
+        run.close()
+    assert "test" in result and (tmp_path / "run" / "test_metrics.json").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4, 5]
+    [report] = [r for r in records if r["event"] == "data"]
+    expected = {"missing": 1, **{kind: 1 for _, kind in BROKEN_IMAGES.values()}}
+    assert report["skipped_images"] == 5 and report["skipped_by_reason"] == expected
+    assert report["dropped_entries"] == {"empty caption": 2}
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "5 unreadable training images skipped so far (1 corrupt or truncated, 1 empty, 1 missing" in log
+    assert f"{root / 'train.json'}: 2 training entries with an empty caption left out" in log
+    for name in ("missing.jpg", *BROKEN_IMAGES):  # logged by the DataLoader worker processes
+        assert f"skipping image: cannot load image '{root / 'images' / 'bad' / name}'" in log, name
+
+
+def test_predict_captions_odd_files_in_workers_and_names_broken_ones(reference, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    good = make_images(folder, ODD_IMAGES)
+    make_images(folder, {name: make for name, (make, _) in BROKEN_IMAGES.items()})
+    (folder / "Nested" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    out = tmp_path / "captions.json"
+    status = predict.main(["--checkpoint", str(reference / "best.pt"), "--images", str(folder), "--output",
+                           str(out), "--num_workers", "2", "--batch_size", "4", "--no_progress"])  # fmt: skip
+    assert status == 1
+    results = json.loads(out.read_text())
+    assert sorted(r["file_name"] for r in results) == sorted(map(str, good))
+    assert all(r["caption"].strip() for r in results)
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed: ")]
+    reasons = {"truncated.jpg": "corrupt or truncated", "text.png": "not a recognised image format",
+               "empty.jpeg": "empty file", "absurd.png": "image too large to decode safely"}  # fmt: skip
+    reasons = {folder / name: reason for name, reason in reasons.items()}
+    reasons[folder / "Nested" / "gone.jpg"] = "broken symbolic link"
+    assert len(failed) == len(reasons)
+    for path, reason in reasons.items():
+        assert any(line.startswith(f"failed: {path}: ") and reason in line for line in failed), (path, failed)
