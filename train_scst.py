@@ -11,6 +11,7 @@ Exit status: 0 done; 1 error (one line on stderr; a failed run keeps its last.pt
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from utils.config import CONFIG_DIR, ConfigError, build_config, parse_bool, parse_overrides, to_yaml
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if print_config:
         print(to_yaml(cfg), end="")
         return 0
-    missing_java = java_missing()
+    missing_java = java_missing() if os.environ.get("RANK", "0") == "0" else None  # only rank 0 scores
     if missing_java:
         print(f"train_scst.py: error: {missing_java}", file=sys.stderr)
         return 2
