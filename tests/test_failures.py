@@ -365,13 +365,15 @@ def test_meteor_killed_between_calls_is_restarted_by_the_next_one():
 
 
 def _training_set_with_bad_files(data: Path, root: Path) -> Path:
-    """24 good entries, one for each kind of unreadable file, a huge but valid image and two empty captions."""
+    """16 generated images, 14 odd but valid ones (CMYK, 16-bit, 1x1, 12000x9000, EXIF-rotated, animated,
+    unicode and space-containing names, ...), one of each kind of unreadable file and two empty captions."""
     shutil.copytree(data, root)
     bad = root / "images" / "bad"
     make_images(bad, {name: make for name, (make, _) in BROKEN_IMAGES.items()})
-    make_images(bad, {"huge.jpg": ODD_IMAGES["huge_12000x9000.jpg"]})
-    good = json.loads((data / "train.json").read_text())[:24]
-    files = ["missing.jpg", *BROKEN_IMAGES, "huge.jpg"]
+    odd = make_images(root / "images" / "odd", ODD_IMAGES)
+    good = json.loads((data / "train.json").read_text())[:16]
+    good += [{"image": str(path.relative_to(root)), "caption": "an odd picture"} for path in odd]
+    files = ["missing.jpg", *BROKEN_IMAGES]
     entries = good + [{"image": f"images/bad/{name}", "caption": "a red circle on the left"} for name in files]
     entries += [{"image": good[0]["image"], "caption": caption} for caption in ("", " ... !")]
     (root / "train.json").write_text(json.dumps(entries))
@@ -380,7 +382,7 @@ def _training_set_with_bad_files(data: Path, root: Path) -> Path:
 
 def test_bad_training_files_are_skipped_counted_and_explained(data, tmp_path):
     root = _training_set_with_bad_files(data, tmp_path / "data")
-    overrides = {"train.batch_size": 6, "data.num_workers": 2, "train.val_meteor": False}  # 30 entries: 5 steps
+    overrides = {"train.batch_size": 7, "data.num_workers": 2, "train.val_meteor": False}  # 35 entries: 5 steps
     run = Run(tiny_config(root, tmp_path / "run", **overrides))
     try:
         result = run.train()
@@ -391,7 +393,7 @@ def test_bad_training_files_are_skipped_counted_and_explained(data, tmp_path):
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4, 5]
     [report] = [r for r in records if r["event"] == "data"]
     expected = {"missing": 1, **{kind: 1 for _, kind in BROKEN_IMAGES.values()}}
-    assert report["skipped_images"] == 5 and report["skipped_by_reason"] == expected
+    assert report["skipped_images"] == 5 and report["skipped_by_reason"] == expected  # every odd image was read
     assert report["dropped_entries"] == {"empty caption": 2}
     log = (tmp_path / "run" / "train.log").read_text()
     assert "5 unreadable training images skipped so far (1 corrupt or truncated, 1 empty, 1 missing" in log
