@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from data.synthetic import grounding_accuracy
 from data.text import clean_caption, strip_stop
 from utils.coco_eval import CaptionScorer, ImageId, load_ground_truth
 from utils.config import CONFIG_DIR, Config, build_config
+from utils.java import java_missing
 
 ROOT = Path(__file__).resolve().parent
 COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -88,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--xe", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, XE stage")
     parser.add_argument("--scst", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, SCST stage")
     args = parser.parse_args(argv)
+    missing_java = java_missing()
+    if missing_java:
+        print(f"demo.py: error: {missing_java}", file=sys.stderr)
+        return 2
     xe_overrides, scst_overrides = _overrides(parser, args.xe), _overrides(parser, args.scst)
     started = time.perf_counter()
     out = Path(args.output_dir).resolve()

@@ -3,7 +3,7 @@
     python evaluate.py --results preds.json --annotations data/coco/test_gt.json
 
 Prints a table (metrics x100), writes the metrics as JSON (default: next to the results,
-``preds.metrics.json``) and optionally each image's CIDEr. Exit status 2 on unusable input.
+``preds.metrics.json``) and optionally each image's CIDEr. Exit status 2 on unusable input or without Java.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from utils.coco_eval import (
     load_results,
     write_json_atomic,
 )
+from utils.java import java_missing
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +56,10 @@ def per_image_rows(report: EvalReport, results: dict[ImageId, str]) -> list[dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing_java = java_missing()
+    if missing_java:
+        print(f"error: {missing_java}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         gts = load_ground_truth(args.annotations)

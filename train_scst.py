@@ -3,14 +3,19 @@
     python train_scst.py [--config FILE ...] [--print_config] [--section.key VALUE | --key VALUE ...]
 
 Without ``--config`` the run reads configs/xe.yaml, or configs/scst.yaml with ``--scst=True``.
+
+Exit status: 0 done; 1 error (one line on stderr; a failed run keeps its last.pt); 2 bad options or no Java;
+75 stopped by SIGTERM or SIGUSR1 after writing last.pt: run the same command with ``--resume`` to continue.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from utils.config import CONFIG_DIR, ConfigError, build_config, parse_bool, parse_overrides, to_yaml
+from utils.java import java_missing
 
 USAGE = __doc__
 
@@ -58,20 +63,43 @@ def main(argv: list[str] | None = None) -> int:
     if print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from engine.runner import Run
+    missing_java = java_missing() if os.environ.get("RANK", "0") == "0" else None  # only rank 0 scores
+    if missing_java:
+        print(f"train_scst.py: error: {missing_java}", file=sys.stderr)
+        return 2
+    from utils.checkpoint import CheckpointError, resume_checkpoint
+
+    try:
+        if cfg.resume:  # before the slow imports; Run checks the file itself
+            resume_checkpoint(cfg.output_dir)
+    except CheckpointError as err:
+        print(f"train_scst.py: error: {err}", file=sys.stderr)
+        return 1
+    return train(cfg)
+
+
+def train(cfg) -> int:
+    from engine.preemption import PREEMPTED_EXIT_CODE
+    from engine.runner import Run, ValidationError
+    from utils.checkpoint import CheckpointWriteError
 
     try:
         run = Run(cfg)
         try:
-            run.train()
+            result = run.train()
         finally:
             run.close()
-    except (FileNotFoundError, ValueError, FloatingPointError) as err:
-        # Bad input (a missing file, a checkpoint that does not fit, data that cannot be read) or a
-        # diverged run: the message says what and where; the traceback goes to the log file only.
-        logging.getLogger("train_scst").debug("stopped", exc_info=True)
+    except (FileNotFoundError, ValueError, FloatingPointError, CheckpointWriteError, ValidationError) as err:
+        # Bad input (a missing file, a checkpoint that does not fit, data that cannot be read), a diverged
+        # run, a full disk or a failed validation: one line says what and where; the traceback goes to the log.
+        if logging.getLogger().handlers:  # set up by the run: the traceback goes to train.log only
+            logging.getLogger("train_scst").error("stopped: %s", err, exc_info=True, extra={"file_only": True})
         print(f"train_scst.py: error: {err}", file=sys.stderr)
         return 1
+    if result.get("signal"):
+        print(f"train_scst.py: stopped by {result['signal']} with last.pt written; continue with the same "
+              "command plus --resume", file=sys.stderr)  # fmt: skip
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -6,13 +6,13 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
 from data.image_io import ImageLoadError, load_image
-from data.text import clean_caption
+from data.text import clean_caption, strip_stop
 from models.losses import IGNORE_INDEX
 from utils.coco_eval import ImageId, image_id_from_path, normalise_image_id
 
@@ -39,6 +39,12 @@ def read_annotations(path: str | Path, split: str) -> list[dict[str, Any]]:
     return entries
 
 
+class Unreadable(NamedTuple):
+    """Stands in for an item whose image could not be read; the collators drop it and count ``reason``."""
+
+    reason: str
+
+
 class ImageReader:
     """Reads and transforms an image by its annotation path, or returns its precomputed encoder features
     when ``features`` holds them (a frozen encoder without augmentation sees every image identically)."""
@@ -47,17 +53,29 @@ class ImageReader:
         self.image_root = Path(image_root)
         self.transform = transform
         self.features: dict[str, torch.Tensor] | None = None
+        self.failures: dict[str, str] = {}  # image path -> why it could not be read, when features were cached
 
-    def read(self, relative: str) -> torch.Tensor | None:
-        """Image 3 x R x R (or features N x C), None when unreadable (logged)."""
+    def read(self, relative: str) -> torch.Tensor | Unreadable:
+        """Image 3 x R x R (or features N x C), or :class:`Unreadable` with the kind of failure (logged)."""
         if self.features is not None:
-            return self.features.get(relative)
+            found = self.features.get(relative)
+            return found if found is not None else Unreadable(self.failures.get(relative, "unreadable"))
         path = self.image_root / relative
         try:
             return self.transform(load_image(path))
         except ImageLoadError as err:
             logger.warning("skipping image: %s", err)
-            return None
+            return Unreadable(err.kind)
+
+
+def drop_empty_captions(entries: list[dict[str, Any]], ann_file: str | Path) -> list[dict[str, Any]]:
+    """Training entries whose caption has a word once cleaned; the others are logged and left out."""
+    kept = [e for e in entries if strip_stop(clean_caption(e["caption"]))]
+    if len(kept) < len(entries):
+        logger.warning("%s: %d training entries with an empty caption left out", ann_file, len(entries) - len(kept))
+    if not kept:
+        raise ValueError(f"train annotations {ann_file}: every caption is empty")
+    return kept
 
 
 class CaptionTrainDataset(Dataset):
@@ -65,7 +83,9 @@ class CaptionTrainDataset(Dataset):
     image cannot be read (the collator drops it and counts it)."""
 
     def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable, max_words: int = 30):
-        self.entries = read_annotations(ann_file, "train")
+        entries = read_annotations(ann_file, "train")
+        self.entries = drop_empty_captions(entries, ann_file)
+        self.dropped = {"empty caption": len(entries) - len(self.entries)}
         self.reader = ImageReader(image_root, transform)
         self.max_words = max_words
 
@@ -75,11 +95,11 @@ class CaptionTrainDataset(Dataset):
     def image_paths(self) -> list[str]:
         return list(dict.fromkeys(e["image"] for e in self.entries))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | Unreadable:
         entry = self.entries[index]
         image = self.reader.read(entry["image"])
-        if image is None:
-            return None
+        if isinstance(image, Unreadable):
+            return image
         return image, clean_caption(entry["caption"], self.max_words)
 
 
@@ -89,7 +109,12 @@ class CaptionImageDataset(Dataset):
 
     def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable, split: str):
         entries = read_annotations(ann_file, split)
-        self.entries = group_by_image(entries) if split == "train" else entries
+        self.dropped: dict[str, int] = {}
+        if split == "train":
+            kept = drop_empty_captions(entries, ann_file)
+            self.dropped["empty caption"] = len(entries) - len(kept)
+            entries = group_by_image(kept)
+        self.entries = entries
         self.reader = ImageReader(image_root, transform)
         self.ids: list[ImageId] = [
             normalise_image_id(e["image_id"]) if "image_id" in e else image_id_from_path(e["image"])
@@ -105,9 +130,9 @@ class CaptionImageDataset(Dataset):
     def image_paths(self) -> list[str]:
         return [e["image"] for e in self.entries]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
         image = self.reader.read(self.entries[index]["image"])
-        return None if image is None else (image, index)
+        return image if isinstance(image, Unreadable) else (image, index)
 
 
 def group_by_image(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -127,9 +152,8 @@ class CaptionCollator:
         self.max_tokens = max_tokens
         self.pad_id = tokenizer.eos_token_id
 
-    def __call__(self, items: Sequence[tuple[torch.Tensor, str] | None]) -> dict[str, Any]:
-        good = [item for item in items if item is not None]
-        batch: dict[str, Any] = {"skipped": len(items) - len(good)}
+    def __call__(self, items: Sequence[tuple[torch.Tensor, str] | Unreadable]) -> dict[str, Any]:
+        good, batch = _split_unreadable(items)
         if not good:
             return batch
         ids = [self.tokenizer.encode(caption)[: self.max_tokens] for _, caption in good]
@@ -143,10 +167,19 @@ class CaptionCollator:
         return batch
 
 
-def collate_images(items: Sequence[tuple[torch.Tensor, int] | None]) -> dict[str, Any]:
-    """Batch ``(image, index)`` items, dropping unreadable ones."""
-    good = [item for item in items if item is not None]
-    batch: dict[str, Any] = {"skipped": len(items) - len(good)}
+def _split_unreadable(items: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The readable items, and a batch dict counting the others: ``skipped`` and ``skipped_why``."""
+    good = [item for item in items if not isinstance(item, Unreadable)]
+    reasons: dict[str, int] = {}
+    for item in items:
+        if isinstance(item, Unreadable):
+            reasons[item.reason] = reasons.get(item.reason, 0) + 1
+    return good, {"skipped": len(items) - len(good), "skipped_why": reasons}
+
+
+def collate_images(items: Sequence[tuple[torch.Tensor, int] | Unreadable]) -> dict[str, Any]:
+    """Batch ``(image, index)`` items, dropping unreadable ones (counted in ``skipped``/``skipped_why``)."""
+    good, batch = _split_unreadable(items)
     if good:
         batch["images"] = torch.stack([image for image, _ in good])
         batch["indices"] = [index for _, index in good]

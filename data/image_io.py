@@ -37,12 +37,15 @@ _WHITE = (255, 255, 255, 255)
 
 
 class ImageLoadError(Exception):
-    """An image file could not be read; the message names the path and the reason."""
+    """An image file could not be read; the message names the path and the reason. ``kind`` is a short
+    category for counting failures: missing, not a file, empty, no permission, not an image, too large,
+    corrupt or truncated."""
 
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+    def __init__(self, path: str | os.PathLike, reason: str, kind: str = "corrupt or truncated") -> None:
         super().__init__(f"cannot load image {os.fspath(path)!r}: {reason}")
         self.path = Path(path)
         self.reason = reason
+        self.kind = kind
 
 
 def load_image(
@@ -83,10 +86,13 @@ def load_image(
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(path, f"not a recognised image format (supported: {', '.join(_FORMATS)})") from None
+        formats = ", ".join(_FORMATS)
+        raise ImageLoadError(path, f"not a recognised image format (supported: {formats})", "not an image") from None
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"image too large to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise ImageLoadError(path, f"image too large to decode safely ({exc})", "too large") from None
+    except PermissionError as exc:
+        raise ImageLoadError(path, f"no permission to read it ({exc.strerror})", "no permission") from None
+    except Exception as exc:  # any decoder failure on a bad file must name the file, not end the run
         raise ImageLoadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from None
     return _downscale(rgb, max_pixels)
 
@@ -131,13 +137,14 @@ def _stretch_to_rgb(image: Image.Image) -> Image.Image:
 def _check_file(path: str | os.PathLike) -> None:
     file = Path(path)
     if not file.exists():
-        raise ImageLoadError(path, "file not found")
+        kind = "dangling symbolic link" if file.is_symlink() else "missing"
+        raise ImageLoadError(path, "file not found" if kind == "missing" else "broken symbolic link", kind)
     if file.is_dir():
-        raise ImageLoadError(path, "is a directory, not an image file")
+        raise ImageLoadError(path, "is a directory, not an image file", "not a file")
     if not file.is_file():
-        raise ImageLoadError(path, "not a regular file")
+        raise ImageLoadError(path, "not a regular file", "not a file")
     if file.stat().st_size == 0:
-        raise ImageLoadError(path, "empty file (0 bytes)")
+        raise ImageLoadError(path, "empty file (0 bytes)", "empty")
 
 
 def _open(path: str | os.PathLike) -> ImageFile.ImageFile:
@@ -167,6 +174,7 @@ def _check_decode_size(path: str | os.PathLike, image: Image.Image, max_decode_p
         raise ImageLoadError(
             path,
             f"{image.width}x{image.height} = {pixels} pixels exceeds the decode limit {max_decode_pixels}",
+            "too large",
         )
 
 
@@ -208,6 +216,8 @@ def collect_images(inputs: Sequence[str | os.PathLike], recursive: bool = True) 
             found.update(_read_list_file(path, recursive, problems))
         elif path.is_file() or path.is_dir():
             found.update(_expand_path(path, recursive))
+        elif path.is_symlink():
+            problems.append(f"{text}: broken symbolic link (its target {os.readlink(path)!r} does not exist)")
         elif _GLOB_CHARS & set(text):
             matches = _expand_glob(text, recursive)
             if not matches:
@@ -230,7 +240,8 @@ def _expand_path(path: Path, recursive: bool) -> list[Path]:
 
 
 def _image_files(paths: Iterable[Path]) -> list[Path]:
-    return [_absolute(p) for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    """Files with an image extension; broken symbolic links are kept so that loading reports them."""
+    return [_absolute(p) for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())]
 
 
 def _expand_glob(pattern: str, recursive: bool) -> list[Path]:

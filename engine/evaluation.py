@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
+from engine.preemption import LoaderBatches, ignore_stop_signals
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
 from utils.coco_eval import CaptionScorer, EvalReport, ImageId, evaluate_results
@@ -38,10 +39,11 @@ def generate_captions(
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_images,
         generator=torch.Generator().manual_seed(0),  # leaves the training RNG untouched
+        worker_init_fn=ignore_stop_signals,  # a stop signal to the job waits for the main process
     )  # fmt: skip
     local: dict[ImageId, str] = {}
-    with eval_mode(model):
-        for batch in tqdm(loader, desc=desc, disable=not dist.is_main, leave=False):
+    with eval_mode(model), LoaderBatches(loader) as batches:
+        for batch in tqdm(batches, desc=desc, disable=not dist.is_main, leave=False, total=len(loader)):
             if "images" not in batch:
                 continue
             with autocast(precision, dist.device):

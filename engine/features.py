@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.datasets import ImageReader
+from data.datasets import ImageReader, Unreadable
 from utils.checkpoint import atomic_save
 from utils.precision import autocast
 
@@ -26,16 +26,16 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
-        image = self.reader.read(self.paths[index])
-        return None if image is None else (image, index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Unreadable, int]:
+        return self.reader.read(self.paths[index]), index
 
 
-def _collate(items: list) -> tuple[torch.Tensor, list[int]] | None:
-    good = [item for item in items if item is not None]
-    if not good:
-        return None
-    return torch.stack([image for image, _ in good]), [index for _, index in good]
+def _collate(items: list) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
+    """(readable images stacked, their indices, {index: failure reason} of the others)."""
+    good = [(image, index) for image, index in items if not isinstance(image, Unreadable)]
+    failures = {index: image.reason for image, index in items if isinstance(image, Unreadable)}
+    images = torch.stack([image for image, _ in good]) if good else None
+    return images, [index for _, index in good], failures
 
 
 def _cache_key(encoder: nn.Module, reader: ImageReader, paths: list[str]) -> str:
@@ -60,21 +60,22 @@ def _encode_all(
     num_workers: int,
     precision: str,
     show_progress: bool,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     # An own generator keeps the global RNG (and so the training run) the same with or without a cache hit.
     loader = DataLoader(
         _Images(reader, paths), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     features: dict[str, torch.Tensor] = {}
-    for batch in tqdm(loader, desc="encoding images", disable=not show_progress, leave=False):
-        if batch is None:
+    failures: dict[str, str] = {}
+    for images, indices, failed in tqdm(loader, desc="encoding images", disable=not show_progress, leave=False):
+        failures.update({paths[i]: reason for i, reason in failed.items()})
+        if images is None:
             continue
-        images, indices = batch
         with autocast(precision, device):
             out = encoder(images.to(device)).float().cpu()
         features.update({paths[i]: row for i, row in zip(indices, out, strict=True)})
-    return features
+    return features, failures
 
 
 def cache_features(
@@ -101,12 +102,16 @@ def cache_features(
         if file is not None and file.is_file():
             stored = torch.load(file, map_location="cpu", weights_only=True)
             features = dict(zip(stored["paths"], stored["features"], strict=True))
+            failures = stored.get("failures", {})
             logger.info("encoder features of %d images read from %s", len(features), file)
         else:
-            features = _encode_all(encoder, reader, paths, device, batch_size, num_workers, precision, is_main)
+            features, failures = _encode_all(
+                encoder, reader, paths, device, batch_size, num_workers, precision, is_main
+            )
             if file is not None and is_main:
                 names = list(features)
                 stacked = torch.stack([features[n] for n in names]) if names else torch.zeros(0)
-                atomic_save({"paths": names, "features": stacked}, file)
+                atomic_save({"paths": names, "features": stacked, "failures": failures}, file)
         reader.features = features
+        reader.failures = failures
         logger.info("cached encoder features of %d images (%d unreadable)", len(features), len(paths) - len(features))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from engine.preemption import StopRequest
 from utils.config import TrainConfig
 from utils.distributed import DistInfo, all_reduce_mean, average_gradients
 from utils.logs import MetricsLog
@@ -32,6 +34,10 @@ class TrainState:
     global_step: int = 0
     best_score: float = -math.inf
     skipped_images: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    # last.pt is written at the end of an epoch before its validation; True until that validation is done,
+    # so that a run resumed after a failure there validates the epoch first
+    validation_pending: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +58,15 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     sync_gradients: bool = False  # average gradients here when the step bypasses the DDP wrapper
     steps_this_run: int = 0
+    stop: StopRequest = field(default_factory=StopRequest)
+
+
+class EpochEnd(enum.Enum):
+    """Why :func:`run_epoch` returned."""
+
+    COMPLETE = "complete"
+    STEP_LIMIT = "train.stop_after_steps reached"
+    SIGNAL = "stop signal"
 
 
 def run_epoch(
@@ -61,68 +76,99 @@ def run_epoch(
     step_fn: StepFn,
     save_fn: Callable[[], None],
     desc: str,
-) -> bool:
-    """Run the rest of the current epoch. Returns False when stopped early by ``stop_after_steps``
-    (a checkpoint is then written), True when the epoch is complete."""
+) -> EpochEnd:
+    """Run the rest of the current epoch. Stopping early (``stop_after_steps``, or a stop signal that any
+    process received) writes a checkpoint after the current step first."""
+    bar = tqdm(total=steps_in_epoch, initial=trainer.state.epoch_step, desc=desc, disable=not trainer.dist.is_main)
+    with bar:  # closed on errors too, so that an error message starts on its own line
+        return _run_steps(trainer, bar, batches, steps_in_epoch, step_fn, save_fn)
+
+
+def _run_steps(
+    trainer: Trainer,
+    bar: tqdm,
+    batches: Iterable[dict[str, Any]],
+    steps_in_epoch: int,
+    step_fn: StepFn,
+    save_fn: Callable[[], None],
+) -> EpochEnd:
     state, cfg = trainer.state, trainer.cfg
-    bar = tqdm(total=steps_in_epoch, initial=state.epoch_step, desc=desc, disable=not trainer.dist.is_main)
     started, images_seen = time.perf_counter(), 0
     for batch in batches:
-        out = _step(trainer, batch, step_fn)
-        state.skipped_images += batch["skipped"]
-        if out is None:
-            continue
-        state.epoch_step += 1
-        state.global_step += 1
-        trainer.steps_this_run += 1
-        images_seen += out.pop("batch_images")
-        rate = images_seen * trainer.dist.world_size / max(time.perf_counter() - started, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", img_s=f"{rate:.1f}")
-        if state.global_step % cfg.log_every == 0 or state.epoch_step == steps_in_epoch:
-            lr = trainer.optimizer.param_groups[0]["lr"]
-            trainer.metrics.write("train", epoch=state.epoch, step=state.global_step, lr=lr, img_s=rate, **out)
-        if cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0:
+        out, stop_signal = _step(trainer, batch, step_fn)
+        _count_skipped(state, batch)
+        if out is not None:
+            state.epoch_step += 1
+            state.global_step += 1
+            trainer.steps_this_run += 1
+            images_seen += out.pop("batch_images")
+            rate = images_seen * trainer.dist.world_size / max(time.perf_counter() - started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.3f}", img_s=f"{rate:.1f}")
+            if state.global_step % cfg.log_every == 0 or state.epoch_step == steps_in_epoch:
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                trainer.metrics.write("train", epoch=state.epoch, step=state.global_step, lr=lr, img_s=rate, **out)
+        stop = EpochEnd.SIGNAL if stop_signal else None
+        if out is not None and cfg.stop_after_steps and trainer.steps_this_run >= cfg.stop_after_steps:
+            stop = EpochEnd.STEP_LIMIT
+        if stop is not None and state.epoch_step < steps_in_epoch:
             save_fn()
-        if cfg.stop_after_steps and trainer.steps_this_run >= cfg.stop_after_steps:
-            bar.close()
+            logger.info("stopped at step %d (%s) with a checkpoint", state.global_step, stop.value)
+            return stop
+        if out is not None and cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0:
             save_fn()
-            logger.info("stopped after %d steps as asked (train.stop_after_steps)", trainer.steps_this_run)
-            return False
-    bar.close()
-    return True
+    return EpochEnd.COMPLETE
 
 
-def _step(trainer: Trainer, batch: dict[str, Any], step_fn: StepFn) -> dict[str, float] | None:
+def _count_skipped(state: TrainState, batch: dict[str, Any]) -> None:
+    state.skipped_images += batch["skipped"]
+    for reason, count in batch.get("skipped_why", {}).items():
+        state.skipped_by_reason[reason] = state.skipped_by_reason.get(reason, 0) + count
+
+
+def _step(trainer: Trainer, batch: dict[str, Any], step_fn: StepFn) -> tuple[dict[str, float] | None, bool]:
+    """One optimisation step. Returns its logged values (None when skipped) and whether any process was
+    asked to stop."""
     has_data = "images" in batch
+    stop_flag = float(trainer.stop.requested)
     if has_data:
         with autocast(trainer.precision, trainer.dist.device):
             out = step_fn(batch)
         loss = out["loss"]
-        local = torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
+        local = torch.tensor([0.0, 1.0, stop_flag], device=loss.device)
+        local[0] = loss.detach().float()
     else:
-        local = torch.zeros(2, device=trainer.dist.device)
-    # One collective per step: the loss for the finiteness check and whether every process has data.
-    global_loss, all_have = all_reduce_mean(local).tolist()
+        local = torch.tensor([0.0, 0.0, stop_flag], device=trainer.dist.device)
+    # One collective per step: the loss for the finiteness check, whether every process has data and
+    # whether any process was signalled (all processes must stop after the same step).
+    global_loss, all_have, any_stop = all_reduce_mean(local).tolist()
+    stop_signal = any_stop > 0
+    step = trainer.state.global_step + 1
     if all_have < 1.0:
-        logger.warning("a batch had no readable image on some process: step skipped everywhere")
+        logger.warning("step %d: a batch had no readable image on some process: step skipped everywhere", step)
         trainer.optimizer.zero_grad(set_to_none=True)
-        return None
+        return None, stop_signal
     if not math.isfinite(global_loss):
         raise FloatingPointError(
-            f"non-finite loss ({global_loss}) at epoch {trainer.state.epoch}, step {trainer.state.global_step}: "
-            "stopping; the last checkpoint is intact (try a lower learning rate or train.precision=fp32)"
+            f"non-finite loss ({global_loss}) at step {step} (epoch {trainer.state.epoch + 1}): stopping; "
+            "last.pt keeps the last finite step (try a lower learning rate or train.precision=fp32)"
         )
     trainer.scaler.scale(loss).backward()
     if trainer.sync_gradients:
         average_gradients(trainer.params)
     trainer.scaler.unscale_(trainer.optimizer)
-    if trainer.cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainer.params, trainer.cfg.grad_clip)
+    max_norm = trainer.cfg.grad_clip if trainer.cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, max_norm)
+    if trainer.precision != "fp16" and not math.isfinite(grad_norm):
+        # fp16's scaler skips such steps by design; elsewhere the update would poison every weight.
+        raise FloatingPointError(
+            f"non-finite gradient norm ({float(grad_norm)}) at step {step} (epoch {trainer.state.epoch + 1}) "
+            "with a finite loss: stopping; last.pt keeps the last finite step"
+        )
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     values = {k: float(v.detach()) for k, v in out.items() if k != "loss" and v.numel() == 1}
     values.update(loss=global_loss, batch_images=len(batch["images"]))
-    return values
+    return values, stop_signal

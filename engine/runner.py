@@ -20,15 +20,23 @@ from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
 from engine.evaluation import generate_captions, score_split
 from engine.features import cache_features
-from engine.loop import Trainer, TrainState, run_epoch
+from engine.loop import EpochEnd, Trainer, TrainState, run_epoch
 from engine.optim import build_optimizer, linear_schedule, trainable_parameters
+from engine.preemption import LoaderBatches, ignore_stop_signals
 from engine.steps import ScstStep, XEStep
 from models.build import architecture, build_captioner, rebuild_captioner
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions
 from models.tokenizer import caption_vocabulary, load_tokenizer
 from utils import distributed
-from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    CheckpointError,
+    load_state_strict,
+    read_checkpoint,
+    remove_stale_temporaries,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from utils.cider import CiderD
 from utils.cider_df import DocumentFrequency
 from utils.coco_eval import CaptionScorer, EvalReport
@@ -37,6 +45,10 @@ from utils.logs import MetricsLog, setup_logging
 from utils.precision import grad_scaler, resolve_precision
 
 logger = logging.getLogger(__name__)
+
+
+class ValidationError(RuntimeError):
+    """Validation failed (Java gone, METEOR dead, out of memory while decoding); last.pt holds the epoch."""
 
 
 def seed_everything(seed: int) -> None:
@@ -67,21 +79,39 @@ class Run:
         self.cfg = cfg
         self.dist = distributed.setup(cfg.device)
         self.run_dir = Path(cfg.output_dir).expanduser().resolve()
+        self.stage = "scst" if cfg.scst else "xe"
         setup_logging(self.dist.rank, self.run_dir / "train.log")
+        # Read and checked before any other work: a bad last.pt fails in seconds, not after set-up.
+        self._resume_payload = self._read_resume_checkpoint()
         seed_everything(cfg.train.seed + self.dist.rank)
         self.precision = resolve_precision(cfg.train.precision, self.dist.device)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None)
-        self.stage = "scst" if cfg.scst else "xe"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            removed = remove_stale_temporaries(self.run_dir)
+            if removed:
+                logger.warning("removed %d incomplete file(s) left by an interrupted write: %s", len(removed),
+                               ", ".join(removed))  # fmt: skip
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self._prepare_data()
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.model = self._build_model()
+        self._dropped_entries: dict[str, int] = {}  # training annotation entries left out, by reason
         self._owns_scorer = scorer is None
         self.scorer = (scorer or CaptionScorer()) if self.dist.is_main else None
 
     # ----- set-up -------------------------------------------------------------------------------------
+    def _read_resume_checkpoint(self) -> dict[str, Any] | None:
+        """With ``resume``: the run's last.pt, which must exist and hold this stage's training state."""
+        if not self.cfg.resume:
+            return None
+        path = resume_checkpoint(self.run_dir)
+        payload = read_checkpoint(path)
+        state = payload.get("train_state")
+        if state is None or state.get("stage") != self.stage:
+            raise CheckpointError(f"{path} holds no {self.stage.upper()} training state to resume from")
+        return payload
+
     def _prepare_data(self) -> None:
         data = self.cfg.data
         if not data.synthetic:
@@ -94,10 +124,13 @@ class Run:
 
     def _build_model(self) -> OPGCaptioner:
         cfg = self.cfg
-        resumable = cfg.resume and (self.run_dir / "last.pt").is_file()
-        if cfg.scst and not cfg.checkpoint and not resumable:
+        if self._resume_payload is not None:
+            # Every weight comes from last.pt: rebuild its architecture, read no encoder or GPT-2 files.
+            model = rebuild_captioner(cfg, self._resume_payload["architecture"])
+            load_state_strict(model, self._resume_payload["model"], str(self.run_dir / "last.pt"))
+        elif cfg.scst and not cfg.checkpoint:
             raise ValueError("SCST starts from a cross-entropy checkpoint: give --checkpoint PATH")
-        if cfg.checkpoint:
+        elif cfg.checkpoint:
             payload = read_checkpoint(cfg.checkpoint)
             model = rebuild_captioner(cfg, payload["architecture"])
             load_state_strict(model, payload["model"], cfg.checkpoint)
@@ -170,6 +203,7 @@ class Run:
             pin_memory=self.dist.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch),
             persistent_workers=False,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def _steps_per_epoch(self, dataset: Any) -> int:
@@ -184,6 +218,7 @@ class Run:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         train_set, val_set = self._datasets()
+        self._dropped_entries = train_set.dropped
         steps_per_epoch = self._steps_per_epoch(train_set)
         # The schedule spans train.total_steps (the reference's SCST) or all epochs; the run ends at the
         # earlier of the two.
@@ -209,21 +244,27 @@ class Run:
             logger.info("the learning-rate schedule spans %d steps (train.total_steps): this run ends before it "
                         "reaches 0", schedule_steps)  # fmt: skip
         state = trainer.state
-        if cfg.scst and state.global_step == 0:
-            self._validate(trainer, val_set, "validating the starting checkpoint")
-        while state.epoch < epochs:
-            in_epoch = min(steps_per_epoch, total_steps - state.epoch * steps_per_epoch)
-            # Training mode at every epoch, as the reference: GPT-2 from from_pretrained comes in eval mode.
-            self.model.train()
-            if isinstance(step_fn, ScstStep):
-                step_fn.set_epoch(state.epoch)
-            loader = self._loader(train_set, state.epoch, state.epoch_step)
-            batches = _take(loader, in_epoch - state.epoch_step)
-            save = lambda: self._save(trainer, self.run_dir / "last.pt")  # noqa: E731
-            desc = f"{self.stage} epoch {state.epoch + 1}/{epochs}"
-            if not run_epoch(trainer, batches, in_epoch, step_fn, save, desc):
-                return {"stopped": True, "state": state.to_dict()}
-            self._end_epoch(trainer, val_set)
+        with trainer.stop:
+            if cfg.scst and state.global_step == 0:
+                self._validate(trainer, val_set, "validating the starting checkpoint")
+            if state.validation_pending:  # resumed after a failure or a stop during that validation
+                self._validate_epoch(trainer, val_set)
+            while state.epoch < epochs:
+                in_epoch = min(steps_per_epoch, total_steps - state.epoch * steps_per_epoch)
+                # Training mode at every epoch, as the reference: GPT-2 from from_pretrained comes in eval mode.
+                self.model.train()
+                if isinstance(step_fn, ScstStep):
+                    step_fn.set_epoch(state.epoch)
+                loader = self._loader(train_set, state.epoch, state.epoch_step)
+                save = lambda: self._save(trainer, self.run_dir / "last.pt")  # noqa: E731
+                desc = f"{self.stage} epoch {state.epoch + 1}/{epochs}"
+                with LoaderBatches(loader, in_epoch - state.epoch_step) as batches:
+                    end = run_epoch(trainer, batches, in_epoch, step_fn, save, desc)
+                if end is EpochEnd.COMPLETE:
+                    end = self._end_epoch(trainer, val_set)
+                if end is not EpochEnd.COMPLETE:
+                    return {"stopped": True, "reason": end.value, "signal": trainer.stop.signal_name,
+                            "state": state.to_dict()}  # fmt: skip
         return self._final_test()
 
     def _step_fn(self, train_set: Any) -> Any:
@@ -261,25 +302,55 @@ class Run:
             logger.info("CIDEr-D document frequencies of %d training images cached in %s", len(references), path)
         return df
 
-    def _end_epoch(self, trainer: Trainer, val_set: CaptionImageDataset) -> None:
+    def _end_epoch(self, trainer: Trainer, val_set: CaptionImageDataset) -> EpochEnd:
+        """Write last.pt, then validate: a failure in validation cannot lose the epoch's training. A stop
+        request (signal or ``stop_after_steps``) ends the run before validating; a resume validates first."""
         state = trainer.state
         state.epoch += 1
         state.epoch_step = 0
-        self._validate(trainer, val_set, f"validating epoch {state.epoch}")
+        state.validation_pending = True
+        self._report_skipped(state)
         self._save(trainer, self.run_dir / "last.pt")
+        if trainer.stop.requested:
+            return EpochEnd.SIGNAL
+        if self.cfg.train.stop_after_steps and trainer.steps_this_run >= self.cfg.train.stop_after_steps:
+            return EpochEnd.STEP_LIMIT
+        self._validate_epoch(trainer, val_set)
+        return EpochEnd.SIGNAL if trainer.stop.requested else EpochEnd.COMPLETE
+
+    def _validate_epoch(self, trainer: Trainer, val_set: CaptionImageDataset) -> None:
+        self._validate(trainer, val_set, f"validating epoch {trainer.state.epoch}")
+        trainer.state.validation_pending = False
+        self._save(trainer, self.run_dir / "last.pt")
+
+    def _report_skipped(self, state: TrainState) -> None:
+        """Log and record what training left out so far, and why."""
+        dropped = self._dropped_entries
+        if not self.dist.is_main or not (state.skipped_images or any(dropped.values())):
+            return
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(state.skipped_by_reason.items()))
+        logger.warning("%d unreadable training images skipped so far (%s); %s", state.skipped_images,
+                       reasons or "no reason recorded", _describe(dropped, "annotation entries left out"))  # fmt: skip
+        self.metrics.write("data", epoch=state.epoch, step=state.global_step, skipped_images=state.skipped_images,
+                           skipped_by_reason=state.skipped_by_reason, dropped_entries=dropped)  # fmt: skip
 
     def _validate(self, trainer: Trainer, val_set: CaptionImageDataset, desc: str) -> None:
         """Score the validation split and keep best.pt. SCST also scores its starting checkpoint, so
         its best.pt is never worse on validation than the model it started from."""
         state = trainer.state
         options = self._decode_options(validation=True)
-        report, _ = self._evaluate(val_set, options, spice=False, desc=desc, meteor=self.cfg.train.val_meteor)
+        try:
+            report, _ = self._evaluate(val_set, options, False, desc, meteor=self.cfg.train.val_meteor)
+        except Exception as err:
+            kept = "last.pt holds the training so far" if state.global_step else "nothing was trained yet"
+            raise ValidationError(
+                f"{desc} failed ({type(err).__name__}: {_first_line(err)}); {kept}: fix the cause and run the "
+                "same command with --resume"
+            ) from err
         if self.dist.is_main:
             score = report.metrics["CIDEr"]
             self.metrics.write("val", epoch=state.epoch, step=state.global_step, **report.metrics)
             logger.info("epoch %d %s:\n%s", state.epoch, self.cfg.train.eval_split, report.format_table())
-            if state.skipped_images:
-                logger.warning("%d unreadable training images skipped so far", state.skipped_images)
             if score > state.best_score:
                 state.best_score = score
                 self._save(None, self.run_dir / "best.pt")
@@ -329,6 +400,7 @@ class Run:
             return
         train_state = None
         if trainer is not None:
+            _check_finite(self.model, path, trainer.state)
             train_state = {
                 "stage": self.stage,
                 "counters": trainer.state.to_dict(),
@@ -340,15 +412,10 @@ class Run:
         save_checkpoint(path, self.model, to_dict(self.cfg), architecture(self.model), train_state)
 
     def _resume(self, trainer: Trainer) -> None:
-        path = self.run_dir / "last.pt"
-        if not path.is_file():
-            logger.info("nothing to resume in %s: starting fresh", self.run_dir)
-            return
-        payload = read_checkpoint(path)
-        state = payload.get("train_state")
-        if state is None or state.get("stage") != self.stage:
-            raise CheckpointError(f"{path} holds no {self.stage.upper()} training state to resume from")
-        load_state_strict(self.model, payload["model"], str(path))
+        """Optimizer, scheduler, scaler, counters and RNG from last.pt (its weights are already loaded)."""
+        path, payload = self.run_dir / "last.pt", self._resume_payload
+        self._resume_payload = None  # the copy of the weights is no longer needed
+        state = payload["train_state"]
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
@@ -358,6 +425,8 @@ class Run:
         else:
             seed_everything(self.cfg.train.seed + self.dist.rank + trainer.state.global_step)
         logger.info("resumed %s at epoch %d, step %d", path, trainer.state.epoch + 1, trainer.state.epoch_step)
+        # later records of steps after this one replace those a killed run wrote before it stopped
+        self.metrics.write("resume", epoch=trainer.state.epoch, step=trainer.state.global_step)
 
     def close(self) -> None:
         if self.scorer is not None and self._owns_scorer:
@@ -365,8 +434,22 @@ class Run:
         distributed.cleanup()
 
 
-def _take(loader: DataLoader, count: int):
-    for i, batch in enumerate(loader):
-        if i >= count:
-            break
-        yield batch
+def _check_finite(model: OPGCaptioner, path: Path, state: TrainState) -> None:
+    """Never overwrite a good checkpoint with non-finite weights."""
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise FloatingPointError(
+            f"non-finite weights after step {state.global_step} ({names}): {path} is not overwritten and keeps "
+            "the last finite state"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _describe(counts: dict[str, int], what: str) -> str:
+    parts = [f"{n} ({why})" for why, n in sorted(counts.items()) if n]
+    return f"{what}: {', '.join(parts)}" if parts else f"no {what}"

@@ -78,15 +78,16 @@ def test_foreign_checkpoint_is_refused(tmp_path):
         read_checkpoint(tmp_path / "missing.pt")
 
 
-def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+def test_failed_serialisation_keeps_the_previous_checkpoint(tmp_path):
+    """An object that cannot be pickled (a real full disk is in test_failures.py)."""
     path = tmp_path / "last.pt"
     atomic_save({"format": "x", "value": 1}, path)
 
     class Unpicklable:
         def __reduce__(self):
-            raise RuntimeError("disk full")
+            raise RuntimeError("cannot be pickled")
 
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(RuntimeError, match="cannot be pickled"):
         atomic_save({"value": Unpicklable()}, path)
     assert torch.load(path, weights_only=True)["value"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -151,6 +151,48 @@ def test_precomputed_df_matches_plain_implementation(split, n: int, sigma: float
     np.testing.assert_allclose(scores, plain_scores(gts, res, plain_df, plain_log_n, n, sigma), rtol=0, atol=TOLERANCE)
 
 
+class _CorpusOfSize(list):
+    """A list that reports ``size`` as its length: pycocoevalcap's compute_cider takes its idf denominator
+    from ``len(self.crefs)``, and iterates the references themselves, so this gives it the training
+    corpus's document count while it scores the evaluation items."""
+
+    def __init__(self, items: list, size: int) -> None:
+        super().__init__(items)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_precomputed_df_matches_pycocoevalcap_cider_scorer(split, captions) -> None:
+    """SCST mode (training document frequencies) against pycocoevalcap's own CiderScorer code, which
+    computes the frequencies itself from the training references and scores with them."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    gts, res, training = split
+    corpus = CiderScorer(n=4, sigma=6.0)
+    for refs in training:
+        corpus += (None, refs)
+    corpus.compute_doc_freq()
+    keys = list(res)[:60]
+    candidates = [res[k][0] for k in keys] + [captions[j] for j in range(len(keys))]
+    references = [gts[k] for k in keys] * 2
+    oracle = CiderScorer(n=4, sigma=6.0)
+    for candidate, refs in zip(candidates, references, strict=True):
+        oracle += (candidate, refs)
+    oracle.document_frequency = corpus.document_frequency
+    oracle.crefs = _CorpusOfSize(oracle.crefs, len(training))
+    expected = np.array(oracle.compute_cider())
+    assert oracle.ref_len == pytest.approx(math.log(len(training)), abs=1e-15)
+
+    df = DocumentFrequency.from_references(training)
+    assert df.counts == {ngram: count for ngram, count in corpus.document_frequency.items() if count}
+    np.testing.assert_allclose(CiderD(df).score_candidates(candidates, references), expected, rtol=0, atol=TOLERANCE)
+    _, scores = CiderD(df).compute_score({k: gts[k] for k in keys}, {k: res[k] for k in keys})
+    np.testing.assert_allclose(scores, expected[: len(keys)], rtol=0, atol=TOLERANCE)
+    assert expected.max() > 1.0 and (expected == 0).sum() < len(expected) // 2, "the data should overlap"
+
+
 def test_scst_batch_matches_per_item_scores(split, captions) -> None:
     """SCST layout: several candidates (with repeats) per image share one references list."""
     gts, res, training = split

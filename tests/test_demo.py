@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from oracles import pycocoevalcap_cider
 
 import demo
 from data.synthetic import generate_dataset
@@ -23,10 +24,18 @@ def test_demo_runs_xe_then_scst_and_reports_each_stage(tmp_path: Path, capsys: p
     stages = ["XE", "XE + SCST (greedy baseline)", "XE + SCST (mean baseline)"]
     assert [name for name in rows if not name.startswith(("constant", "human"))] == stages
     assert rows["human (leave-one-out)"]["grounding"]["all"] == 1.0
-    xe_cider = rows["XE"]["metrics"]["CIDEr"]
+
+    def rescored(stage: str) -> float:  # the stage's own test captions, scored by pycocoevalcap alone
+        return pycocoevalcap_cider(
+            json.loads((tmp_path / "out" / stage / "test_predictions.json").read_text()), data.root
+        )
+
+    xe_cider = rescored("xe")
+    assert rows["XE"]["metrics"]["CIDEr"] == pytest.approx(xe_cider, abs=1e-12)
     for baseline in ("greedy", "mean"):
-        scst_cider = rows[f"XE + SCST ({baseline} baseline)"]["metrics"]["CIDEr"]
-        assert summary["scst_cider_gain"][baseline] == pytest.approx(scst_cider / xe_cider - 1)
+        scst_cider = rescored(f"scst_{baseline}")
+        assert rows[f"XE + SCST ({baseline} baseline)"]["metrics"]["CIDEr"] == pytest.approx(scst_cider, abs=1e-12)
+        assert summary["scst_cider_gain"][baseline] == pytest.approx(scst_cider / xe_cider - 1, abs=1e-12)
         assert (tmp_path / "out" / f"scst_{baseline}" / "best.pt").is_file()
         assert "initialised from" in (tmp_path / "out" / f"scst_{baseline}" / "train.log").read_text()
     printed = capsys.readouterr().out

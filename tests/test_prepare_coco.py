@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from data.prepare_coco import DF_CACHE_NAME, main
+from utils.cider_df import DocumentFrequency
 from utils.coco_eval import load_ground_truth
 
 # (cocoid, split, folder, captions)
@@ -170,17 +171,28 @@ def test_duplicate_ids_are_rejected(coco_setup, capsys):
     assert "share image id 9" in capsys.readouterr().err
 
 
+# The training references (train + restval) as the reward reads them, written out by hand: lower case,
+# punctuation dropped, "-" made a space, no stop token; the blank caption is left out.
+CLEANED_TRAINING_REFERENCES = [
+    ["a cat on a mat", "a cat sitting on a rug"],
+    ["two giraffes standing", "giraffes near a tree"],
+    ["a man made lake at dusk", "a lake with boats"],
+]
+
+
 def test_document_frequencies_of_training_references(coco_setup):
-    cider_df = pytest.importorskip("utils.cider_df")
     karpathy, root, out = coco_setup
     assert main(["--karpathy", str(karpathy), "--image_root", str(root), "--out", str(out)]) == 0
-    df = cider_df.DocumentFrequency.load(out / DF_CACHE_NAME)
+    df = DocumentFrequency.load(out / DF_CACHE_NAME)
     assert df.log_num_docs == pytest.approx(math.log(3))  # train + restval images only
-    assert df.counts[("a", "cat")] == 1
-    assert df.counts[("a",)] == 3
-    assert df.counts[("man", "made", "lake")] == 1  # '-' became a space, as in the reward's text
-    assert ("dusk.",) not in df.counts and ("dusk",) in df.counts
-    assert ("dog",) not in df.counts  # val images do not count
-    # every reference ends in "<eos>", as the reward (and coco-train-words.p) count them
-    assert df.counts[("<eos>",)] == 3 and df.counts_eos
-    assert df.counts[("dusk", "<eos>")] == 1 and ("<eos>", "a") not in df.counts
+    expected: dict[tuple[str, ...], float] = {}
+    for refs in CLEANED_TRAINING_REFERENCES:
+        grams = set()
+        for ref in refs:
+            words = (ref + " <eos>").split()  # counted as the reward reads them
+            grams |= {tuple(words[i : i + n]) for n in range(1, 5) for i in range(len(words) - n + 1)}
+        for gram in grams:
+            expected[gram] = expected.get(gram, 0.0) + 1.0
+    assert df.counts == expected
+    assert df.counts[("a",)] == 3 and df.counts[("man", "made", "lake")] == 1 and ("dog",) not in df.counts
+    assert df.counts[("<eos>",)] == 3 and df.counts[("dusk", "<eos>")] == 1 and df.counts_eos

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,20 @@ class CheckpointError(ValueError):
     """A checkpoint that is unreadable or does not fit the model."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous file is unchanged."""
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit reached (ulimit -f)",
+}
+_TMP_SUFFIX = ".tmp"
+_ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's format
+_BLOCKED_GLOBAL = re.compile(r"unsupported (?:GLOBAL|global:?)\s+(?:GLOBAL\s+)?([\w.]+)", re.IGNORECASE)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -28,11 +45,13 @@ def _umask() -> int:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves a partial file
-    where a good one was."""
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename: a crash or a kill never leaves
+    a partial file where a good one was. A failed write (e.g. a full disk) removes the temporary file and
+    raises :class:`CheckpointWriteError` naming ``path``; a kill leaves it behind for
+    :func:`remove_stale_temporaries`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -40,9 +59,61 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_directory(path.parent)
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        os_error = _os_error_in(err)
+        if os_error is not None:
+            raise _write_error(path, os_error) from err
         raise
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: torch reports a failed write as a RuntimeError chained to it."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _write_error(path: Path, err: OSError) -> CheckpointWriteError:
+    hint = _WRITE_HINTS.get(err.errno)
+    reason = f"{err.strerror or err}" + (f": {hint}" if hint else "")
+    kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+    error = CheckpointWriteError(f"cannot write checkpoint {path} ({reason}); {kept}")
+    error.errno = err.errno
+    return error
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (a power cut right after it must not bring back the old file)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[str]:
+    """Delete the temporary files that writes killed mid-way (``kill -9``, power loss) left in ``directory``.
+
+    Call it only where no other process is writing into ``directory``. Returns the names removed.
+    """
+    removed = []
+    for tmp in Path(directory).glob(f".*{_TMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return sorted(removed)
 
 
 def save_checkpoint(
@@ -67,18 +138,60 @@ def save_checkpoint(
     atomic_save(payload, path)
 
 
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """``run_dir/last.pt``, the checkpoint ``--resume`` continues from; a missing one is an error."""
+    path = Path(run_dir).expanduser() / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume: nothing to resume, {path} does not exist (run without --resume to start afresh)"
+        )
+    return path
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`, without unpickling arbitrary objects."""
+    """Load a checkpoint written by :func:`save_checkpoint`, without unpickling arbitrary objects.
+
+    Every failure is a :class:`CheckpointError` with a one-line message that names the file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    damage = _archive_damage(path)
+    if damage:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {damage}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_failure(err)}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an {FORMAT} checkpoint (no 'format': '{FORMAT}' entry)")
     return payload
+
+
+def _archive_damage(path: Path) -> str | None:
+    """Why the file is not an intact torch archive, or None. torch.load does not check the CRC-32 that
+    torch.save stores for every record, so flipped or zeroed bytes would otherwise load silently."""
+    with open(path, "rb") as handle:
+        if handle.read(4) != _ZIP_SIGNATURE:
+            return "not a torch checkpoint (empty, text or another format: no zip archive signature)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        return f"truncated or corrupted file ({type(err).__name__}: {err})"
+    return f"corrupted file (record {bad} fails its CRC-32 check)" if bad else None
+
+
+def _load_failure(err: Exception) -> str:
+    """One line on why ``torch.load`` failed. A refused global means the file pickles code or objects:
+    say so, and never suggest ``weights_only=False`` as torch's own message does."""
+    text = str(err)
+    blocked = _BLOCKED_GLOBAL.search(text)
+    if blocked:
+        return f"it pickles a Python object ({blocked.group(1)}), refused: checkpoints hold tensors and plain data only"
+    if isinstance(err, EOFError) or "zip archive" in text:
+        return f"truncated or corrupted file ({type(err).__name__}: not a complete torch zip archive)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first[:200]}"
 
 
 def _summarise(keys: list[str], limit: int = 30) -> str:

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Hashable, Mapping
@@ -29,6 +28,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from utils.java import java_missing
 
 logger = logging.getLogger(__name__)
 
@@ -344,8 +345,9 @@ class CaptionScorer:
             raise CaptionDataError("gts and res must have the same image ids; use evaluate_results for coverage")
         if not gts:
             raise CaptionDataError("nothing to score: no images")
-        if shutil.which("java") is None:
-            raise RuntimeError("Java is not on PATH; pycocoevalcap's tokenizer and METEOR need it")
+        missing_java = java_missing()
+        if missing_java:
+            raise RuntimeError(missing_java)
         ids = list(gts)
         gts_tok, res_tok = self._tokenize([gts[i] for i in ids], [res[i] for i in ids])
         keys = list(range(len(ids)))
@@ -373,7 +375,8 @@ class CaptionScorer:
         res_tok = tokenizer.tokenize({k: [{"caption": _one_line(c)}] for k, c in enumerate(hyps)})
         expected = [len(r) for r in refs]
         if [len(gts_tok.get(k, [])) for k in range(len(refs))] != expected or len(res_tok) != len(hyps):
-            raise RuntimeError("PTB tokenizer returned a different number of captions than it was given")
+            # pycocoevalcap ignores the Java process's exit status: a failed or missing java ends up here
+            raise RuntimeError("the PTB tokenizer (Java) returned a different number of captions than it was given")
         return gts_tok, res_tok
 
     def _corpus_metrics(self, gts: dict[int, list[str]], res: dict[int, list[str]], meteor: bool) -> tuple[dict, list]:
@@ -387,14 +390,29 @@ class CaptionScorer:
         return metrics, list(cider_per_image)
 
     def _meteor_score(self, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+        """METEOR through the kept Java process; a call that fails is retried once with a new process."""
+        try:
+            return self._meteor_once(gts, res)
+        except Exception as err:
+            logger.warning("METEOR failed (%s: %s): retrying with a new Java process", type(err).__name__, err)
+        try:
+            return self._meteor_once(gts, res)
+        except Exception as err:
+            raise RuntimeError(f"METEOR failed twice ({type(err).__name__}: {err})") from err
+
+    def _meteor_once(self, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+        if self._meteor is not None and self._meteor.meteor_p.poll() is not None:
+            # killed, or out of memory, since the last call
+            logger.warning("METEOR's Java process had exited (status %s): restarting it", self._meteor.meteor_p.poll())
+            self.close()
         if self._meteor is None:
             logger.info("starting METEOR (Java)")
             self._meteor = Meteor()
         try:
             return float(self._meteor.compute_score(gts, res)[0])
-        except Exception as err:
+        except Exception:
             self.close()
-            raise RuntimeError(f"METEOR failed ({err}); its Java process was stopped") from err
+            raise
 
     def _spice(self, gts: dict[int, list[str]], res: dict[int, list[str]], report: EvalReport) -> list | None:
         """Per-image SPICE F-scores (also stored in ``report``), or None with the reason recorded."""

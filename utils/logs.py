@@ -19,6 +19,8 @@ def setup_logging(rank: int = 0, log_file: Path | None = None, level: int = logg
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    # Records logged with extra={"file_only": True} (tracebacks of errors already reported in one line)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     root.addHandler(console)
     if log_file is not None and rank == 0:
         log_file.parent.mkdir(parents=True, exist_ok=True)
