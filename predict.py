@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from data.image_io import ImageLoadError, collect_images, load_image
 from data.transforms import build_transform
-from models.build import load_captioner
-from models.decoding import METHODS, DecodeOptions, captions_from_tokens, decode
+from models.api import caption_batch, decode_options, resolve_device
+from models.decoding import METHODS, DecodeOptions
+from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
 from utils.caption_output import FORMATS, CaptionRecord, assign_image_ids, format_for, write_gallery, write_results
 from utils.checkpoint import CheckpointError
@@ -46,7 +47,7 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by training")
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported folder")
     parser.add_argument("--images", required=True, nargs="+", help="image files, folders, globs, list files")
     parser.add_argument("--output", help="results file (.json COCO results, .jsonl, .csv); default stdout")
     parser.add_argument("--format", choices=FORMATS, help="output format (default: from the --output suffix)")
@@ -96,24 +97,11 @@ def collate_tolerant(items: list[tuple[int, torch.Tensor | None, str | None]]) -
     }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
-    return device
-
-
-def decode_options(args: argparse.Namespace, decode_cfg) -> DecodeOptions:
+def options_from_args(args: argparse.Namespace, decode_cfg) -> DecodeOptions:
     """The checkpoint's decoding settings with the command-line overrides applied."""
-    overrides = {key: getattr(args, key) for key in DECODE_OVERRIDES if getattr(args, key) is not None}
-    if overrides.get("method") in ("greedy", "sample") and "beams" not in overrides:
-        overrides["beams"] = 1
-    if "beams" in overrides and "method" not in overrides:
-        overrides["method"] = "beam" if overrides["beams"] > 1 else "greedy"
+    overrides = {key: getattr(args, key) for key in DECODE_OVERRIDES}
     try:
-        return DecodeOptions.from_config(decode_cfg, **overrides)
+        return decode_options(decode_cfg, **overrides)
     except ValueError as err:
         raise UsageError(str(err)) from err
 
@@ -138,10 +126,8 @@ def caption_files(
                 logger.warning("skipped %s: %s", paths[index], reason)
                 failures[index] = reason
             if batch["images"] is not None:
-                with torch.no_grad():
-                    prefix = model.encode(batch["images"].to(device, non_blocking=True))
-                    result = decode(model, prefix, options, generator=generator)
-                texts = captions_from_tokens(tokenizer, result)
+                images = batch["images"].to(device, non_blocking=True)
+                texts = [c[0].text for c in caption_batch(model, tokenizer, images, options, generator=generator)]
                 captions.update(zip(batch["indices"], texts, strict=True))
             bar.update(len(batch["indices"]) + len(batch["failures"]))
     return captions, failures
@@ -161,12 +147,15 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("%s", problem)
     if not paths:
         raise UsageError("no image files found in " + " ".join(args.images))
-    device = resolve_device(args.device)
     try:
-        model, cfg = load_captioner(args.checkpoint, device)
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UsageError(f"--device {err}") from err
+    try:
+        model, cfg = load_model(args.checkpoint, device)
     except (CheckpointError, KeyError, ValueError) as err:
         raise UsageError(f"cannot use checkpoint {args.checkpoint}: {err}") from err
-    options = decode_options(args, cfg.decode)
+    options = options_from_args(args, cfg.decode)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     logger.info("captioning %d images on %s with %s", len(paths), device, options)
 

@@ -17,8 +17,9 @@ from PIL import Image
 import predict
 from data.image_io import load_image
 from data.transforms import build_transform
-from models.build import architecture, build_captioner, load_captioner
+from models.build import architecture, build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode
+from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
 from utils.caption_output import assign_image_ids
 from utils.checkpoint import save_checkpoint
@@ -142,7 +143,7 @@ def test_predictions_equal_direct_decoding_with_overrides(checkpoint, image_dir,
     overrides = ["--beams", "3", "--max_len", "6", "--min_len", "2", "--length_penalty", "0.5"]
     assert run_predict(checkpoint, good_paths(image_dir), "--output", str(out), *overrides) == 0
     captions = [r["caption"] for r in json.loads(out.read_text())]
-    model, cfg = load_captioner(checkpoint)
+    model, cfg = load_model(checkpoint)
     transform = build_transform(model.encoder.image_res)
     images = torch.stack([transform(load_image(p)) for p in good_paths(image_dir)])
     options = DecodeOptions(method="beam", beams=3, max_len=6, min_len=2, length_penalty=0.5)
