@@ -34,6 +34,7 @@ from utils.coco_eval import CaptionScorer, EvalReport
 from utils.config import Config, to_dict, to_yaml
 from utils.logs import MetricsLog, setup_logging
 from utils.precision import grad_scaler, resolve_precision
+from utils.reporting import open_reporters, sample_table
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class Run:
         setup_logging(self.dist.rank, self.run_dir / "train.log")
         seed_everything(cfg.train.seed + self.dist.rank)
         self.precision = resolve_precision(cfg.train.precision, self.dist.device)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None)
+        reporters = open_reporters(cfg.train.report_to, self.run_dir, to_dict(cfg)) if self.dist.is_main else []
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None, reporters)
         self.stage = "scst" if cfg.scst else "xe"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,10 +250,11 @@ class Run:
         its best.pt is never worse on validation than the model it started from."""
         state = trainer.state
         options = self._decode_options(validation=True)
-        report, _ = self._evaluate(val_set, options, spice=False, desc=desc, meteor=self.cfg.train.val_meteor)
+        report, captions = self._evaluate(val_set, options, spice=False, desc=desc, meteor=self.cfg.train.val_meteor)
         if self.dist.is_main:
             score = report.metrics["CIDEr"]
             self.metrics.write("val", epoch=state.epoch, step=state.global_step, **report.metrics)
+            self.metrics.text("val/samples", sample_table(captions, val_set.references))
             logger.info("epoch %d %s:\n%s", state.epoch, self.cfg.train.eval_split, report.format_table())
             if state.skipped_images:
                 logger.warning("%d unreadable training images skipped so far", state.skipped_images)
@@ -335,6 +338,7 @@ class Run:
         logger.info("resumed %s at epoch %d, step %d", path, trainer.state.epoch + 1, trainer.state.epoch_step)
 
     def close(self) -> None:
+        self.metrics.close()
         if self.scorer is not None and self._owns_scorer:
             self.scorer.close()
         distributed.cleanup()
