@@ -86,6 +86,7 @@ def save_folder(model: OPGCaptioner, cfg: Config, tokenizer: Any, out: str | Pat
     _write_json(out / GENERATION_NAME, generation_config(cfg.decode))
     state, aliases = _untied_state(model)
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
+    (out / WEIGHTS_NAME).chmod((out / CONFIG_NAME).stat().st_mode & 0o777)  # safetensors writes it 0600
     tokenizer.save_pretrained(str(out))
 
 

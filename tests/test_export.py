@@ -131,7 +131,7 @@ def test_model_card_header_and_contents(folder: Path) -> None:
     assert index["dataset"]["type"] == "flickr30k"
     assert {m["name"]: m["value"] for m in index["metrics"]} == {"BLEU-4": 31.2, "METEOR": 25.1, "CIDEr": 104.7}
     body = text.split("---\n", 2)[2]
-    assert "| 31.2 | 25.1 | 104.7 |" in body and "SPICE not computed: no jars" in body
+    assert "| 31.2 | 25.1 | 104.7 |" in body and "SPICE: not computed by the run." in body
     assert 'load_captioner("me/opg")' in body and "2 beams" in body and "cross-entropy + 0.1 x N-pair" in body
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 CARD_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+_MAPPERS = {"mlp": "an MLP", "transformer": "a Transformer"}
 _HUB_METRIC_TYPES = {"BLEU-4": "bleu", "METEOR": "meteor", "ROUGE-L": "rouge", "CIDEr": "cider", "SPICE": "spice"}
 
 
@@ -77,7 +78,8 @@ def _summary(config: dict[str, Any], folder_config: dict[str, Any]) -> str:
     return (
         "An OPG image captioner (one-stage prefix-based generator): a frozen X-VLM Swin image encoder "
         f"({vision['image_res']} px, embed {vision['embed_dim']}, depths {vision['depths']}) gives "
-        f"{arch['prefix_length']} visual tokens, a {arch['mapping_type']} mapping network turns them into a "
+        f"{arch['prefix_length']} visual tokens, {_MAPPERS[arch['mapping_type']]} mapping network "
+        "turns them into a "
         f"GPT-2 prefix ({gpt2['n_layer']} layers, width {gpt2['n_embd']}), with {mask}; GPT-2 writes the "
         f"caption over an output vocabulary of {vocab['size']} tokens."
     )
@@ -95,7 +97,7 @@ def _metrics_section(report: dict[str, Any] | None, dataset: str) -> str:
         "|" + "---:|" * len(shown),
         "| " + " | ".join(f"{metrics[m] * 100:.1f}" for m in shown) + " |",
     ]
-    lines += [f"\n{metric} not computed: {reason}" for metric, reason in report.get("unavailable", {}).items()]
+    lines += [f"\n{metric}: not computed by the run." for metric in report.get("unavailable", {})]
     return "\n".join(lines) + "\n"
 
 
