@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from utils.logs import MetricsLog
+from utils.plot import chain_offsets, read_run
 from utils.plot import main as plot_main
-from utils.plot import read_run
 from utils.reporting import WandbReporter, parse_report_to
 
 
@@ -44,6 +44,9 @@ def test_curves_from_metrics_files(tmp_path: Path, capsys: pytest.CaptureFixture
         assert three_panels.format == two_panels.format == "PNG"
         assert three_panels.width == pytest.approx(1.5 * two_panels.width, rel=0.02)  # no reward panel for XE
     assert f"curves written to {both}" in capsys.readouterr().out
+    (tmp_path / "scst" / "config.yaml").write_text(f"scst: true\ncheckpoint: {tmp_path / 'xe' / 'best.pt'}\n")
+    offsets = chain_offsets([tmp_path / "xe", tmp_path / "scst"], [xe, scst])
+    assert offsets == [0, 6]  # SCST continues after the XE run it started from
     assert plot_main([str(tmp_path / "absent"), "--out", str(tmp_path / "x.png")]) == 2
     assert "absent/metrics.jsonl does not exist" in capsys.readouterr().err
 

@@ -3,7 +3,8 @@
     python -m utils.plot runs/xe runs/scst --out curves.png
 
 Panels, each drawn only when some run has its data: the training loss of cross-entropy runs, the SCST
-reward with its baseline (dashed), and the validation CIDEr; one colour per run, x = the run's step.
+reward with its baseline (dashed), and the validation CIDEr; one colour per run, x = the run's step. A run
+that started from the checkpoint of another plotted run (SCST from XE) continues after that run's last step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 
 @dataclass
@@ -58,6 +61,18 @@ def _add_record(curves: RunCurves, record: dict) -> None:
         curves.add("val_cider", step, 100.0 * record["CIDEr"])
 
 
+def chain_offsets(run_dirs: list[Path], runs: list[RunCurves]) -> list[int]:
+    """Per run, the last step of the plotted run whose checkpoint it started from (``config.yaml``), else 0."""
+    last_step = {d.resolve(): max((s for steps, _ in r.series.values() for s in steps), default=0)
+                 for d, r in zip(run_dirs, runs, strict=True)}  # fmt: skip
+    offsets = []
+    for run_dir in run_dirs:
+        config = run_dir / "config.yaml"
+        start = (yaml.safe_load(config.read_text()) or {}).get("checkpoint") if config.is_file() else None
+        offsets.append(last_step.get(Path(start).resolve().parent, 0) if start else 0)
+    return offsets
+
+
 PANELS = (
     ("loss", "cross-entropy training loss"),
     ("reward", "SCST reward (CIDEr-D); dashed: baseline"),
@@ -73,6 +88,8 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, title: str | None = None) -> 
     import matplotlib.pyplot as plt
 
     runs = [read_run(Path(d)) for d in run_dirs]
+    for run, offset in zip(runs, chain_offsets([Path(d) for d in run_dirs], runs), strict=True):
+        run.series = {key: ([step + offset for step in steps], values) for key, (steps, values) in run.series.items()}
     panels = [(key, label) for key, label in PANELS if any(key in run.series for run in runs)]
     if not panels:
         raise ValueError("no training or validation records in " + ", ".join(map(str, run_dirs)))
