@@ -73,6 +73,17 @@ def examples(rows: dict[str, tuple[dict, dict[ImageId, str]]], gts: dict[ImageId
     return "\n".join(lines)
 
 
+def write_curves(out: Path, runs: list[str]) -> Path | None:
+    """``curves.png`` beside the summary: loss, SCST reward and validation CIDEr of the demo's runs."""
+    try:
+        from utils.plot import plot_runs
+
+        return plot_runs([out / run for run in runs], out / "curves.png", "demo runs")
+    except ImportError:
+        logging.getLogger("demo").warning("matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return None
+
+
 def _overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
     pairs = [item.partition("=") for item in items]
     bad = [item for item, (_, sep, _) in zip(items, pairs, strict=True) if not sep]
@@ -121,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: {"metrics": m, "grounding": grounding_accuracy(c, metadata)} for name, (m, c) in rows.items()}
     report = {"minutes": minutes, "rows": summary, "scst_cider_gain": gains}
     (out / "demo_summary.json").write_text(json.dumps(report, indent=2))
+    curves = write_curves(out, ["xe", *(f"scst_{b}" for b in gains)])
     print(f"\nDemo test split ({len(gts)} images), metrics x100; grounding = % of captions stating the truth")
     print(format_table(rows, metadata))
     if gains:
         print("SCST's test CIDEr relative to XE: " + ", ".join(f"{b} baseline {g:+.1%}" for b, g in gains.items()))
     print(f"\nExamples:\n{examples(rows, gts, 4)}")
-    print(f"\nTotal time {minutes:.1f} min; details in {out}")
+    print(f"\nTotal time {minutes:.1f} min; details in {out}" + (f", training curves in {curves}" if curves else ""))
     return 0
 
 

@@ -1,8 +1,11 @@
-"""Caption images with a trained checkpoint.
+"""Caption images with a trained checkpoint (a training .pt, an exported folder or a Hub repository id).
 
     python predict.py --checkpoint runs/opg/best.pt --images photos/ extra/*.png list.txt \\
-        [--output captions.json] [--format coco|jsonl|csv] [--html gallery.html] \\
-        [--batch_size 16] [--num_workers 2] [--device auto] [--beams 3 --max_len 20 --min_len 5 ...]
+        [--output captions.json] [--format coco|jsonl|csv] [--html gallery.html] [--num_captions 5] \\
+        [--batch_size 16] [--num_workers 2] [--device auto] [--precision auto|bf16|fp16|fp32] \\
+        [--beams 3 --max_len 20 --min_len 5 ...]
+    python predict.py --checkpoint exported/opg --images nocaps/val --annotations nocaps_val_4500_captions.json \\
+        --output nocaps_val.json     # ids from the annotation file: evaluate.py scores it directly
 
 Inputs are files, folders (searched recursively), glob patterns and list files (.txt / .lst, one path a
 line). Unreadable or non-image files are reported with the reason and skipped; the others are still
@@ -27,11 +30,21 @@ from tqdm import tqdm
 
 from data.image_io import ImageLoadError, collect_images, load_image
 from data.transforms import build_transform
-from models.build import load_captioner
-from models.decoding import METHODS, DecodeOptions, captions_from_tokens, decode
+from models.api import PRECISIONS, ScoredCaption, caption_batch, decode_options, resolve_device, resolve_run_precision
+from models.decoding import METHODS, DecodeOptions
+from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
-from utils.caption_output import FORMATS, CaptionRecord, assign_image_ids, format_for, write_gallery, write_results
+from utils.caption_output import (
+    FORMATS,
+    CaptionRecord,
+    assign_image_ids,
+    format_for,
+    match_annotated_images,
+    write_gallery,
+    write_results,
+)
 from utils.checkpoint import CheckpointError
+from utils.coco_eval import CaptionDataError, ImageId, load_image_entries
 
 logger = logging.getLogger("predict")
 
@@ -46,14 +59,23 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by training")
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported folder")
     parser.add_argument("--images", required=True, nargs="+", help="image files, folders, globs, list files")
+    parser.add_argument(
+        "--annotations",
+        help="caption file whose images to caption, with its image ids (COCO / nocaps captions, Karpathy-style "
+        "or prepared split); its file names are looked up among the --images inputs",
+    )
     parser.add_argument("--output", help="results file (.json COCO results, .jsonl, .csv); default stdout")
     parser.add_argument("--format", choices=FORMATS, help="output format (default: from the --output suffix)")
     parser.add_argument("--html", help="also write an HTML gallery of thumbnails and captions here")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loaders")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, help="default: the run's evaluation precision (auto: bf16 on CUDA)"
+    )
+    parser.add_argument("--num_captions", type=int, default=1, help="n-best list per image (JSON/JSONL output)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     decoding = parser.add_argument_group("decoding (default: the checkpoint's decode config)")
     decoding.add_argument("--method", choices=METHODS)
@@ -96,32 +118,20 @@ def collate_tolerant(items: list[tuple[int, torch.Tensor | None, str | None]]) -
     }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
-    return device
-
-
-def decode_options(args: argparse.Namespace, decode_cfg) -> DecodeOptions:
+def options_from_args(args: argparse.Namespace, decode_cfg) -> DecodeOptions:
     """The checkpoint's decoding settings with the command-line overrides applied."""
-    overrides = {key: getattr(args, key) for key in DECODE_OVERRIDES if getattr(args, key) is not None}
-    if overrides.get("method") in ("greedy", "sample") and "beams" not in overrides:
-        overrides["beams"] = 1
-    if "beams" in overrides and "method" not in overrides:
-        overrides["method"] = "beam" if overrides["beams"] > 1 else "greedy"
+    overrides = {key: getattr(args, key) for key in DECODE_OVERRIDES}
     try:
-        return DecodeOptions.from_config(decode_cfg, **overrides)
+        return decode_options(decode_cfg, args.num_captions, **overrides)
     except ValueError as err:
         raise UsageError(str(err)) from err
 
 
 def caption_files(
-    model, tokenizer, paths: list[Path], options: DecodeOptions, args: argparse.Namespace, device: torch.device
-) -> tuple[dict[int, str], dict[int, str]]:
-    """Caption ``paths``; returns ``({index: caption}, {index: failure reason})``."""
+    model, tokenizer, paths: list[Path], options: DecodeOptions, args: argparse.Namespace, precision: str
+) -> tuple[dict[int, list[ScoredCaption]], dict[int, str]]:
+    """Caption ``paths``; returns ``({index: captions, best first}, {index: failure reason})``."""
+    device = next(model.parameters()).device
     loader = DataLoader(
         ImageFiles(paths, model.encoder.image_res),
         batch_size=args.batch_size,
@@ -130,7 +140,7 @@ def caption_files(
         pin_memory=device.type == "cuda",
     )
     generator = torch.Generator(device).manual_seed(args.seed) if options.method == "sample" else None
-    captions: dict[int, str] = {}
+    captions: dict[int, list[ScoredCaption]] = {}
     failures: dict[int, str] = {}
     with tqdm(total=len(paths), unit="img", disable=args.no_progress or None, file=sys.stderr) as bar:
         for batch in loader:
@@ -138,47 +148,74 @@ def caption_files(
                 logger.warning("skipped %s: %s", paths[index], reason)
                 failures[index] = reason
             if batch["images"] is not None:
-                with torch.no_grad():
-                    prefix = model.encode(batch["images"].to(device, non_blocking=True))
-                    result = decode(model, prefix, options, generator=generator)
-                texts = captions_from_tokens(tokenizer, result)
-                captions.update(zip(batch["indices"], texts, strict=True))
+                images = batch["images"].to(device, non_blocking=True)
+                results = caption_batch(model, tokenizer, images, options, precision, generator)
+                captions.update(zip(batch["indices"], results, strict=True))
             bar.update(len(batch["indices"]) + len(batch["failures"]))
     return captions, failures
 
 
+def images_and_ids(args: argparse.Namespace) -> tuple[list[Path], list[ImageId], list[str]]:
+    """The image files to caption, their ids and the problems met: with ``--annotations`` the file's images
+    (found among the ``--images`` inputs) with its ids, else every input with ids from the file names."""
+    paths, problems = collect_images(args.images)
+    for problem in problems:
+        logger.warning("%s", problem)
+    if not paths:
+        raise UsageError("no image files found in " + " ".join(args.images))
+    if not args.annotations:
+        return paths, assign_image_ids(paths), problems
+    try:
+        entries = load_image_entries(args.annotations)
+    except CaptionDataError as err:
+        raise UsageError(str(err)) from err
+    matches, missing = match_annotated_images(entries, paths)
+    if not matches:
+        raise UsageError(f"none of the {len(entries)} images of {args.annotations} is among the --images inputs "
+                         f"(first: {missing[0]})")  # fmt: skip
+    unlisted = len(set(paths) - {path for _, path in matches})
+    if unlisted:
+        logger.info("%d image files are not in %s and are not captioned", unlisted, args.annotations)
+    return [path for _, path in matches], [image_id for image_id, _ in matches], problems + missing
+
+
+def to_record(image_id: ImageId, path: Path, captions: list[ScoredCaption], n_best: bool) -> CaptionRecord:
+    ranked = [{"caption": c.text, "score": round(c.score, 4)} for c in captions] if n_best else None
+    return CaptionRecord(image_id, captions[0].text, str(path), ranked)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise UsageError("--batch_size must be >= 1 and --num_workers >= 0")
+    if args.batch_size < 1 or args.num_workers < 0 or args.num_captions < 1:
+        raise UsageError("--batch_size and --num_captions must be >= 1 and --num_workers >= 0")
     fmt = None
     if args.output:
         try:
             fmt = format_for(args.output, args.format)
         except ValueError as err:
             raise UsageError(str(err)) from err
-    paths, problems = collect_images(args.images)
-    for problem in problems:
-        logger.warning("%s", problem)
-    if not paths:
-        raise UsageError("no image files found in " + " ".join(args.images))
-    device = resolve_device(args.device)
+    if fmt == "csv" and args.num_captions > 1:
+        raise UsageError("--num_captions > 1 writes n-best lists: use a .json or .jsonl --output")
+    paths, ids, problems = images_and_ids(args)
     try:
-        model, cfg = load_captioner(args.checkpoint, device)
+        device = resolve_device(args.device)
+        model, cfg = load_model(args.checkpoint, device)
     except (CheckpointError, KeyError, ValueError) as err:
-        raise UsageError(f"cannot use checkpoint {args.checkpoint}: {err}") from err
-    options = decode_options(args, cfg.decode)
+        raise UsageError(f"cannot use checkpoint {args.checkpoint} on device {args.device}: {err}") from err
+    options = options_from_args(args, cfg.decode)
+    precision = resolve_run_precision(args.precision or "auto", cfg, device)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    logger.info("captioning %d images on %s with %s", len(paths), device, options)
+    logger.info("captioning %d images on %s (%s) with %s", len(paths), device, precision, options)
 
-    captions, failures = caption_files(model, tokenizer, paths, options, args, device)
-    ids = assign_image_ids(paths)
-    records = [CaptionRecord(ids[i], captions[i], str(paths[i])) for i in sorted(captions)]
+    captions, failures = caption_files(model, tokenizer, paths, options, args, precision)
+    n_best = args.num_captions > 1
+    records = [to_record(ids[i], paths[i], captions[i], n_best) for i in sorted(captions)]
     failed = [f"{paths[i]}: {reason}" for i, reason in sorted(failures.items())] + problems
     if args.output:
         write_results(args.output, records, fmt)
     else:
         for record in records:
-            print(f"{record.file_name}\t{record.caption}")
+            for ranked in record.captions or [{"caption": record.caption}]:
+                print("\t".join([record.file_name, ranked["caption"], *([str(ranked["score"])] if n_best else [])]))
     if args.html:
         write_gallery(args.html, records, failed)
     print(f"captioned {len(records)} of {len(paths)} images", file=sys.stderr)

@@ -43,6 +43,7 @@ from utils.coco_eval import CaptionScorer, EvalReport
 from utils.config import Config, to_dict, to_yaml
 from utils.logs import MetricsLog, setup_logging
 from utils.precision import grad_scaler, resolve_precision
+from utils.reporting import open_reporters, sample_table
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class Run:
         self._resume_payload = self._read_resume_checkpoint()
         seed_everything(cfg.train.seed + self.dist.rank)
         self.precision = resolve_precision(cfg.train.precision, self.dist.device)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None)
+        reporters = open_reporters(cfg.train.report_to, self.run_dir, to_dict(cfg)) if self.dist.is_main else []
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None, reporters)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             removed = remove_stale_temporaries(self.run_dir)
@@ -340,7 +342,7 @@ class Run:
         state = trainer.state
         options = self._decode_options(validation=True)
         try:
-            report, _ = self._evaluate(val_set, options, False, desc, meteor=self.cfg.train.val_meteor)
+            report, captions = self._evaluate(val_set, options, False, desc, meteor=self.cfg.train.val_meteor)
         except Exception as err:
             kept = "last.pt holds the training so far" if state.global_step else "nothing was trained yet"
             raise ValidationError(
@@ -350,6 +352,7 @@ class Run:
         if self.dist.is_main:
             score = report.metrics["CIDEr"]
             self.metrics.write("val", epoch=state.epoch, step=state.global_step, **report.metrics)
+            self.metrics.text("val/samples", sample_table(captions, val_set.references))
             logger.info("epoch %d %s:\n%s", state.epoch, self.cfg.train.eval_split, report.format_table())
             if score > state.best_score:
                 state.best_score = score
@@ -429,6 +432,7 @@ class Run:
         self.metrics.write("resume", epoch=trainer.state.epoch, step=trainer.state.global_step)
 
     def close(self) -> None:
+        self.metrics.close()
         if self.scorer is not None and self._owns_scorer:
             self.scorer.close()
         distributed.cleanup()

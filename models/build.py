@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +12,7 @@ from models.encoder import build_encoder
 from models.gpt2 import build_gpt2
 from models.mapper import build_mapper
 from models.sparse_mask import SparsePrefixMask
-from utils.checkpoint import load_state_strict, read_checkpoint
-from utils.config import Config, from_dict
+from utils.config import Config
 
 
 def build_captioner(
@@ -70,12 +68,3 @@ def architecture(model: OPGCaptioner) -> dict[str, Any]:
 def rebuild_captioner(cfg: Config, arch: dict[str, Any]) -> OPGCaptioner:
     """The architecture saved by :func:`architecture`, with random weights."""
     return build_captioner(cfg, arch["vision_config"], arch["gpt2_config"], arch.get("output_ids"))
-
-
-def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> tuple[OPGCaptioner, Config]:
-    """Rebuild a saved model from its checkpoint alone, in eval mode on ``device``."""
-    payload = read_checkpoint(path)
-    cfg = from_dict(payload["config"])
-    model = rebuild_captioner(cfg, payload["architecture"])
-    load_state_strict(model, payload["model"], str(path))
-    return model.to(device).eval(), cfg

@@ -18,7 +18,8 @@ keeps the best ``(1 + number of stop ids) * beams`` continuations; those ending 
 among the first ``beams`` become finished hypotheses (scored with the length penalty), the best ``beams``
 others continue; an image is done once it holds ``beams`` finished hypotheses and its best running beam,
 normalised at the current length, cannot beat the worst of them. At ``max_len`` every continuation
-finishes. With one beam this is exactly greedy decoding.
+finishes. With one beam this is exactly greedy decoding. ``num_return`` (<= ``beams``) returns each image's
+best finished hypotheses, best first, like ``num_return_sequences``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ METHODS = ("greedy", "beam", "sample")
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How to decode. ``beams`` only for ``beam``; ``temperature``, ``top_k`` (0: off), ``top_p`` (1: off)
-    and ``num_samples`` (captions per image) only for ``sample``."""
+    """How to decode. ``beams`` and ``num_return`` (captions per image, at most ``beams``) only for
+    ``beam``; ``temperature``, ``top_k`` (0: off), ``top_p`` (1: off) and ``num_samples`` (captions per
+    image) only for ``sample``."""
 
     method: str = "greedy"
     beams: int = 1
@@ -53,6 +55,7 @@ class DecodeOptions:
     top_k: int = 0
     top_p: float = 1.0
     num_samples: int = 1
+    num_return: int = 1
     stop_ids: tuple[int, ...] = (GPT2_PERIOD_ID, GPT2_END_OF_TEXT_ID)
     pad_id: int = GPT2_END_OF_TEXT_ID
 
@@ -65,6 +68,8 @@ class DecodeOptions:
             problems.append(f"beams={self.beams}: must be >= 1, and 1 unless method='beam'")
         if self.num_samples < 1 or (self.num_samples > 1 and self.method != "sample"):
             problems.append(f"num_samples={self.num_samples}: must be >= 1, and 1 unless method='sample'")
+        if not 1 <= self.num_return <= self.beams:
+            problems.append(f"num_return={self.num_return}: must be between 1 and beams ({self.beams})")
         if not 0 <= self.min_len <= self.max_len or self.max_len < 1:
             problems.append(f"need 0 <= min_len <= max_len and max_len >= 1, got {self.min_len}, {self.max_len}")
         if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.no_repeat_ngram < 0:
@@ -85,10 +90,15 @@ class DecodeOptions:
         """Sequences decoded side by side for each image (beams or samples)."""
         return self.beams if self.method == "beam" else self.num_samples
 
+    @property
+    def captions_per_image(self) -> int:
+        """Captions returned for each image (``num_return`` best beams or ``num_samples`` samples)."""
+        return self.num_return if self.method == "beam" else self.num_samples
+
 
 @dataclass
 class DecodeResult:
-    """Decoded captions, M = images (x ``num_samples`` when sampling, image-major) in input order.
+    """Decoded captions, M = images x ``options.captions_per_image`` (image-major) in input order.
 
     ``tokens`` M x T (padded after each caption), ``lengths`` M (tokens including the stop token),
     ``stopped`` M (True: ends with a stop token, False: cut at ``max_len``), ``token_logprobs`` M x T
@@ -164,7 +174,8 @@ def decode(
 ) -> DecodeResult:
     """Decode captions for a batch of prefixes (``prefix.embeds`` B x P x D, ``prefix.keep`` B x P).
 
-    Returns one caption per image, or ``num_samples`` per image when sampling (image-major). With
+    Returns ``options.captions_per_image`` captions per image (image-major): one, the ``num_samples``
+    samples, or the ``num_return`` best beams, best first. With
     ``with_logprobs`` and grad mode on, greedy decoding and sampling keep the graph of their forward passes
     so that ``token_logprobs`` can be back-propagated (SCST); beam search never does, as choosing among
     beams is not differentiable. ``generator`` seeds sampling.
@@ -302,7 +313,8 @@ def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOption
     run_scores = logits.new_full((images, beams), -math.inf)
     run_scores[:, 0] = 0.0
     finished = _empty_hypotheses(images, beams, max_len, options.pad_id, logits)
-    best = _empty_hypotheses(images, 1, max_len, options.pad_id, logits)
+    returned = options.num_return
+    best = _empty_hypotheses(images, returned, max_len, options.pad_id, logits)
     improvable = torch.ones(images, dtype=torch.bool, device=device)
     for t in range(max_len):
         history = run_tokens.reshape(image_ids.numel() * beams, t)
@@ -339,7 +351,7 @@ def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOption
             settled = finished["filled"].all(dim=1) & (best_running <= finished["scores"].min(dim=1).values)
             improvable = improvable & ~settled
         for key, value in finished.items():
-            best[key][image_ids[~improvable]] = value[~improvable, :1]
+            best[key][image_ids[~improvable]] = value[~improvable, :returned]
         if not improvable.any():
             break
         source = torch.arange(image_ids.numel(), device=device).unsqueeze(1) * beams + run_parent
@@ -349,7 +361,7 @@ def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOption
         finished = {k: v[improvable] for k, v in finished.items()}
         improvable = improvable[improvable]
         logits = lm.step(run_tokens[:, :, -1].reshape(-1))
-    best = {k: v[:, 0] for k, v in best.items()}
+    best = {k: v.flatten(0, 1) for k, v in best.items()}
     return _finish(best["tokens"], best["lengths"], best["stopped"], best["logprobs"], penalty)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from models.build import architecture, build_captioner, load_captioner
+from models.build import architecture, build_captioner
+from models.pretrained import load_model
 from utils.checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint, save_checkpoint
 from utils.config import to_dict
 
@@ -21,7 +22,7 @@ def _save_tiny(path: Path, **overrides):
 def test_round_trip_rebuilds_the_same_model_from_the_file_alone(tmp_path):
     model, cfg = _save_tiny(tmp_path / "m.pt", **{"model.mapping_type": "transformer", "model.mapper_layers": 1,
                                                   "model.mapper_heads": 2})  # fmt: skip
-    loaded, loaded_cfg = load_captioner(tmp_path / "m.pt")
+    loaded, loaded_cfg = load_model(tmp_path / "m.pt")
     assert loaded_cfg == cfg
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
@@ -39,7 +40,7 @@ def test_round_trip_keeps_the_output_vocabulary(tmp_path):
     vocab = torch.tensor([13, 64, 257, 2266, 4171, 50256])
     model = build_captioner(cfg, output_ids=vocab).eval()
     save_checkpoint(tmp_path / "m.pt", model, to_dict(cfg), architecture(model))
-    loaded, _ = load_captioner(tmp_path / "m.pt")
+    loaded, _ = load_model(tmp_path / "m.pt")
     assert torch.equal(loaded.output_ids, vocab)
     visual, ids = torch.randn(2, 17, 256), torch.tensor([[64, 2266, 13], [257, 4171, 13]])
     with torch.no_grad():

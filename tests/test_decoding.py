@@ -190,6 +190,7 @@ def hf_generate(model: OPGCaptioner, prefix: Prefix, options: DecodeOptions) -> 
             attention_mask=torch.ones(prefix.keep.shape, dtype=torch.long),
             do_sample=False,
             num_beams=options.beams,
+            num_return_sequences=options.num_return,
             max_new_tokens=options.max_len,
             min_new_tokens=options.min_len,
             length_penalty=options.length_penalty,
@@ -221,6 +222,19 @@ def test_equals_hugging_face_generate_without_sparse_mask(options: DecodeOptions
     if options.length_penalty <= 1.0:  # a larger penalty favours captions that run to max_len
         assert len(set(ours.lengths.tolist())) > 1
     assert torch.equal(ours.tokens, expected)
+
+
+@pytest.mark.parametrize("beams, returned", [(3, 3), (5, 2)])
+def test_n_best_equals_hugging_face_num_return_sequences(beams: int, returned: int) -> None:
+    model = make_model(stop_bias=7.5)
+    prefix = make_prefix(model, 6, seed=4)
+    options = DecodeOptions(method="beam", beams=beams, num_return=returned, max_len=10)
+    ours = decode(model, prefix, options)
+    assert torch.equal(ours.tokens, hf_generate(model, prefix, options))
+    assert (ours.scores.view(6, returned).diff(dim=1) <= 0).all()  # best first
+    best = decode(model, prefix, replace(options, num_return=1))
+    assert torch.equal(ours.tokens.view(6, returned, -1)[:, 0, : best.tokens.shape[1]], best.tokens)
+    torch.testing.assert_close(ours.scores.view(6, returned)[:, 0], best.scores)
 
 
 @pytest.mark.parametrize("options", ALL_METHODS, ids=["greedy", "beam", "sample"])
@@ -353,6 +367,7 @@ def test_options_from_config_and_validation() -> None:
     bad = [
         {"method": "nucleus"}, {"beams": 3}, {"method": "greedy", "num_samples": 2}, {"min_len": 5, "max_len": 4},
         {"method": "sample", "temperature": 0.0}, {"method": "sample", "top_p": 0.0}, {"max_len": 0},
+        {"method": "beam", "beams": 2, "num_return": 3}, {"num_return": 0},
     ]  # fmt: skip
     for fields in bad:
         with pytest.raises(ValueError, match="invalid decoding options"):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from oracles import pycocoevalcap_cider
+from PIL import Image
 
 import demo
 from data.synthetic import generate_dataset
@@ -16,8 +17,9 @@ def test_demo_runs_xe_then_scst_and_reports_each_stage(tmp_path: Path, capsys: p
     data = generate_dataset(tmp_path / "data", num_train=24, num_val=8, num_test=8, image_size=64)
     cache = f"data.feature_cache_dir={tmp_path / 'features'}"
     args = ["--output_dir", str(tmp_path / "out"), "--data_dir", str(data.root), "--device", "cpu"]
-    scst = [*TINY, cache, "train.max_steps_per_epoch=2", "train.batch_size=4"]
-    assert demo.main([*args, "--xe", *TINY, cache, "--scst", *scst]) == 0
+    report = "train.report_to=tensorboard"
+    scst = [*TINY, cache, report, "train.max_steps_per_epoch=2", "train.batch_size=4"]
+    assert demo.main([*args, "--xe", *TINY, cache, report, "--scst", *scst]) == 0
 
     summary = json.loads((tmp_path / "out" / "demo_summary.json").read_text())
     rows = summary["rows"]
@@ -41,6 +43,29 @@ def test_demo_runs_xe_then_scst_and_reports_each_stage(tmp_path: Path, capsys: p
     printed = capsys.readouterr().out
     assert "Demo test split (8 images)" in printed and "SCST's test CIDEr relative to XE" in printed
     assert all(name in printed for name in stages)
+    with Image.open(tmp_path / "out" / "curves.png") as curves:  # loss, reward and validation panels
+        assert curves.format == "PNG" and curves.width > 2.5 * curves.height
+    check_tensorboard(tmp_path / "out" / "xe", ["loss", "xe", "aux", "lr"])
+    check_tensorboard(tmp_path / "out" / "scst_mean", ["loss", "reward", "baseline", "entropy", "lr"])
+
+
+def check_tensorboard(run: Path, train_keys: list[str]) -> None:
+    """The run's TensorBoard events hold its metrics.jsonl values at their steps, and sample captions."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for event, keys in (("train", train_keys), ("val", ["CIDEr", "BLEU-4"])):
+        for key in keys:
+            logged = [(e.step, e.value) for e in events.Scalars(f"{event}/{key}")]
+            expected = [(r["step"], r[key]) for r in records if r["event"] == event]
+            assert [s for s, _ in logged] == [s for s, _ in expected] and len(logged) > 0
+            assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+    test_cider = next(r["CIDEr"] for r in records if r["event"] == "test")
+    assert events.Scalars("test/CIDEr")[-1].value == pytest.approx(test_cider, rel=1e-6)
+    samples = events.Tensors("val/samples/text_summary")
+    assert len(samples) == sum(r["event"] == "val" for r in records)
+    assert "| image | caption | a reference |" in samples[-1].tensor_proto.string_val[0].decode()
 
 
 def test_demo_rejects_malformed_overrides(capsys: pytest.CaptureFixture) -> None:

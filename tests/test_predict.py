@@ -17,8 +17,9 @@ from PIL import Image
 import predict
 from data.image_io import load_image
 from data.transforms import build_transform
-from models.build import architecture, build_captioner, load_captioner
+from models.build import architecture, build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode
+from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
 from utils.caption_output import assign_image_ids
 from utils.checkpoint import save_checkpoint
@@ -142,7 +143,7 @@ def test_predictions_equal_direct_decoding_with_overrides(checkpoint, image_dir,
     overrides = ["--beams", "3", "--max_len", "6", "--min_len", "2", "--length_penalty", "0.5"]
     assert run_predict(checkpoint, good_paths(image_dir), "--output", str(out), *overrides) == 0
     captions = [r["caption"] for r in json.loads(out.read_text())]
-    model, cfg = load_captioner(checkpoint)
+    model, cfg = load_model(checkpoint)
     transform = build_transform(model.encoder.image_res)
     images = torch.stack([transform(load_image(p)) for p in good_paths(image_dir)])
     options = DecodeOptions(method="beam", beams=3, max_len=6, min_len=2, length_penalty=0.5)
@@ -170,6 +171,8 @@ def test_sampling_is_seeded(checkpoint, image_dir, tmp_path) -> None:
         ["--min_len", "9", "--max_len", "4"],
         ["--batch_size", "0"],
         ["--beams", "two"],
+        ["--precision", "fp8"],
+        ["--num_captions", "0"],
         ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--format", "xml"],
     ],
     ids=str,
@@ -225,3 +228,88 @@ def test_image_ids_use_trailing_numbers_and_never_collide() -> None:
     paths = [Path("a/COCO_val2014_000000000005.jpg"), Path("b/cat.png"), Path("c/img12.jpg"), Path("d/dog.jpg")]
     assert assign_image_ids(paths) == [5, 13, 12, 14]
     assert assign_image_ids([Path("x.jpg"), Path("y.jpg")]) == [0, 1]
+
+
+def test_image_ids_never_collide_across_folders() -> None:
+    paths = [Path("a/1.jpg"), Path("b/1.jpg"), Path("c/2.jpg"), Path("d/cat.jpg")]
+    assert assign_image_ids(paths) == [3, 4, 2, 5]
+
+
+@pytest.fixture(scope="module")
+def nocaps_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A folder of hex-named images (two of them under the same name in different folders) and its COCO
+    caption file with ids unrelated to the names, as nocaps ships them; plus an image the file does not list."""
+    root = tmp_path_factory.mktemp("nocaps")
+    names = ["0013ea2087020901.jpg", "00223b4a53a0f1e4.jpg", "near/1.jpg", "out/1.jpg"]
+    for i, name in enumerate([*names, "not_listed.jpg"]):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.effect_noise((40 + 6 * i, 36), 20 + 15 * i).convert("RGB").save(root / name)
+    images = [{"id": 100 + i, "file_name": name, "domain": ["in-domain", "near-domain", "out-domain"][i % 3]}
+              for i, name in enumerate(names)]  # fmt: skip
+    annotations = [{"image_id": 100 + i, "id": 10 * i + k, "caption": f"a photo of thing {i} number {k}"}
+                   for i in range(len(names)) for k in range(3)]  # fmt: skip
+    captions_file = root / "nocaps_val_captions.json"
+    captions_file.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root, captions_file
+
+
+def test_annotation_ids_let_evaluate_score_the_output_directly(checkpoint, nocaps_like, tmp_path, capsys) -> None:
+    import evaluate
+
+    root, captions_file = nocaps_like
+    out = tmp_path / "nocaps_pred.json"
+    args = ["--annotations", str(captions_file), "--output", str(out), "--precision", "fp32"]
+    assert run_predict(checkpoint, [str(root)], *args) == 0
+    results = json.loads(out.read_text())
+    assert [(r["image_id"], Path(r["file_name"]).relative_to(root).as_posix()) for r in results] == [
+        (100, "0013ea2087020901.jpg"), (101, "00223b4a53a0f1e4.jpg"), (102, "near/1.jpg"), (103, "out/1.jpg")
+    ]  # fmt: skip
+    assert evaluate.main(["--results", str(out), "--annotations", str(captions_file), "--no_spice"]) == 0
+    table = capsys.readouterr().out
+    assert "near-domain" in table and "CIDEr" in table
+
+
+def test_prepared_split_annotations_and_missing_images(checkpoint, nocaps_like, tmp_path, capsys) -> None:
+    root, _ = nocaps_like
+    split = tmp_path / "test.json"  # prepared / Karpathy-style: one entry per image, paths under the image root
+    entries = [{"image": "near/1.jpg", "caption": ["a"], "image_id": 7},
+               {"image": "val2014/COCO_val2014_000000000042.jpg", "caption": ["b"]},
+               {"image": "0013ea2087020901.jpg", "caption": ["c"], "image_id": 9}]  # fmt: skip
+    split.write_text(json.dumps(entries))
+    out = tmp_path / "split_pred.jsonl"
+    assert run_predict(checkpoint, [str(root)], "--annotations", str(split), "--output", str(out)) == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["image_id"], Path(r["file_name"]).name) for r in rows] == [(7, "1.jpg"), (9, "0013ea2087020901.jpg")]
+    assert Path(rows[0]["file_name"]).parent.name == "near"
+    err = capsys.readouterr().err
+    assert "failed: val2014/COCO_val2014_000000000042.jpg (image id 42): no such file" in err
+
+
+def test_ambiguous_or_unusable_annotations(checkpoint, nocaps_like, tmp_path, capsys) -> None:
+    root, _ = nocaps_like
+    ambiguous = tmp_path / "ambiguous.json"
+    ambiguous.write_text(json.dumps([{"image": "1.jpg", "caption": "x", "image_id": 1}]))
+    assert run_predict(checkpoint, [str(root)], "--annotations", str(ambiguous)) == 2  # no image found
+    assert "1.jpg (image id 1): several files match" in capsys.readouterr().err
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "a.jpg", "sentences": [], "cocoid": 1}]}))
+    assert run_predict(checkpoint, [str(root)], "--annotations", str(karpathy)) == 2
+    assert "run python -m data.prepare_coco" in capsys.readouterr().err
+
+
+def test_n_best_lists_in_json_and_jsonl(checkpoint, image_dir, tmp_path) -> None:
+    from models import load_captioner
+
+    paths = good_paths(image_dir)
+    expected = load_captioner(checkpoint, "cpu").caption(paths, num_captions=3)
+    for name in ("nbest.json", "nbest.jsonl"):
+        out = tmp_path / name
+        assert run_predict(checkpoint, paths, "--output", str(out), "--num_captions", "3") == 0
+        text = out.read_text()
+        rows = json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+        assert [[c["caption"] for c in r["captions"]] for r in rows] == [[c.text for c in e] for e in expected]
+        assert all(r["caption"] == r["captions"][0]["caption"] for r in rows)
+        scores = [[c["score"] for c in r["captions"]] for r in rows]
+        assert all(s == sorted(s, reverse=True) for s in scores)
+        assert scores[0][0] == pytest.approx(expected[0][0].score, abs=1e-4)
+    assert run_predict(checkpoint, paths, "--output", str(tmp_path / "nbest.csv"), "--num_captions", "3") == 2

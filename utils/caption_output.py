@@ -15,11 +15,13 @@ import logging
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
 
 from data.image_io import ImageLoadError, load_image
+from utils.coco_eval import ImageId
 
 logger = logging.getLogger(__name__)
 
@@ -30,27 +32,64 @@ _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 @dataclass
 class CaptionRecord:
-    """One captioned image: ``image_id`` (see :func:`assign_image_ids`), ``caption``, ``file_name``."""
+    """One captioned image: ``image_id`` (see :func:`assign_image_ids`), ``caption``, ``file_name`` and,
+    for n-best output, ``captions``: ``[{"caption", "score"}, ...]`` best first (``caption`` is the first)."""
 
-    image_id: int
+    image_id: ImageId
     caption: str
     file_name: str
+    captions: list[dict] | None = field(default=None)
+
+    def as_dict(self) -> dict:
+        row = asdict(self)
+        if self.captions is None:
+            del row["captions"]
+        return row
 
 
 def assign_image_ids(paths: Sequence[Path]) -> list[int]:
-    """Image ids for files: the trailing number of the file stem when it has one
-    (``COCO_val2014_000000060623.jpg`` -> 60623), otherwise a running index that continues after the
-    largest such number, in the order given, so that numbered and unnumbered files never share an id."""
-    numbers = [_TRAILING_NUMBER.search(Path(p).stem) for p in paths]
-    next_id = max((int(m.group(1)) for m in numbers if m), default=-1) + 1
+    """Image ids for files: the trailing number of the file stem when it has one and no other file has
+    the same (``COCO_val2014_000000060623.jpg`` -> 60623), otherwise a running index that continues after
+    the largest such number, in the order given, so that ids never collide (``a/1.jpg``, ``b/1.jpg``)."""
+    numbers = [int(m.group(1)) if (m := _TRAILING_NUMBER.search(Path(p).stem)) else None for p in paths]
+    counts = Counter(n for n in numbers if n is not None)
+    shared = sorted(n for n, count in counts.items() if count > 1)
+    if shared:
+        logger.warning("%d file numbers are shared by several files (e.g. %d): those files get running ids; "
+                       "give --annotations to take the ids from a caption file", len(shared), shared[0])  # fmt: skip
+    next_id = max(counts, default=-1) + 1
     ids = []
-    for match in numbers:
-        if match:
-            ids.append(int(match.group(1)))
+    for number in numbers:
+        if number is not None and counts[number] == 1:
+            ids.append(number)
         else:
             ids.append(next_id)
             next_id += 1
     return ids
+
+
+def match_annotated_images(
+    entries: Sequence[tuple[ImageId, str]], paths: Sequence[Path]
+) -> tuple[list[tuple[ImageId, Path]], list[str]]:
+    """Find each annotated image ``(id, file name)`` among the files ``paths``: the file whose path ends with
+    the file name (``val2014/COCO_val2014_000000000042.jpg``), else the only file of that base name.
+    Returns the matches in annotation order and a message for each image not found or ambiguous."""
+    by_name: dict[str, list[Path]] = {}
+    for path in paths:
+        by_name.setdefault(path.name, []).append(path)
+    matches, problems = [], []
+    for image_id, file_name in entries:
+        relative = PurePosixPath(file_name.replace("\\", "/"))
+        candidates = by_name.get(relative.name, [])
+        exact = [p for p in candidates if p.as_posix().endswith("/" + relative.as_posix())]
+        found = exact or candidates
+        if len(found) == 1:
+            matches.append((image_id, found[0]))
+        elif not found:
+            problems.append(f"{file_name} (image id {image_id}): no such file among the --images inputs")
+        else:
+            problems.append(f"{file_name} (image id {image_id}): several files match: {found[0]}, {found[1]}")
+    return matches, problems
 
 
 def format_for(path: str | os.PathLike, requested: str | None = None) -> str:
@@ -69,13 +108,16 @@ def format_for(path: str | os.PathLike, requested: str | None = None) -> str:
 
 
 def write_results(path: str | os.PathLike, records: Sequence[CaptionRecord], fmt: str) -> None:
-    """Write ``records`` as COCO results JSON (a list of objects), JSON lines or CSV (with a header)."""
-    rows = [asdict(r) for r in records]
+    """Write ``records`` as COCO results JSON (a list of objects), JSON lines or CSV (with a header; one
+    caption per image only)."""
+    rows = [r.as_dict() for r in records]
     if fmt == "coco":
         text = json.dumps(rows, ensure_ascii=False, indent=1) + "\n"
     elif fmt == "jsonl":
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     elif fmt == "csv":
+        if any(r.captions is not None for r in records):
+            raise ValueError("n-best lists need a JSON or JSON-lines output (.json or .jsonl)")
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["image_id", "file_name", "caption"], lineterminator="\n")
         writer.writeheader()

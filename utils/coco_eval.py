@@ -169,6 +169,44 @@ def _ground_truth_from_karpathy(entries: list, path: str | os.PathLike) -> dict[
     return gts
 
 
+def load_image_entries(path: str | os.PathLike) -> list[tuple[ImageId, str]]:
+    """``(image id, file name)`` of every image of a caption file, in file order, with the ids that
+    :func:`load_ground_truth` gives the same file: a COCO caption or image-info file (``images`` with ``id``
+    and ``file_name``; nocaps' files are such) or a Karpathy-style list (``image``, optional ``image_id``)."""
+    data = read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        pairs = [_coco_image_entry(image, path, index) for index, image in enumerate(data["images"])]
+    elif isinstance(data, list):
+        pairs = []
+        for index, entry in enumerate(data):
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                raise CaptionDataError(f"{path}: entry {index} lacks an 'image' file name: {entry!r:.200}")
+            image_id = entry["image_id"] if "image_id" in entry else image_id_from_path(entry["image"])
+            pairs.append((normalise_image_id(image_id), entry["image"]))
+    else:
+        raise CaptionDataError(
+            f"{path}: expected a COCO caption file (an object with 'images') or a list of {{'image', ...}} entries"
+        )
+    unique = list(dict.fromkeys(pairs))  # Karpathy-style training lists repeat an image per caption
+    files: dict[ImageId, str] = {}
+    for image_id, file_name in unique:
+        if files.setdefault(image_id, file_name) != file_name:
+            raise CaptionDataError(f"{path}: images {files[image_id]!r} and {file_name!r} share image id {image_id!r}")
+    if not unique:
+        raise CaptionDataError(f"{path}: no images listed")
+    return unique
+
+
+def _coco_image_entry(image: Any, path: str | os.PathLike, index: int) -> tuple[ImageId, str]:
+    if isinstance(image, dict) and "filename" in image and "sentences" in image:
+        raise CaptionDataError(
+            f"{path} is Karpathy's dataset file: run python -m data.prepare_coco on it and use its split files"
+        )
+    if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+        raise CaptionDataError(f"{path}: image {index} lacks 'id' or 'file_name': {image!r:.200}")
+    return normalise_image_id(image["id"]), image["file_name"]
+
+
 def load_image_domains(path: str | os.PathLike) -> dict[ImageId, str]:
     """``{image_id: domain}`` of a nocaps-style COCO file whose images carry ``domain``; else empty."""
     data = read_json(path)

@@ -90,6 +90,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_split: str = "val"  # split evaluated each epoch to pick the best checkpoint
     val_meteor: bool = True  # METEOR at each validation too (Java, ~4 s per 1,000 images); test always has it
+    report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb: live dashboards (utils/reporting.py)
 
 
 @dataclass

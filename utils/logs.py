@@ -7,8 +7,11 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from utils.reporting import Reporter, scalar_values
 
 
 def setup_logging(rank: int = 0, log_file: Path | None = None, level: int = logging.INFO) -> None:
@@ -33,20 +36,35 @@ def setup_logging(rank: int = 0, log_file: Path | None = None, level: int = logg
 
 
 class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl`` (no-op when ``path`` is None)."""
+    """Appends one JSON object per event to ``metrics.jsonl`` (no-op when ``path`` is None) and passes its
+    numbers on to the dashboards in ``reporters`` at the event's ``step`` (the last one seen without it)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, reporters: Sequence[Reporter] = ()) -> None:
         self.path = path
+        self.reporters = list(reporters)
+        self.last_step = 0
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, event: str, **values: Any) -> None:
+        plain = {k: _plain(v) for k, v in values.items()}
+        self.last_step = int(plain.get("step", self.last_step))
+        for reporter in self.reporters:
+            reporter.scalars(event, scalar_values(plain), self.last_step)
         if self.path is None:
             return
-        record = {"event": event, "time": round(time.time(), 3)}
-        record.update({k: _plain(v) for k, v in values.items()})
+        record = {"event": event, "time": round(time.time(), 3), **plain}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def text(self, tag: str, text: str) -> None:
+        """A text (e.g. a table of sample captions) for the dashboards, at the last step."""
+        for reporter in self.reporters:
+            reporter.text(tag, text, self.last_step)
+
+    def close(self) -> None:
+        for reporter in self.reporters:
+            reporter.close()
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is missing and
+# install the pinned torch pair and the requirements once (the stamp file records it), and check Java.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint setup java
+
+demo: setup java
+	$(BIN)/python demo.py
+
+test: setup java
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+setup: $(STAMP)
+
+# Reinstalls only when a requirements file changed since the last installation.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(PIP_FLAGS) $(TORCH)
+	$(BIN)/python -m pip install $(PIP_FLAGS) -r requirements-dev.txt
+	touch $@
+
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "Java is missing (the METEOR and PTB-tokenizer metrics run on it). Install it, then run make again:"; \
+	  echo "  sudo apt-get install -y default-jre-headless    # Debian / Ubuntu"; \
+	  echo "  brew install openjdk                            # macOS"; \
+	  exit 1; }
