@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ class ImageReader:
     def __init__(self, image_root: str | Path, transform: Callable) -> None:
         self.image_root = Path(image_root)
         self.transform = transform
-        self.features: dict[str, torch.Tensor] | None = None
+        self.features: Mapping[str, torch.Tensor] | None = None
 
     def read(self, relative: str) -> torch.Tensor | None:
         """Image 3 x R x R (or features N x C), None when unreadable (logged)."""

@@ -54,8 +54,9 @@ class DataConfig:
     synthetic: bool = False  # generate the built-in demo data set into image_root unless one is there
     max_words: int = 30
     augment: bool = True
-    cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; uses RAM)
-    feature_cache_dir: str | None = None  # also keep those features on disk for later runs
+    cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; memory-mapped file)
+    feature_cache_dir: str | None = None  # keep the features there for later runs and the node's other processes
+    feature_cache_dtype: str = "float16"  # float16 | float32: storage of the cached features
     num_workers: int = 4
 
 
