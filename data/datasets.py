@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 from data.image_io import ImageLoadError, load_image
 from data.text import clean_caption
@@ -46,6 +47,7 @@ class ImageReader:
     def __init__(self, image_root: str | Path, transform: Callable) -> None:
         self.image_root = Path(image_root)
         self.transform = transform
+        self.draft_size = draft_size_for(transform)
         self.features: Mapping[str, torch.Tensor] | None = None
 
     def read(self, relative: str) -> torch.Tensor | None:
@@ -54,10 +56,19 @@ class ImageReader:
             return self.features.get(relative)
         path = self.image_root / relative
         try:
-            return self.transform(load_image(path))
+            return self.transform(load_image(path, draft_size=self.draft_size))
         except ImageLoadError as err:
             logger.warning("skipping image: %s", err)
             return None
+
+
+def draft_size_for(transform: Callable) -> tuple[int, int] | None:
+    """(width, height) a JPEG may be decoded down to for ``transform``: its output size when it starts by
+    resizing the whole image to a fixed size (the test transform), else None (crops need the full image)."""
+    first = transform.transforms[0] if isinstance(transform, transforms.Compose) and transform.transforms else None
+    if isinstance(first, transforms.Resize) and isinstance(first.size, Sequence) and len(first.size) == 2:
+        return int(first.size[1]), int(first.size[0])
+    return None
 
 
 class CaptionTrainDataset(Dataset):

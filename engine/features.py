@@ -87,13 +87,14 @@ class FeatureStore(Mapping[str, torch.Tensor]):
 
 
 def cache_key(encoder: nn.Module, reader: ImageReader, paths: Sequence[str], dtype: str) -> str:
-    """Digest of everything the features depend on: encoder weights, image root, transform, images, dtype."""
+    """Digest of everything the features depend on: encoder weights, image root, transform and JPEG draft
+    size, images, dtype."""
     digest = hashlib.sha256()
     for name, tensor in encoder.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     digest.update(str(reader.image_root.resolve()).encode())
-    digest.update(repr(reader.transform).encode())
+    digest.update(f"{reader.transform!r} draft {reader.draft_size}".encode())
     digest.update("\n".join(paths).encode())
     digest.update(dtype.encode())
     return digest.hexdigest()[:32]
