@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 from data.image_io import ImageLoadError, load_image
 from data.text import clean_caption, strip_stop
@@ -52,7 +53,8 @@ class ImageReader:
     def __init__(self, image_root: str | Path, transform: Callable) -> None:
         self.image_root = Path(image_root)
         self.transform = transform
-        self.features: dict[str, torch.Tensor] | None = None
+        self.draft_size = draft_size_for(transform)
+        self.features: Mapping[str, torch.Tensor] | None = None
         self.failures: dict[str, str] = {}  # image path -> why it could not be read, when features were cached
 
     def read(self, relative: str) -> torch.Tensor | Unreadable:
@@ -62,7 +64,7 @@ class ImageReader:
             return found if found is not None else Unreadable(self.failures.get(relative, "unreadable"))
         path = self.image_root / relative
         try:
-            return self.transform(load_image(path))
+            return self.transform(load_image(path, draft_size=self.draft_size))
         except ImageLoadError as err:
             logger.warning("skipping image: %s", err)
             return Unreadable(err.kind)
@@ -76,6 +78,15 @@ def drop_empty_captions(entries: list[dict[str, Any]], ann_file: str | Path) -> 
     if not kept:
         raise ValueError(f"train annotations {ann_file}: every caption is empty")
     return kept
+
+
+def draft_size_for(transform: Callable) -> tuple[int, int] | None:
+    """(width, height) a JPEG may be decoded down to for ``transform``: its output size when it starts by
+    resizing the whole image to a fixed size (the test transform), else None (crops need the full image)."""
+    first = transform.transforms[0] if isinstance(transform, transforms.Compose) and transform.transforms else None
+    if isinstance(first, transforms.Resize) and isinstance(first.size, Sequence) and len(first.size) == 2:
+        return int(first.size[1]), int(first.size[0])
+    return None
 
 
 class CaptionTrainDataset(Dataset):

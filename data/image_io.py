@@ -53,6 +53,7 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
+    draft_size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Read an image file as 8-bit RGB with its EXIF orientation applied.
 
@@ -61,6 +62,8 @@ def load_image(
         max_pixels: the result has at most this many pixels; larger images are downscaled, aspect kept.
         max_decode_pixels: non-JPEG images with more pixels than this are rejected, since they would
             have to be decoded in full before they could be downscaled.
+        draft_size: (width, height) the caller will resize to: a JPEG is then decoded at 1/2, 1/4 or 1/8
+            scale where both sides stay at or above it (several times faster; other formats unchanged).
 
     Returns:
         A loaded RGB image (H x W x 3, uint8) not tied to the file.
@@ -76,7 +79,7 @@ def load_image(
             # Our own limits below replace Pillow's warning; its global threshold stays as the user set it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with _open(path) as image:
-                _draft_jpeg(image, max_pixels)
+                _draft_jpeg(image, max_pixels, draft_size)
                 _check_decode_size(path, image, max_decode_pixels)
                 image.load()
                 _apply_exif_orientation(path, image)
@@ -159,13 +162,18 @@ def _open(path: str | os.PathLike) -> ImageFile.ImageFile:
         return JpegImagePlugin.JpegImageFile(os.fspath(path))
 
 
-def _draft_jpeg(image: ImageFile.ImageFile, max_pixels: int) -> None:
-    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while staying at or above the target size."""
-    if not isinstance(image, JpegImagePlugin.JpegImageFile) or image.width * image.height <= max_pixels:
+def _draft_jpeg(image: ImageFile.ImageFile, max_pixels: int, draft_size: tuple[int, int] | None) -> None:
+    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while staying at or above the target size: the size
+    that fits ``max_pixels``, and ``draft_size`` when given."""
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):
         return
-    factor = math.sqrt(max_pixels / (image.width * image.height))
-    target = (max(1, math.ceil(image.width * factor)), max(1, math.ceil(image.height * factor)))
-    image.draft(None, target)
+    target = draft_size
+    if image.width * image.height > max_pixels:
+        factor = math.sqrt(max_pixels / (image.width * image.height))
+        fit = (max(1, math.ceil(image.width * factor)), max(1, math.ceil(image.height * factor)))
+        target = fit if draft_size is None else (max(fit[0], draft_size[0]), max(fit[1], draft_size[1]))
+    if target is not None:
+        image.draft(None, target)
 
 
 def _check_decode_size(path: str | os.PathLike, image: Image.Image, max_decode_pixels: int) -> None:

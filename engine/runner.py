@@ -172,8 +172,9 @@ class Run:
         if self.cfg.data.cache_features:
             cache_features(
                 self.model.encoder, datasets, self.dist.device, self.cfg.train.eval_batch_size,
-                self.cfg.data.num_workers, self.precision, self.dist.is_main,
+                self.cfg.data.num_workers, self.precision, self.dist,
                 Path(self.cfg.data.feature_cache_dir) if self.cfg.data.feature_cache_dir else None,
+                self.cfg.data.feature_cache_dtype,
             )  # fmt: skip
 
     def _per_rank_batch(self) -> int:

@@ -306,3 +306,20 @@ def test_collect_reports_inputs_that_match_nothing(tmp_path: Path) -> None:
 def test_image_extensions_cover_supported_formats() -> None:
     assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} <= IMAGE_EXTENSIONS
     assert all(ext == ext.lower() and ext.startswith(".") for ext in IMAGE_EXTENSIONS)
+
+
+def test_draft_size_decodes_jpegs_reduced_but_not_below_it(tmp_path: Path) -> None:
+    from data.datasets import draft_size_for
+    from data.transforms import build_transform
+
+    photo = two_colour((640, 480))
+    photo.save(tmp_path / "photo.jpg", quality=95)
+    photo.save(tmp_path / "photo.png")
+    assert load_image(tmp_path / "photo.jpg", draft_size=(224, 224)).size == (320, 240)
+    assert load_image(tmp_path / "photo.jpg", draft_size=(161, 100)).size == (320, 240)  # 1/4 would be 160 wide
+    assert load_image(tmp_path / "photo.jpg", draft_size=(400, 300)).size == (640, 480)
+    assert load_image(tmp_path / "photo.png", draft_size=(224, 224)).size == (640, 480)
+    assert_close(pixel(load_image(tmp_path / "photo.jpg", draft_size=(224, 224)), 300, 120), BLUE, tolerance=20)
+    # only a transform that resizes the whole image to a fixed size may read a reduced decode
+    assert draft_size_for(build_transform(224, train=False)) == (224, 224)
+    assert draft_size_for(build_transform(224, train=True)) is None

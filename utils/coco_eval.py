@@ -17,18 +17,19 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pycocoevalcap import spice as _spice_package
 from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from utils.cider import CiderD
 from utils.java import java_missing
 
 logger = logging.getLogger(__name__)
@@ -387,6 +388,8 @@ class CaptionScorer:
         if missing_java:
             raise RuntimeError(missing_java)
         ids = list(gts)
+        if meteor:
+            self._start_meteor()  # Java loads METEOR's tables while the tokenizer runs
         gts_tok, res_tok = self._tokenize([gts[i] for i in ids], [res[i] for i in ids])
         keys = list(range(len(ids)))
         metrics, cider_per_image = self._corpus_metrics(gts_tok, res_tok, meteor)
@@ -408,9 +411,12 @@ class CaptionScorer:
 
     @staticmethod
     def _tokenize(refs: list[list[str]], hyps: list[str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
-        tokenizer = PTBTokenizer()
-        gts_tok = tokenizer.tokenize({k: [{"caption": _one_line(c)} for c in r] for k, r in enumerate(refs)})
-        res_tok = tokenizer.tokenize({k: [{"caption": _one_line(c)}] for k, c in enumerate(hyps)})
+        """PTB-tokenise references and predictions in one Java run (keys ``0..n-1`` for both)."""
+        both = {("ref", k): [{"caption": _one_line(c)} for c in r] for k, r in enumerate(refs)}
+        both.update({("hyp", k): [{"caption": _one_line(c)}] for k, c in enumerate(hyps)})
+        tokens = PTBTokenizer().tokenize(both)
+        gts_tok = {k: tokens[("ref", k)] for k in range(len(refs)) if ("ref", k) in tokens}
+        res_tok = {k: tokens[("hyp", k)] for k in range(len(hyps)) if ("hyp", k) in tokens}
         expected = [len(r) for r in refs]
         if [len(gts_tok.get(k, [])) for k in range(len(refs))] != expected or len(res_tok) != len(hyps):
             # pycocoevalcap ignores the Java process's exit status: a failed or missing java ends up here
@@ -418,14 +424,27 @@ class CaptionScorer:
         return gts_tok, res_tok
 
     def _corpus_metrics(self, gts: dict[int, list[str]], res: dict[int, list[str]], meteor: bool) -> tuple[dict, list]:
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        metrics = {f"BLEU-{n + 1}": float(value) for n, value in enumerate(bleu)}
-        if meteor:
-            metrics["METEOR"] = self._meteor_score(gts, res)
-        metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-        cider, cider_per_image = Cider().compute_score(gts, res)
-        metrics["CIDEr"] = float(cider)
+        # METEOR's Java process scores in a thread (it mostly waits on the pipe) while Python runs the others.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            meteor_future = pool.submit(self._meteor_score, gts, res) if meteor else None
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            rouge = float(Rouge().compute_score(gts, res)[0])
+            # CiderD() in corpus mode is pycocoevalcap's Cider (equal to 1e-15), about twice as fast.
+            cider, cider_per_image = CiderD(cache_size=0).compute_score(gts, res)
+            metrics = {f"BLEU-{n + 1}": float(value) for n, value in enumerate(bleu)}
+            if meteor_future is not None:
+                metrics["METEOR"] = meteor_future.result()
+        metrics.update({"ROUGE-L": rouge, "CIDEr": float(cider)})
         return metrics, list(cider_per_image)
+
+    def _start_meteor(self) -> None:
+        if self._meteor is not None and self._meteor.meteor_p.poll() is not None:
+            # killed, or out of memory, since the last call
+            logger.warning("METEOR's Java process had exited (status %s): restarting it", self._meteor.meteor_p.poll())
+            self.close()
+        if self._meteor is None:
+            logger.info("starting METEOR (Java)")
+            self._meteor = Meteor()
 
     def _meteor_score(self, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
         """METEOR through the kept Java process; a call that fails is retried once with a new process."""
@@ -439,13 +458,7 @@ class CaptionScorer:
             raise RuntimeError(f"METEOR failed twice ({type(err).__name__}: {err})") from err
 
     def _meteor_once(self, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
-        if self._meteor is not None and self._meteor.meteor_p.poll() is not None:
-            # killed, or out of memory, since the last call
-            logger.warning("METEOR's Java process had exited (status %s): restarting it", self._meteor.meteor_p.poll())
-            self.close()
-        if self._meteor is None:
-            logger.info("starting METEOR (Java)")
-            self._meteor = Meteor()
+        self._start_meteor()
         try:
             return float(self._meteor.compute_score(gts, res)[0])
         except Exception:

@@ -58,8 +58,9 @@ class DataConfig:
     max_words: int = 30
     max_tokens: int = 30  # GPT-2 tokens per training caption (longer ones are cut, as in the reference)
     augment: bool = True
-    cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; uses RAM)
-    feature_cache_dir: str | None = None  # also keep those features on disk for later runs
+    cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; memory-mapped file)
+    feature_cache_dir: str | None = None  # keep the features there for later runs and the node's other processes
+    feature_cache_dtype: str = "float16"  # float16 | float32: storage of the cached features
     num_workers: int = 4
 
 

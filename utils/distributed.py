@@ -47,6 +47,11 @@ def setup(device_name: str) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+def local_world_size() -> int:
+    """Processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
