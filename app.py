@@ -53,6 +53,12 @@ def no_model_message() -> str:
             "or pass a model:  python app.py --checkpoint runs/xe/best.pt")  # fmt: skip
 
 
+def _shown(source: str | Path) -> str:
+    """The model's name on the page: relative to the working folder when it is inside it."""
+    path = Path(source).expanduser().resolve()
+    return str(path.relative_to(Path.cwd())) if path.exists() and path.is_relative_to(Path.cwd()) else str(source)
+
+
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: cannot load the model {source}: {err}", file=sys.stderr)
         return 2
-    service = CaptionService(captioner, str(source), args.max_images, args.queue)
+    service = CaptionService(captioner, _shown(source), args.max_images, args.queue)
     try:
         server = CaptionServer((args.host, args.port), service, int(args.max_upload_mb * 1e6))
     except OSError as err:

@@ -5,6 +5,7 @@ choice of model. test_app_browser.py drives the same page in a real browser."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
@@ -27,7 +28,7 @@ from webapp.forms import FormError, parse_form
 from webapp.server import CaptionServer
 from webapp.service import BusyError, CaptionService, RequestQueue
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+SHARED = Path(os.environ.get("OPG_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
 PHOTO = SHARED / "real_images" / "COCO_val2014_000000060623.jpg"
 MAX_UPLOAD = 1_000_000
 

@@ -163,8 +163,11 @@ class CaptionService:
         with tempfile.TemporaryDirectory(prefix="opg-app-") as folder:
             for index, (name, data) in enumerate(uploads):
                 image, error = read_upload(name, data, Path(folder) / f"upload{index}")
-                results.append({"name": name, "error": error} if error else {"name": name})
-                images += [image] if image else []
+                if image is None:
+                    results.append({"name": name, "error": error})
+                else:
+                    results.append({"name": name})
+                    images.append(image)
         started = time.perf_counter()
         if images:
             with self.queue.slot():

@@ -3,7 +3,7 @@
 // ever inserted as text (textContent), never as HTML.
 "use strict";
 
-const state = { info: null, examples: [], selection: [] }; // selection: [{name, blob, url}]
+const state = { info: null, examples: [], selection: [], request: 0 }; // selection: [{name, blob, url}]
 const $ = (id) => document.getElementById(id);
 
 function element(tag, className, text) {
@@ -178,12 +178,14 @@ async function run() {
   }
   const form = settingsForm();
   for (const item of items) form.append("images", item.blob, item.name);
+  const request = ++state.request; // a newer request makes this one's answer stale
   hideMessage();
   $("run").disabled = true;
   $("status").textContent = `Captioning ${plural(items.length, "image")}…`;
   try {
     const response = await fetch("/api/caption", { method: "POST", body: form });
     const reply = await response.json().catch(() => ({ error: `the server answered ${response.status}` }));
+    if (request !== state.request) return;
     if (!response.ok) {
       showMessage(reply.error || `the server answered ${response.status}`);
       $("status").textContent = "";
@@ -191,10 +193,11 @@ async function run() {
     }
     render(items, reply, describeSettings(form));
   } catch (err) {
+    if (request !== state.request) return;
     showMessage(`The server did not answer (is app.py still running?): ${err.message}`);
     $("status").textContent = "";
   } finally {
-    $("run").disabled = state.selection.length === 0;
+    if (request === state.request) $("run").disabled = state.selection.length === 0;
   }
 }
 
