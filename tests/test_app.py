@@ -148,7 +148,7 @@ def test_bad_requests_get_a_message_and_the_server_keeps_serving(url) -> None:
     body, content_type = urllib3.encode_multipart_formdata([("images", photo)] * 6)
     assert post(url, {}, content_type, body) == (400, {
         "error": "6 images in one request: at most 5 (app.py --max_images)"})  # fmt: skip
-    for path in ("../README.md", "static/../../app.py", "examples/x.jpg", "static/missing.js"):
+    for path in ("../README.md", "static/../../app.py", "static/..%2F..%2Fapp.py", "examples/x.jpg", "static/x.js"):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url + path, timeout=10)
         assert err.value.code == 404

@@ -21,6 +21,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from data.image_io import IMAGE_EXTENSIONS
 from webapp.forms import FormError, parse_form
@@ -64,12 +65,14 @@ class CaptionServer(ThreadingHTTPServer):
 
 
 class CaptionHandler(BaseHTTPRequestHandler):
+    """One request: the routes of the module docstring; every answer carries the security headers."""
+
     server: CaptionServer
     server_version = "opg-app"
     timeout = 120  # seconds a client may stall while sending, before its thread gives up
 
-    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
-        path = self.path.split("?", 1)[0]
+    def do_GET(self) -> None:
+        path = unquote(self.path.split("?", 1)[0])
         if path == "/":
             self._send_file(self.server.static["index.html"])
         elif path == "/api/info":
@@ -83,7 +86,7 @@ class CaptionHandler(BaseHTTPRequestHandler):
         else:
             self._send_error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if self.path.split("?", 1)[0] != "/api/caption":
             self._send_error(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
             return
@@ -151,7 +154,7 @@ class CaptionHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the standard library's signature)
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
 
 
