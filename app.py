@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def no_model_message() -> str:
-    return (f"error: no --checkpoint given and no demo model in {DEMO_RUNS} ({'/, '.join(DEMO_STAGES)}/best.pt).\n"
+    looked = ", ".join(f"{stage}/best.pt" for stage in DEMO_STAGES)
+    return (f"error: no --checkpoint given and no demo model in {DEMO_RUNS} (looked for {looked}).\n"
             "Train the demo's model first (about 10 minutes on 2 CPU cores):  python demo.py\n"
             "or pass a model:  python app.py --checkpoint runs/xe/best.pt")  # fmt: skip
 
