@@ -1,0 +1,107 @@
+"""Caption photos in a browser: a local web page over the Python API (``models.load_captioner``).
+
+    python app.py [--checkpoint CKPT_OR_FOLDER] [--host 127.0.0.1] [--port 7860] [--device auto]
+                  [--precision auto] [--max_images 16] [--max_upload_mb 20] [--queue 8]
+
+Upload photos or pick the bundled examples, choose greedy, beam search or sampling and the number of
+captions, and read the captions with their scores; a second tab shows which prefix positions the sparse mask
+kept. Without --checkpoint the demo's model (runs/demo/, made by ``python demo.py``) is used. Nothing is
+fetched from other hosts: the page, its script and the examples are served from this repository.
+Stop it with Ctrl+C. Exit status 2 when there is no usable model or the address is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEMO_RUNS = ROOT / "runs" / "demo"
+DEMO_STAGES = ("scst_mean", "scst_greedy", "xe")  # best first: demo.py's output folders
+
+
+def default_checkpoint(runs: Path | None = None) -> Path | None:
+    """The demo's best trained model in ``runs`` (default runs/demo): SCST (mean, then greedy baseline),
+    else XE; None when there is none."""
+    runs = DEMO_RUNS if runs is None else runs
+    return next((runs / stage / "best.pt" for stage in DEMO_STAGES if (runs / stage / "best.pt").is_file()), None)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="training .pt, exported folder or Hub id (default: the demo's model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=7860, help="port (0: any free one; the URL is printed)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    parser.add_argument("--max_images", type=int, default=16, help="images per request")
+    parser.add_argument("--max_upload_mb", type=float, default=20.0, help="size of one request's uploads")
+    parser.add_argument("--queue", type=int, default=8, help="requests that may wait while one is captioned")
+    args = parser.parse_args(argv)
+    if args.max_images < 1 or args.max_upload_mb <= 0 or args.queue < 0:
+        parser.error("--max_images must be >= 1, --max_upload_mb > 0 and --queue >= 0")
+    return args
+
+
+def no_model_message() -> str:
+    looked = ", ".join(f"{stage}/best.pt" for stage in DEMO_STAGES)
+    return (f"error: no --checkpoint given and no demo model in {DEMO_RUNS} (looked for {looked}).\n"
+            "Train the demo's model first (about 10 minutes on 2 CPU cores):  python demo.py\n"
+            "or pass a model:  python app.py --checkpoint runs/xe/best.pt")  # fmt: skip
+
+
+def _shown(source: str | Path) -> str:
+    """The model's name on the page: relative to the working folder when it is inside it."""
+    path = Path(source).expanduser().resolve()
+    return str(path.relative_to(Path.cwd())) if path.exists() and path.is_relative_to(Path.cwd()) else str(source)
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    source = args.checkpoint or default_checkpoint()
+    if source is None:
+        print(no_model_message(), file=sys.stderr)
+        return 2
+    if Path(source).expanduser().exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model needs no network: not even a probe
+    from models import load_captioner
+    from utils.checkpoint import CheckpointError
+    from webapp.server import CaptionServer
+    from webapp.service import CaptionService
+
+    try:
+        captioner = load_captioner(source, device=args.device, precision=args.precision)
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"error: cannot load the model {source}: {err}", file=sys.stderr)
+        return 2
+    service = CaptionService(captioner, _shown(source), args.max_images, args.queue)
+    try:
+        server = CaptionServer((args.host, args.port), service, int(args.max_upload_mb * 1e6))
+    except OSError as err:
+        print(f"error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("app").warning("listening on %s: whoever reaches this machine can use the page", args.host)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    print(f"Captioning with {source} on {captioner.device}: open {server.url} (Ctrl+C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
