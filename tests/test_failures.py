@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from faults import (
@@ -36,6 +37,7 @@ import predict
 import train_scst
 from data.sampler import ShardedSampler
 from data.synthetic import generate_dataset
+from engine.features import FeatureStore
 from engine.runner import Run
 from utils.checkpoint import read_checkpoint
 from utils.coco_eval import CaptionScorer
@@ -67,7 +69,8 @@ def features(tmp_path_factory) -> Path:
 
 
 def _command(data: Path, features: Path, out: Path, *extra: str) -> list[str]:
-    cache = ["--data.cache_features", "true", "--data.feature_cache_dir", str(features), "--num_workers", "1"]
+    cache = ["--data.cache_features", "true", "--data.feature_cache_dir", str(features), "--num_workers", "1",
+             "--encoder.drop_path", "0"]  # fmt: skip
     return train_command(data, out, *cache, *extra)
 
 
@@ -209,20 +212,24 @@ def _poison_one_image(features: Path, poisoned: Path, data: Path, seed: int) -> 
     for position, index in enumerate(order):
         first_step.setdefault(entries[index]["image"], position // 8 + 1)
     image = next(name for name, step in first_step.items() if step == 3)
-    for file in poisoned.glob("features_*.pt"):
-        stored = torch.load(file, weights_only=True)
-        if image in stored["paths"]:
-            stored["features"][stored["paths"].index(image)] = float("nan")
-            torch.save(stored, file)
+    for folder in poisoned.glob("features_*"):
+        store = FeatureStore(folder)
+        if image in store.paths:
+            row = store.paths.index(image)
+            data_file = np.memmap(folder / "features.bin", dtype=store.dtype, mode="r+",
+                                  shape=(len(store.paths), *store.shape))  # fmt: skip
+            data_file[row] = np.nan
+            data_file.flush()
             return 3
-    raise AssertionError(f"{image} is in no cached feature file")
+    raise AssertionError(f"{image} is in no feature store")
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data, features, reference, tmp_path):
     seed = read_checkpoint(reference / "last.pt")["config"]["train"]["seed"]
     bad_step = _poison_one_image(features, tmp_path / "poisoned", data, seed)
     out = tmp_path / "run"
-    command = train_command(data, out, "--data.cache_features", "true", "--num_workers", "1",
+    command = train_command(data, out, "--data.cache_features", "true", "--encoder.drop_path", "0",
+                            "--num_workers", "1",
                             "--data.feature_cache_dir", str(tmp_path / "poisoned"))  # fmt: skip
     job = Job(command, tmp_path / "logs", "nan")
     assert job.wait() == 1, job.error_text()[-3000:]

@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_config
 from torch import nn
 
-from data.datasets import ImageReader
+from data.datasets import ImageReader, Unreadable
 from data.image_io import load_image
 from data.transforms import build_transform
 from engine.features import FeatureStore, cache_features, create_store, encode_into_store
@@ -106,7 +106,8 @@ def test_cache_folder_is_reused_by_later_runs(image_set, tmp_path, single_thread
     assert calls == 3 and encoder.calls == calls  # a shape probe and 2 batches, then nothing: read from disk
     assert len(list(tmp_path.glob("features_*"))) == 1
     assert torch.equal(first.reader.read(paths[3]), second.reader.read(paths[3]))
-    assert second.reader.read("broken.jpg") is None
+    assert isinstance(second.reader.read("broken.jpg"), Unreadable)
+    assert second.reader.read("broken.jpg").reason == first.reader.read("broken.jpg").reason == "not an image"
 
 
 def _xe_losses(data: Path, out: Path, **overrides) -> list[float]:
