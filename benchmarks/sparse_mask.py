@@ -52,6 +52,9 @@ def measure(encoder: str, mask: str, out: Path, scorer: CaptionScorer) -> dict:
         "model.sparse_mask_mode": "hard" if mask == "none" else mask,
         "output_dir": str(out / f"{encoder}_{mask}"),
     }
+    if encoder != "swin_demo":  # GPT-2 must hold the prefix and the caption: 50 + 30 positions
+        demo = build_config([CONFIG_DIR / "demo.yaml"])
+        overrides["model.gpt2_config"] = {**demo.model.gpt2_config, "n_positions": 96}
     cfg = build_config([CONFIG_DIR / "demo.yaml"], overrides)
     run = Run(cfg, scorer)
     started = time.perf_counter()
