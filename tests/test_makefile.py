@@ -13,7 +13,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def planned(folder: Path, target: str) -> str:
     """The commands ``make`` would run for ``target``, printed without running any."""
-    done = subprocess.run(["make", "-n", target], cwd=folder, capture_output=True, text=True, timeout=60)
+    # A clean environment: under `make test` the parent's MAKELEVEL/MAKEFLAGS would make this a sub-make.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-n", target], cwd=folder, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
