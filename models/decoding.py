@@ -28,6 +28,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from typing import Self
 
 import torch
 
@@ -298,71 +299,137 @@ def _decode_rows(
     return _finish(tokens, lengths, stopped, token_logprobs, options.length_penalty)
 
 
+@dataclass
+class _PerImage:
+    """Tensors with one row per image and one column per slot (N x S, or N x S x L for sequences)."""
+
+    def take(self, index: torch.Tensor) -> Self:
+        """Slots ``index`` (N x K) of each image."""
+        return replace(self, **{f.name: _gather_slots(getattr(self, f.name), index) for f in fields(self)})
+
+    def rows(self, keep: torch.Tensor) -> Self:
+        """The images ``keep`` (bool N, or indices)."""
+        return replace(self, **{f.name: getattr(self, f.name)[keep] for f in fields(self)})
+
+
+@dataclass
+class _Beams(_PerImage):
+    """Running beams after t steps: summed log-probabilities ``scores`` N x K, ``tokens`` and their
+    ``logprobs`` N x K x t."""
+
+    scores: torch.Tensor
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+    @classmethod
+    def start(cls, images: int, beams: int, like: torch.Tensor) -> _Beams:
+        # Only the first of the identical initial beams may expand, or all beams would pick the same tokens.
+        scores = like.new_full((images, beams), -math.inf)
+        scores[:, 0] = 0.0
+        tokens = torch.zeros(images, beams, 0, dtype=torch.long, device=like.device)
+        return cls(scores, tokens, like.new_zeros(images, beams, 0))
+
+
+@dataclass
+class _Finished(_PerImage):
+    """Finished hypotheses: length-normalised ``scores`` N x S (-inf in empty slots), ``tokens`` and
+    ``logprobs`` N x S x max_len (padded), ``lengths``, ``stopped`` (ends in a stop token) and ``filled``
+    (the slot holds a hypothesis), N x S."""
+
+    scores: torch.Tensor
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    lengths: torch.Tensor
+    stopped: torch.Tensor
+    filled: torch.Tensor
+
+    @classmethod
+    def empty(cls, images: int, slots: int, max_len: int, pad_id: int, like: torch.Tensor) -> _Finished:
+        device, shape = like.device, (images, slots)
+        return cls(
+            scores=like.new_full(shape, -math.inf),
+            tokens=torch.full((*shape, max_len), pad_id, dtype=torch.long, device=device),
+            logprobs=like.new_zeros(*shape, max_len),
+            lengths=torch.ones(shape, dtype=torch.long, device=device),
+            stopped=torch.zeros(shape, dtype=torch.bool, device=device),
+            filled=torch.zeros(shape, dtype=torch.bool, device=device),
+        )
+
+    @classmethod
+    def of(cls, candidates: _Beams, stopped: torch.Tensor, ready: torch.Tensor, options: DecodeOptions) -> _Finished:
+        """The ``ready`` candidates (N x C) as finished hypotheses; the other slots stay empty."""
+        length = candidates.tokens.shape[2]
+        return cls(
+            scores=(candidates.scores / length**options.length_penalty).masked_fill(~ready, -math.inf),
+            tokens=_pad(candidates.tokens, options.max_len, options.pad_id),
+            logprobs=_pad(candidates.logprobs, options.max_len, 0.0),
+            lengths=torch.full_like(stopped, length, dtype=torch.long),
+            stopped=stopped,
+            filled=ready,
+        )
+
+    def merge(self, new: _Finished, slots: int) -> _Finished:
+        """The best ``slots`` hypotheses of each image among these and ``new``."""
+        merged = _Finished(*(torch.cat([getattr(self, f.name), getattr(new, f.name)], dim=1) for f in fields(self)))
+        return merged.take(merged.scores.topk(slots, dim=1).indices)
+
+    def cannot_improve(self, running: _Beams, penalty: float) -> torch.Tensor:
+        """N bools: every slot is filled and the best running beam, normalised at its current length,
+        cannot beat the worst of them."""
+        best_running = running.scores[:, 0] / running.tokens.shape[2] ** penalty
+        return self.filled.all(dim=1) & (best_running <= self.scores.min(dim=1).values)
+
+    def put(self, images: torch.Tensor, source: _Finished) -> None:
+        """Store the best slots of ``source`` (one row per entry of ``images``) as images ``images``."""
+        slots = self.scores.shape[1]
+        for f in fields(self):
+            getattr(self, f.name)[images] = getattr(source, f.name)[:, :slots]
+
+
 def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOptions) -> DecodeResult:
     """Batched beam search (semantics in the module docstring); images that are done leave the batch."""
-    beams, max_len, penalty, device = options.beams, options.max_len, options.length_penalty, logits.device
+    beams, device = options.beams, logits.device
     images, vocab = logits.shape[0] // beams, logits.shape[1]
     stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=device)
     # Enough candidates that `beams` of them still run on when the best ones all end in a stop token.
     num_candidates = min((1 + max(1, len(options.stop_ids))) * beams, beams * vocab)
     top_ranks = torch.arange(num_candidates, device=device) < beams
     image_ids = torch.arange(images, device=device)
-    run_tokens = torch.zeros(images, beams, 0, dtype=torch.long, device=device)
-    run_logprobs = logits.new_zeros(images, beams, 0)
-    # Only the first of the identical initial beams may expand, or all beams would pick the same tokens.
-    run_scores = logits.new_full((images, beams), -math.inf)
-    run_scores[:, 0] = 0.0
-    finished = _empty_hypotheses(images, beams, max_len, options.pad_id, logits)
-    returned = options.num_return
-    best = _empty_hypotheses(images, returned, max_len, options.pad_id, logits)
-    improvable = torch.ones(images, dtype=torch.bool, device=device)
-    for t in range(max_len):
-        history = run_tokens.reshape(image_ids.numel() * beams, t)
-        scores, parent, token, new_logprobs = _continuations(
-            logits, run_scores, history, num_candidates, stop_ids, options
-        )
-        cand_tokens = torch.cat([_take(run_tokens, parent), token.unsqueeze(2)], dim=2)
-        cand_logprobs = torch.cat([_take(run_logprobs, parent), new_logprobs.unsqueeze(2)], dim=2)
-        is_stop = torch.isin(token, stop_ids)
-        ends = is_stop | (t + 1 == max_len)
-
-        running_scores = scores.masked_fill(ends, -math.inf)
+    running = _Beams.start(images, beams, logits)
+    finished = _Finished.empty(images, beams, options.max_len, options.pad_id, logits)
+    best = _Finished.empty(images, options.num_return, options.max_len, options.pad_id, logits)
+    for t in range(options.max_len):
+        candidates, parent, token = _expand(running, logits, num_candidates, stop_ids, options)
+        stopped = torch.isin(token, stop_ids)
+        ends = stopped | (t + 1 == options.max_len)
+        finished = finished.merge(_Finished.of(candidates, stopped, ends & top_ranks, options), beams)
+        # The best candidates that do not end run on.
+        running_scores = candidates.scores.masked_fill(ends, -math.inf)
         pick = running_scores.topk(beams, dim=1).indices
-        run_scores, run_tokens = running_scores.gather(1, pick), _take(cand_tokens, pick)
-        run_logprobs, run_parent = _take(cand_logprobs, pick), parent.gather(1, pick)
-
-        ready = ends & top_ranks
-        new = {
-            "scores": (scores / (t + 1) ** penalty).masked_fill(~ready, -math.inf),
-            "tokens": _pad(cand_tokens, max_len, options.pad_id),
-            "logprobs": _pad(cand_logprobs, max_len, 0.0),
-            "lengths": torch.full_like(token, t + 1),
-            "stopped": is_stop,
-            "filled": ready,
-        }
-        merged = {k: torch.cat([finished[k], new[k]], dim=1) for k in finished}
-        keep_best = merged["scores"].topk(beams, dim=1).indices
-        finished = {k: _take(v, keep_best) for k, v in merged.items()}
-
-        if t + 1 == max_len:
-            improvable = torch.zeros_like(improvable)
-        else:
-            best_running = run_scores[:, 0] / (t + 1) ** penalty
-            settled = finished["filled"].all(dim=1) & (best_running <= finished["scores"].min(dim=1).values)
-            improvable = improvable & ~settled
-        for key, value in finished.items():
-            best[key][image_ids[~improvable]] = value[~improvable, :returned]
-        if not improvable.any():
+        running, parent = replace(candidates, scores=running_scores).take(pick), parent.gather(1, pick)
+        done = finished.cannot_improve(running, options.length_penalty) | (t + 1 == options.max_len)
+        best.put(image_ids[done], finished.rows(done))
+        if done.all():
             break
-        source = torch.arange(image_ids.numel(), device=device).unsqueeze(1) * beams + run_parent
-        lm.select(source[improvable].view(-1))
-        image_ids, run_scores, run_tokens = image_ids[improvable], run_scores[improvable], run_tokens[improvable]
-        run_logprobs = run_logprobs[improvable]
-        finished = {k: v[improvable] for k, v in finished.items()}
-        improvable = improvable[improvable]
-        logits = lm.step(run_tokens[:, :, -1].reshape(-1))
-    best = {k: v.flatten(0, 1) for k, v in best.items()}
-    return _finish(best["tokens"], best["lengths"], best["stopped"], best["logprobs"], penalty)
+        rows = torch.arange(image_ids.numel(), device=device).unsqueeze(1) * beams + parent
+        lm.select(rows[~done].view(-1))
+        image_ids, running, finished = image_ids[~done], running.rows(~done), finished.rows(~done)
+        logits = lm.step(running.tokens[:, :, -1].reshape(-1))
+    return _finish(best.tokens.flatten(0, 1), best.lengths.flatten(0, 1), best.stopped.flatten(0, 1),
+                   best.logprobs.flatten(0, 1), options.length_penalty)  # fmt: skip
+
+
+def _expand(
+    running: _Beams, logits: torch.Tensor, count: int, stop_ids: torch.Tensor, options: DecodeOptions
+) -> tuple[_Beams, torch.Tensor, torch.Tensor]:
+    """The ``count`` best one-token continuations of each image's running beams (``logits`` (N*K) x V),
+    best first: as beams N x count x (t + 1), with their parent beam and new token, N x count each."""
+    history = running.tokens.flatten(0, 1)
+    scores, parent, token, token_logprobs = _continuations(logits, running.scores, history, count, stop_ids, options)
+    previous = running.take(parent)
+    tokens = torch.cat([previous.tokens, token.unsqueeze(2)], dim=2)
+    logprobs = torch.cat([previous.logprobs, token_logprobs.unsqueeze(2)], dim=2)
+    return _Beams(scores, tokens, logprobs), parent, token
 
 
 def _continuations(
@@ -391,22 +458,7 @@ def _continuations(
     return scores, parent, top_tokens.view(images, -1).gather(1, pick), token_logprobs.gather(1, pick)
 
 
-def _empty_hypotheses(
-    images: int, slots: int, max_len: int, pad_id: int, like: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Per image, ``slots`` empty finished-hypothesis slots (score -inf, not filled)."""
-    device = like.device
-    return {
-        "scores": like.new_full((images, slots), -math.inf),
-        "tokens": torch.full((images, slots, max_len), pad_id, dtype=torch.long, device=device),
-        "logprobs": like.new_zeros(images, slots, max_len),
-        "lengths": torch.ones(images, slots, dtype=torch.long, device=device),
-        "stopped": torch.zeros(images, slots, dtype=torch.bool, device=device),
-        "filled": torch.zeros(images, slots, dtype=torch.bool, device=device),
-    }
-
-
-def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _gather_slots(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``values`` (N x S or N x S x L) at slots ``index`` (N x K) of each row."""
     if values.dim() == 3:
         index = index.unsqueeze(2).expand(-1, -1, values.shape[2])
