@@ -28,9 +28,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data.datasets import draft_size_for
 from data.image_io import ImageLoadError, collect_images, load_image
 from data.transforms import build_transform
-from models.api import PRECISIONS, ScoredCaption, caption_batch, decode_options, resolve_device, resolve_run_precision
+from models.api import PRECISIONS, decode_options, resolve_device, resolve_run_precision
+from models.captioning import ScoredCaption, caption_batches
 from models.decoding import METHODS, DecodeOptions
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
@@ -97,13 +99,15 @@ class ImageFiles(Dataset):
     def __init__(self, paths: Sequence[Path], image_res: int) -> None:
         self.paths = list(paths)
         self.transform = build_transform(image_res, train=False)
+        # JPEGs decoded at the reduced size that evaluation reads them at, so that the pixels are the same
+        self.draft_size = draft_size_for(self.transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, self.transform(load_image(self.paths[index])), None
+            return index, self.transform(load_image(self.paths[index], draft_size=self.draft_size)), None
         except ImageLoadError as err:
             return index, None, err.reason
 
@@ -143,14 +147,11 @@ def caption_files(
     captions: dict[int, list[ScoredCaption]] = {}
     failures: dict[int, str] = {}
     with tqdm(total=len(paths), unit="img", disable=args.no_progress or None, file=sys.stderr) as bar:
-        for batch in loader:
+        for batch, results in caption_batches(model, loader, tokenizer, options, precision, generator):
             for index, reason in batch["failures"]:
                 logger.warning("skipped %s: %s", paths[index], reason)
                 failures[index] = reason
-            if batch["images"] is not None:
-                images = batch["images"].to(device, non_blocking=True)
-                results = caption_batch(model, tokenizer, images, options, precision, generator)
-                captions.update(zip(batch["indices"], results, strict=True))
+            captions.update(zip(batch["indices"], results, strict=True))
             bar.update(len(batch["indices"]) + len(batch["failures"]))
     return captions, failures
 

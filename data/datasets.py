@@ -46,6 +46,16 @@ class Unreadable(NamedTuple):
     reason: str
 
 
+class EncodedImage(NamedTuple):
+    """An image's precomputed encoder features (N x C), read in place of its pixels; the collators stack
+    them under ``features`` rather than ``images``, so that nobody has to guess which a tensor holds."""
+
+    features: torch.Tensor
+
+
+INPUT_KEYS = ("images", "features")  # the keys under which a batch carries what the model reads
+
+
 class ImageReader:
     """Reads and transforms an image by its annotation path, or returns its precomputed encoder features
     when ``features`` holds them (a frozen encoder without augmentation sees every image identically)."""
@@ -57,11 +67,11 @@ class ImageReader:
         self.features: Mapping[str, torch.Tensor] | None = None
         self.failures: dict[str, str] = {}  # image path -> why it could not be read, when features were cached
 
-    def read(self, relative: str) -> torch.Tensor | Unreadable:
-        """Image 3 x R x R (or features N x C), or :class:`Unreadable` with the kind of failure (logged)."""
+    def read(self, relative: str) -> torch.Tensor | EncodedImage | Unreadable:
+        """Image 3 x R x R (or its cached features), or :class:`Unreadable` with the kind of failure (logged)."""
         if self.features is not None:
             found = self.features.get(relative)
-            return found if found is not None else Unreadable(self.failures.get(relative, "unreadable"))
+            return EncodedImage(found) if found is not None else Unreadable(self.failures.get(relative, "unreadable"))
         path = self.image_root / relative
         try:
             return self.transform(load_image(path, draft_size=self.draft_size))
@@ -174,7 +184,7 @@ class CaptionCollator:
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             labels[row, : len(seq)] = torch.tensor(seq)
-        batch.update(images=torch.stack([image for image, _ in good]), input_ids=input_ids, labels=labels)
+        batch.update(stack_inputs([image for image, _ in good]), input_ids=input_ids, labels=labels)
         return batch
 
 
@@ -192,6 +202,22 @@ def collate_images(items: Sequence[tuple[torch.Tensor, int] | Unreadable]) -> di
     """Batch ``(image, index)`` items, dropping unreadable ones (counted in ``skipped``/``skipped_why``)."""
     good, batch = _split_unreadable(items)
     if good:
-        batch["images"] = torch.stack([image for image, _ in good])
+        batch.update(stack_inputs([image for image, _ in good]))
         batch["indices"] = [index for _, index in good]
     return batch
+
+
+def stack_inputs(items: Sequence[torch.Tensor | EncodedImage]) -> dict[str, torch.Tensor]:
+    """``{"images": B x 3 x R x R}``, or ``{"features": B x N x C}`` for :class:`EncodedImage` items."""
+    if isinstance(items[0], EncodedImage):
+        return {"features": torch.stack([item.features for item in items])}
+    return {"images": torch.stack(list(items))}
+
+
+def batch_inputs(batch: Mapping[str, Any], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """What the model reads of a collated batch, on ``device``: ``{"images": ...}`` or ``{"features": ...}``
+    (keyword arguments of ``OPGCaptioner.encode``); empty when no image of the batch could be read."""
+    inputs = {key: batch[key] for key in INPUT_KEYS if batch.get(key) is not None}
+    if device is None:
+        return inputs
+    return {key: value.to(device, non_blocking=True) for key, value in inputs.items()}

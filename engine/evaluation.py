@@ -1,4 +1,4 @@
-"""Caption a split with the shared decoder and score it with the COCO metrics."""
+"""Caption a split with :func:`models.captioning.caption_batches` and score it with the COCO metrics."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
 from engine.preemption import LoaderBatches, ignore_stop_signals
 from models.captioner import OPGCaptioner
-from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
+from models.captioning import caption_batches
+from models.decoding import DecodeOptions
 from utils.coco_eval import CaptionScorer, EvalReport, ImageId, evaluate_results
 from utils.distributed import DistInfo, gather_objects
-from utils.precision import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,11 @@ def generate_captions(
         worker_init_fn=ignore_stop_signals,  # a stop signal to the job waits for the main process
     )  # fmt: skip
     local: dict[ImageId, str] = {}
-    with eval_mode(model), LoaderBatches(loader) as batches:
-        for batch in tqdm(batches, desc=desc, disable=not dist.is_main, leave=False, total=len(loader)):
-            if "images" not in batch:
-                continue
-            with autocast(precision, dist.device):
-                prefix = model.encode(batch["images"].to(dist.device, non_blocking=True))
-                result = decode(model, prefix, options)
-            for index, caption in zip(batch["indices"], captions_from_tokens(tokenizer, result), strict=True):
-                local[dataset.ids[index]] = caption
+    with LoaderBatches(loader) as batches:
+        shown = tqdm(batches, desc=desc, disable=not dist.is_main, leave=False, total=len(loader))
+        for batch, captions in caption_batches(model, shown, tokenizer, options, precision):
+            for index, best in zip(batch.get("indices", []), captions, strict=True):
+                local[dataset.ids[index]] = best[0].text
     merged: dict[ImageId, str] = {}
     for part in gather_objects(local):
         merged.update(part)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data.datasets import batch_inputs
 from engine.preemption import StopRequest
 from utils.config import TrainConfig
 from utils.distributed import DistInfo, all_reduce_mean, average_gradients
@@ -129,7 +130,8 @@ def _count_skipped(state: TrainState, batch: dict[str, Any]) -> None:
 def _step(trainer: Trainer, batch: dict[str, Any], step_fn: StepFn) -> tuple[dict[str, float] | None, bool]:
     """One optimisation step. Returns its logged values (None when skipped) and whether any process was
     asked to stop."""
-    has_data = "images" in batch
+    inputs = batch_inputs(batch)
+    has_data = bool(inputs)
     stop_flag = float(trainer.stop.requested)
     if has_data:
         with autocast(trainer.precision, trainer.dist.device):
@@ -170,5 +172,5 @@ def _step(trainer: Trainer, batch: dict[str, Any], step_fn: StepFn) -> tuple[dic
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     values = {k: float(v.detach()) for k, v in out.items() if k != "loss" and v.numel() == 1}
-    values.update(loss=global_loss, batch_images=len(batch["images"]))
+    values.update(loss=global_loss, batch_images=len(next(iter(inputs.values()))))
     return values, stop_signal

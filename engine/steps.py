@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data.datasets import batch_inputs
 from models.captioner import OPGCaptioner
-from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off, eval_mode
+from models.captioning import caption_batches
+from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off
 from models.losses import IGNORE_INDEX, scst_loss
 from utils.cider import CiderD
 from utils.config import ScstConfig, TrainConfig
@@ -31,13 +33,15 @@ class XEStep:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         labels = batch["labels"].to(self.device, non_blocking=True)
+        inputs = batch_inputs(batch, self.device)
         out = self.forward_model(
-            batch["images"].to(self.device, non_blocking=True),
+            inputs.get("images"),
             batch["input_ids"].to(self.device, non_blocking=True),
             labels,
             aux_weight=self.aux_weight,
             label_smoothing=self.label_smoothing,
             aux_text_tokens=self.aux_text_tokens,
+            features=inputs.get("features"),
         )
         if dist.is_initialized():
             # Weight each process's token mean by its share of the tokens, so that the averaged gradient
@@ -86,16 +90,15 @@ class ScstStep:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = self.opts.num_samples
-        images = batch["images"].to(self.device, non_blocking=True)
         with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
-            prefix = self.model.encode(images)
+            prefix = self.model.encode(**batch_inputs(batch, self.device))
             samples = decode(
                 self.model, prefix, self.sample_options, with_logprobs=True, uniforms=self._uniforms(batch["indices"])
             )
         refs = [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)
-        baselines = self._baselines(images, refs, rewards.reshape(-1, n)).reshape(-1)
+        baselines = self._baselines(batch, refs, rewards.reshape(-1, n)).reshape(-1)
         token_mask = torch.arange(samples.tokens.shape[1], device=self.device)[None] < samples.lengths[:, None]
         logprobs = samples.token_logprobs
         rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=self.device)
@@ -119,13 +122,12 @@ class ScstStep:
             draws.append(torch.rand(shape, generator=torch.Generator().manual_seed(seed)))
         return torch.cat(draws).to(self.device)
 
-    def _baselines(self, images: torch.Tensor, refs: list[Sequence[str]], rewards: np.ndarray) -> np.ndarray:
+    def _baselines(self, batch: dict[str, Any], refs: list[Sequence[str]], rewards: np.ndarray) -> np.ndarray:
         n = self.opts.num_samples
         if self.opts.baseline == "mean":
             return (rewards.sum(axis=1, keepdims=True) - rewards) / (n - 1)
         # The baseline is the caption the model would give at test time: greedy and in eval mode (no dropout,
-        # no drop path in the encoder), from the image encoded again.
-        with eval_mode(self.model), torch.no_grad():
-            greedy = decode(self.model, self.model.encode(images), self.greedy_options)
-        greedy_rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, greedy), refs)
+        # no drop path in the encoder), from the image encoded again, under the training step's autocast.
+        [(_, greedy)] = caption_batches(self.model, [batch], self.tokenizer, self.greedy_options)
+        greedy_rewards = self.cider.score_candidates([captions[0].text for captions in greedy], refs)
         return np.repeat(greedy_rewards[:, None], n, axis=1)

@@ -5,7 +5,8 @@
     captioner.caption(["a.jpg", pil_image], beams=3)       # -> ["a dog on a couch", ...]
     captioner.caption(images, num_captions=5)              # -> [[ScoredCaption(text, score), ...], ...]
 
-Decoding goes through :mod:`models.decoding`, the decoder that validation, ``predict.py`` and SCST use.
+Captions come from :func:`models.captioning.caption_batches`, the routine behind validation, the test
+split, ``predict.py`` and SCST's greedy baseline.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -22,7 +22,8 @@ from torchvision.transforms.functional import to_pil_image
 from data.image_io import load_image, to_rgb
 from data.transforms import build_transform
 from models.captioner import OPGCaptioner
-from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
+from models.captioning import ScoredCaption, caption_batches
+from models.decoding import DecodeOptions, eval_mode
 from models.mapper import MLPMapper
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
@@ -31,13 +32,6 @@ from utils.precision import autocast, resolve_precision
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-class ScoredCaption(NamedTuple):
-    """A caption and its score: summed token log-probability / length ** length_penalty (higher is better)."""
-
-    text: str
-    score: float
 
 
 def load_captioner(source: str | Path, device: str = "auto", precision: str = "auto") -> Captioner:
@@ -95,29 +89,6 @@ def decode_options(decode_cfg: DecodeConfig, num_captions: int = 1, **overrides:
     return DecodeOptions.from_config(decode_cfg, **values)
 
 
-@torch.no_grad()
-def caption_batch(
-    model: OPGCaptioner,
-    tokenizer: object,
-    images: torch.Tensor,
-    options: DecodeOptions,
-    precision: str = "fp32",
-    generator: torch.Generator | None = None,
-) -> list[list[ScoredCaption]]:
-    """Normalised images B x 3 x R x R -> per image, ``options.captions_per_image`` captions best first."""
-    device = images.device
-    with eval_mode(model), autocast(precision, device):
-        result = decode(model, model.encode(images), options, generator=generator)
-    texts = captions_from_tokens(tokenizer, result)
-    scores = result.scores.float().tolist()
-    n = options.captions_per_image
-    per_image = [
-        [ScoredCaption(text, score) for text, score in zip(texts[i : i + n], scores[i : i + n], strict=True)]
-        for i in range(0, len(texts), n)
-    ]
-    return [sorted(captions, key=lambda c: -c.score) for captions in per_image]
-
-
 class Captioner:
     """A loaded model with its tokenizer, image transform, device and precision."""
 
@@ -165,9 +136,10 @@ class Captioner:
         generator = None
         if seed is not None and options.method == "sample":
             generator = torch.Generator(self.device).manual_seed(seed)
+        batches = ({"images": batch} for batch in self._batches(images, batch_size))
         results: list[list[ScoredCaption]] = []
-        for batch in self._batches(images, batch_size):
-            results += caption_batch(self.model, self.tokenizer, batch, options, self.precision, generator)
+        for _, captions in caption_batches(self.model, batches, self.tokenizer, options, self.precision, generator):
+            results += captions
         return [captions[0].text for captions in results] if num_captions == 1 else results
 
     @torch.no_grad()

@@ -80,10 +80,13 @@ class OPGCaptioner(nn.Module):
             self.gpt.eval()
         return self
 
-    def encode(self, images: torch.Tensor) -> Prefix:
-        """Normalised images B x 3 x H x W (or their precomputed encoder features B x N x C) -> prefix."""
-        if images.dim() == 3:
-            return self.prefix_from_visual(images)
+    def encode(self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None) -> Prefix:
+        """Normalised ``images`` B x 3 x H x W, or their precomputed encoder ``features`` B x N x C (the
+        feature cache), -> prefix. Exactly one of the two."""
+        if (images is None) == (features is None):
+            raise ValueError("encode takes images or their encoder features, exactly one of the two")
+        if features is not None:
+            return self.prefix_from_visual(features)
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             visual = self.encoder(images)
@@ -159,22 +162,24 @@ class OPGCaptioner(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         input_ids: torch.Tensor,
         labels: torch.Tensor,
         aux_weight: float = 0.0,
         label_smoothing: float = 0.0,
         aux_text_tokens: int = 20,
+        features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Training losses for images B x 3 x H x W (or features B x N x C) and captions ``input_ids``
-        B x T; ``labels`` equal ``input_ids`` with padding set to -100. Returns ``loss``
+        """Training losses for images B x 3 x H x W (or, with ``images`` None, cached encoder ``features``
+        B x N x C) and captions ``input_ids`` B x T; ``labels`` equal ``input_ids`` with padding set to -100.
+        Returns ``loss``
         (= xe + aux_weight * aux), ``xe`` and ``aux``.
 
         ``aux`` is the N-pair loss of the reference: each caption's text embedding (the mean GPT-2 input
         embedding of its first ``aux_text_tokens`` tokens) must pick its own image (the mean prefix
         embedding) among the images of the whole batch, over all processes. The reference's mean also
         counts the padding of captions shorter than that; here it covers real tokens only."""
-        prefix = self.encode(images)
+        prefix = self.encode(images, features=features)
         hidden = self.token_hidden(prefix, input_ids)
         real = labels != IGNORE_INDEX
         # The vocabulary projection dominates the cost: apply it to real tokens only.

@@ -248,14 +248,6 @@ def dropout_off(model: torch.nn.Module) -> Iterator[None]:
             setattr(module, name, rate)
 
 
-@torch.no_grad()
-def caption_images(model: OPGCaptioner, images: torch.Tensor, tokenizer, options: DecodeOptions) -> list[str]:
-    """Caption normalised images B x 3 x H x W in eval mode (B x ``num_samples`` captions when sampling)."""
-    with eval_mode(model):
-        result = decode(model, model.encode(images), options)
-    return captions_from_tokens(tokenizer, result)
-
-
 def _decode_rows(
     lm: CachedPrefixLM,
     logits: torch.Tensor,

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from models.captioner import OPGCaptioner, Prefix
-from models.decoding import DecodeOptions, DecodeResult, caption_images, captions_from_tokens, decode
+from models.captioning import caption_batches
+from models.decoding import DecodeOptions, DecodeResult, captions_from_tokens, decode
 from models.gpt2 import build_gpt2
 from models.mapper import MLPMapper
 from models.sparse_mask import SparsePrefixMask
@@ -402,14 +403,24 @@ def test_captions_from_tokens_drops_only_the_stop_token() -> None:
     assert captions_from_tokens(CharTokenizer(), result) == ["ab", "cdef", ""]
 
 
-def test_caption_images_runs_in_eval_mode_and_restores_the_mode() -> None:
+def test_caption_batches_in_eval_mode_from_images_or_features() -> None:
     model = make_model(sparse=True).train()
     images = torch.randn(3, 3, 8, 8)
-    options = DecodeOptions(method="beam", beams=2, max_len=9)
-    captions = caption_images(model, images, CharTokenizer(), options)
-    assert model.training and len(captions) == 3
-    expected = captions_from_tokens(CharTokenizer(), decode(model.eval(), model.encode(images), options))
-    assert captions == expected
+    options = DecodeOptions(method="beam", beams=3, num_return=2, max_len=9)
+    with torch.no_grad():
+        features = model.encoder(images)
+        expected = decode(model.eval(), model.encode(images), options)
+    model.train()
+    texts = captions_from_tokens(CharTokenizer(), expected)
+    batches = [{"images": images, "indices": [4, 5, 6]}, {"indices": [], "skipped": 2}, {"features": features}]
+    out = list(caption_batches(model, batches, CharTokenizer(), options))
+    assert model.training and [id(batch) for batch, _ in out] == [id(batch) for batch in batches]  # all, in order
+    from_images, nothing, from_features = (captions for _, captions in out)
+    assert nothing == [] and from_features == from_images
+    assert [[c.text for c in captions] for captions in from_images] == [texts[i : i + 2] for i in (0, 2, 4)]
+    scores = expected.scores.tolist()
+    assert [[c.score for c in captions] for captions in from_images] == [scores[i : i + 2] for i in (0, 2, 4)]
+    assert all(a.score >= b.score for a, b in from_images)  # best first
 
 
 def test_finished_rows_do_not_change_when_others_run_on() -> None:

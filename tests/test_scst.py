@@ -20,7 +20,7 @@ def _expected_reward(model, visual, tokenizer, cider, refs, seed=0) -> float:
     options = DecodeOptions(method="sample", num_samples=64, max_len=10)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        result = decode(model, model.encode(visual), options, generator=generator)
+        result = decode(model, model.encode(features=visual), options, generator=generator)
     captions = captions_from_tokens(tokenizer, result)
     return float(cider.score_candidates(captions, [r for r in refs for _ in range(64)]).mean())
 
@@ -40,7 +40,7 @@ def test_scst_raises_the_reward_and_moves_only_trainable_weights(tokenizer):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(40):
         for image in range(2):
-            loss = model(visual[[image, image]], input_ids, labels)["loss"]
+            loss = model(None, input_ids, labels, features=visual[[image, image]])["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -55,7 +55,7 @@ def test_scst_raises_the_reward_and_moves_only_trainable_weights(tokenizer):
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batch = {"images": visual, "indices": [0, 1]}
+    batch = {"features": visual, "indices": [0, 1]}
     for _ in range(8):
         out = step(batch)
         assert {"loss", "reward", "baseline", "sample_len", "entropy"} <= out.keys()
@@ -97,10 +97,10 @@ def test_greedy_baseline_is_the_test_time_caption_without_dropout(tokenizer):
     model.eval()
     with torch.no_grad():
         options = DecodeOptions(method="greedy", max_len=10, min_len=cfg.decode.min_len)
-        expected = captions_from_tokens(tokenizer, decode(model, model.encode(visual), options))
+        expected = captions_from_tokens(tokenizer, decode(model, model.encode(features=visual), options))
     model.train()
     for _ in range(3):
-        step({"images": visual, "indices": [0, 1, 2]})
+        step({"features": visual, "indices": [0, 1, 2]})
         assert cider.calls[-1] == expected  # calls: samples, then the greedy baseline
         assert model.training
 
@@ -113,7 +113,7 @@ def test_sampling_without_dropout_samples_the_test_time_model(tokenizer):
             module.p = 0.5
     visual = torch.randn(2, 17, 256)
     refs = [[GOOD] * 5] * 2
-    batch = {"images": visual, "indices": [0, 1]}
+    batch = {"features": visual, "indices": [0, 1]}
 
     def sampled(dropout: bool, mode) -> list[str]:
         cfg.scst_opts.dropout = dropout

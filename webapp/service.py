@@ -1,8 +1,8 @@
 """What the web page asks of the model: decoding settings read from form fields, uploaded files turned into
 captions with scores and the sparse mask's kept prefix positions, one request at a time.
 
-Captions come from :func:`models.api.caption_batch`, the decoder behind ``Captioner.caption``, so that a single
-caption has its score too; images are read by :func:`data.image_io.load_image`, whose checks (format,
+Captions come from :func:`models.captioning.caption_batches`, the routine behind ``Captioner.caption``, so that
+a single caption has its score too; images are read by :func:`data.image_io.load_image`, whose checks (format,
 truncation, decode size) name what is wrong with a file.
 """
 
@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from data.image_io import ImageLoadError, load_image
-from models.api import Captioner, ScoredCaption, caption_batch, decode_options
+from models.api import Captioner, decode_options
+from models.captioning import ScoredCaption, caption_batches
 from models.decoding import METHODS
 
 logger = logging.getLogger(__name__)
@@ -189,8 +190,11 @@ class CaptionService:
         generator = None
         if settings.seed is not None and options.method == "sample":
             generator = torch.Generator(captioner.device).manual_seed(settings.seed)
-        batch = torch.stack([captioner.transform(image) for image in images]).to(captioner.device)
-        return caption_batch(captioner.model, captioner.tokenizer, batch, options, captioner.precision, generator)
+        batch = {"images": torch.stack([captioner.transform(image) for image in images])}
+        [(_, captions)] = caption_batches(
+            captioner.model, [batch], captioner.tokenizer, options, captioner.precision, generator
+        )
+        return captions
 
 
 def read_upload(name: str, data: bytes, path: Path) -> tuple[Image.Image | None, str | None]:
