@@ -385,8 +385,9 @@ class Run:
         if best.is_file():
             load_state_strict(self.model, read_checkpoint(best)["model"], str(best))
         transform = build_transform(self.model.encoder.image_res)
+        # Read from the images, never the feature cache (float16 by default), so that predict.py on best.pt
+        # gives the same captions as test_predictions.json.
         test_set = CaptionImageDataset(d.test_file, d.image_root, transform, "test")
-        self._cache_features([test_set])
         report, captions = self._evaluate(test_set, self._decode_options(validation=False), True, "test")
         if not self.dist.is_main:
             return {}

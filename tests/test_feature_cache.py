@@ -105,7 +105,7 @@ def test_cache_folder_is_reused_by_later_runs(image_set, tmp_path, single_thread
     cache_features(encoder, [second], torch.device("cpu"), 8, 0, "fp32", cache_dir=tmp_path)
     assert calls == 3 and encoder.calls == calls  # a shape probe and 2 batches, then nothing: read from disk
     assert len(list(tmp_path.glob("features_*"))) == 1
-    assert torch.equal(first.reader.read(paths[3]), second.reader.read(paths[3]))
+    assert torch.equal(first.reader.read(paths[3]).features, second.reader.read(paths[3]).features)
     assert isinstance(second.reader.read("broken.jpg"), Unreadable)
     assert second.reader.read("broken.jpg").reason == first.reader.read("broken.jpg").reason == "not an image"
 

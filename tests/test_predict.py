@@ -313,3 +313,33 @@ def test_n_best_lists_in_json_and_jsonl(checkpoint, image_dir, tmp_path) -> None
         assert all(s == sorted(s, reverse=True) for s in scores)
         assert scores[0][0] == pytest.approx(expected[0][0].score, abs=1e-4)
     assert run_predict(checkpoint, paths, "--output", str(tmp_path / "nbest.csv"), "--num_captions", "3") == 2
+
+
+def test_predict_on_a_runs_best_checkpoint_reproduces_its_test_predictions(tmp_path) -> None:
+    """A tiny run (JPEGs large enough for the test transform's reduced decode, features cached in float16
+    for training and validation), then predict.py as a user runs it on best.pt and the run's test split."""
+    from helpers import tiny_config
+
+    from data.synthetic import generate_dataset
+    from engine.runner import Run
+
+    data = tmp_path / "data"
+    generate_dataset(data, num_train=16, num_val=4, num_test=8, image_size=300, seed=5)
+    cache = {"data.cache_features": True, "data.feature_cache_dir": str(tmp_path / "features")}
+    run = Run(tiny_config(data, tmp_path / "run", **cache))
+    try:
+        run.train()
+    finally:
+        run.close()
+    test_predictions = json.loads((tmp_path / "run" / "test_predictions.json").read_text())
+    expected = {r["image_id"]: r["caption"] for r in test_predictions}
+    out = tmp_path / "predicted.json"
+    command = [sys.executable, str(REPO_ROOT / "predict.py"), "--checkpoint", str(tmp_path / "run" / "best.pt"),
+               "--images", str(data), "--annotations", str(data / "test.json"), "--output", str(out),
+               "--num_workers", "0", "--no_progress"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    predicted = {r["image_id"]: r["caption"] for r in json.loads(out.read_text())}
+    assert len(expected) == 8 and len(set(expected.values())) > 1  # captions that depend on the image
+    assert predicted == expected
