@@ -14,7 +14,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.datasets import read_annotations
 from data.synthetic import grounding_accuracy
@@ -23,12 +23,15 @@ from utils.coco_eval import CaptionScorer, ImageId, load_ground_truth
 from utils.config import CONFIG_DIR, Config, build_config
 from utils.java import java_missing
 
+if TYPE_CHECKING:
+    from engine.runner import RunResult
+
 ROOT = Path(__file__).resolve().parent
 COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 FACTS = ("count", "colour", "shape", "position", "all")
 
 
-def run_stage(config_file: str, overrides: dict[str, Any], scorer: CaptionScorer) -> dict[str, Any]:
+def run_stage(config_file: str, overrides: dict[str, Any], scorer: CaptionScorer) -> RunResult:
     from engine.runner import Run
 
     run = Run(build_config([CONFIG_DIR / config_file], overrides), scorer)
@@ -115,15 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                        "data.val_file": str(data / "val.json"), "data.test_file": str(data / "test.json")})  # fmt: skip
     with CaptionScorer() as scorer:
         xe = run_stage("demo.yaml", {**common, **xe_overrides, "output_dir": str(out / "xe")}, scorer)
-        rows = {"XE": (xe["test"], xe["captions"])}
-        xe_cider = xe["test"]["CIDEr"]
+        rows = {"XE": (xe.test, xe.captions)}
+        xe_cider = xe.test["CIDEr"]
         gains: dict[str, float] = {}  # SCST's relative change of the test CIDEr, per baseline
         for baseline in filter(None, args.scst_baselines.split(",")):
             overrides = {**common, **scst_overrides, "output_dir": str(out / f"scst_{baseline}"),
                          "checkpoint": str(out / "xe" / "best.pt"), "scst_opts.baseline": baseline}  # fmt: skip
             scst = run_stage("demo_scst.yaml", overrides, scorer)
-            rows[f"XE + SCST ({baseline} baseline)"] = (scst["test"], scst["captions"])
-            gains[baseline] = scst["test"]["CIDEr"] / xe_cider - 1 if xe_cider else float("nan")
+            rows[f"XE + SCST ({baseline} baseline)"] = (scst.test, scst.captions)
+            gains[baseline] = scst.test["CIDEr"] / xe_cider - 1 if xe_cider else float("nan")
         cfg = build_config([CONFIG_DIR / "demo.yaml"], common)
         rows = {**baselines(cfg, scorer), **rows}
     metadata = Path(cfg.data.image_root) / "metadata.json"

@@ -96,8 +96,8 @@ def train(cfg) -> int:
             logging.getLogger("train_scst").error("stopped: %s", err, exc_info=True, extra={"file_only": True})
         print(f"train_scst.py: error: {err}", file=sys.stderr)
         return 1
-    if result.get("signal"):
-        print(f"train_scst.py: stopped by {result['signal']} with last.pt written; continue with the same "
+    if result.signal:
+        print(f"train_scst.py: stopped by {result.signal} with last.pt written; continue with the same "
               "command plus --resume", file=sys.stderr)  # fmt: skip
         return PREEMPTED_EXIT_CODE
     return 0

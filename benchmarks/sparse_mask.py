@@ -73,8 +73,8 @@ def measure(encoder: str, mask: str, out: Path, scorer: CaptionScorer) -> dict:
         "mask": mask,
         "dropped": dropped,
         "images_with_drops": images,
-        "CIDEr": result["test"]["CIDEr"],
-        "grounding": grounding_accuracy(result["captions"], metadata),
+        "CIDEr": result.test["CIDEr"],
+        "grounding": grounding_accuracy(result.captions, metadata),
         "minutes": (time.perf_counter() - started) / 60,
     }
 

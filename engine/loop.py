@@ -45,19 +45,71 @@ class TrainState:
 
 
 @dataclass
-class Trainer:
-    """Everything one optimisation step touches."""
+class Optimization:
+    """Turns a batch's loss into a parameter update, and owns what the update changes: the trainable
+    parameters, the optimizer, the learning-rate schedule and the gradient scaler (saved in last.pt)."""
 
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    precision: str
+    precision: str  # the autocast of the forward pass; fp16 scales the loss
+    grad_clip: float = 0.0  # max gradient norm; 0: no clipping
+    sync_gradients: bool = False  # average gradients here when the step bypasses the DDP wrapper
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def update(self, loss: torch.Tensor, where: str) -> None:
+        """Back-propagate ``loss`` and step the optimizer and the schedule. ``where`` ("step 5 (epoch 1)")
+        names the step in the error raised for a non-finite gradient norm."""
+        self.scaler.scale(loss).backward()
+        if self.sync_gradients:
+            average_gradients(self.params)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if self.precision != "fp16" and not math.isfinite(grad_norm):
+            # fp16's scaler skips such steps by design; elsewhere the update would poison every weight.
+            raise FloatingPointError(
+                f"non-finite gradient norm ({float(grad_norm)}) at {where} with a finite loss: stopping; "
+                "last.pt keeps the last finite step"
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.skip()
+
+    def skip(self) -> None:
+        """Drop the gradients of a step that is not taken."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer, schedule and scaler states, under the keys last.pt has always used."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+@dataclass
+class Trainer:
+    """The loop across epochs: how a loss becomes an update (``optimization``), the counters saved in
+    checkpoints (``state``) and those of this process's life (``steps_this_run``), the stop request, and
+    where the loop reports (``metrics``) under which settings (``cfg``) on which process (``dist``)."""
+
+    optimization: Optimization
     dist: DistInfo
     cfg: TrainConfig
     metrics: MetricsLog
     state: TrainState = field(default_factory=TrainState)
-    sync_gradients: bool = False  # average gradients here when the step bypasses the DDP wrapper
     steps_this_run: int = 0
     stop: StopRequest = field(default_factory=StopRequest)
 
@@ -107,7 +159,7 @@ def _run_steps(
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.3f}", img_s=f"{rate:.1f}")
             if state.global_step % cfg.log_every == 0 or state.epoch_step == steps_in_epoch:
-                lr = trainer.optimizer.param_groups[0]["lr"]
+                lr = trainer.optimization.lr
                 trainer.metrics.write("train", epoch=state.epoch, step=state.global_step, lr=lr, img_s=rate, **out)
         stop = EpochEnd.SIGNAL if stop_signal else None
         if out is not None and cfg.stop_after_steps and trainer.steps_this_run >= cfg.stop_after_steps:
@@ -131,10 +183,10 @@ def _step(trainer: Trainer, batch: dict[str, Any], step_fn: StepFn) -> tuple[dic
     """One optimisation step. Returns its logged values (None when skipped) and whether any process was
     asked to stop."""
     inputs = batch_inputs(batch)
-    has_data = bool(inputs)
     stop_flag = float(trainer.stop.requested)
-    if has_data:
-        with autocast(trainer.precision, trainer.dist.device):
+    optimization = trainer.optimization
+    if inputs:
+        with autocast(optimization.precision, trainer.dist.device):
             out = step_fn(batch)
         loss = out["loss"]
         local = torch.tensor([0.0, 1.0, stop_flag], device=loss.device)
@@ -145,32 +197,17 @@ def _step(trainer: Trainer, batch: dict[str, Any], step_fn: StepFn) -> tuple[dic
     # whether any process was signalled (all processes must stop after the same step).
     global_loss, all_have, any_stop = all_reduce_mean(local).tolist()
     stop_signal = any_stop > 0
-    step = trainer.state.global_step + 1
+    where = f"step {trainer.state.global_step + 1} (epoch {trainer.state.epoch + 1})"
     if all_have < 1.0:
-        logger.warning("step %d: a batch had no readable image on some process: step skipped everywhere", step)
-        trainer.optimizer.zero_grad(set_to_none=True)
+        logger.warning("%s: a batch had no readable image on some process: step skipped everywhere", where)
+        optimization.skip()
         return None, stop_signal
     if not math.isfinite(global_loss):
         raise FloatingPointError(
-            f"non-finite loss ({global_loss}) at step {step} (epoch {trainer.state.epoch + 1}): stopping; "
-            "last.pt keeps the last finite step (try a lower learning rate or train.precision=fp32)"
+            f"non-finite loss ({global_loss}) at {where}: stopping; last.pt keeps the last finite step (try a "
+            "lower learning rate or train.precision=fp32)"
         )
-    trainer.scaler.scale(loss).backward()
-    if trainer.sync_gradients:
-        average_gradients(trainer.params)
-    trainer.scaler.unscale_(trainer.optimizer)
-    max_norm = trainer.cfg.grad_clip if trainer.cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, max_norm)
-    if trainer.precision != "fp16" and not math.isfinite(grad_norm):
-        # fp16's scaler skips such steps by design; elsewhere the update would poison every weight.
-        raise FloatingPointError(
-            f"non-finite gradient norm ({float(grad_norm)}) at step {step} (epoch {trainer.state.epoch + 1}) "
-            "with a finite loss: stopping; last.pt keeps the last finite step"
-        )
-    trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
-    trainer.scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    optimization.update(loss, where)
     values = {k: float(v.detach()) for k, v in out.items() if k != "loss" and v.numel() == 1}
     values.update(loss=global_loss, batch_images=len(next(iter(inputs.values()))))
     return values, stop_signal

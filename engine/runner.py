@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
 from engine.evaluation import generate_captions, score_split
 from engine.features import cache_features
-from engine.loop import EpochEnd, Trainer, TrainState, run_epoch
+from engine.loop import EpochEnd, Optimization, Trainer, TrainState, run_epoch
 from engine.optim import build_optimizer, linear_schedule, trainable_parameters
 from engine.preemption import LoaderBatches, ignore_stop_signals
 from engine.steps import ScstStep, XEStep
@@ -39,7 +40,7 @@ from utils.checkpoint import (
 )
 from utils.cider import CiderD
 from utils.cider_df import DocumentFrequency
-from utils.coco_eval import CaptionScorer, EvalReport
+from utils.coco_eval import CaptionScorer, EvalReport, ImageId
 from utils.config import Config, to_dict, to_yaml
 from utils.logs import MetricsLog, setup_logging
 from utils.precision import grad_scaler, resolve_precision
@@ -70,6 +71,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class RunResult:
+    """How :meth:`Run.train` ended. A run trained to the end has ``stop`` None and, on the main process,
+    the test split's ``test`` metrics, the ``unavailable`` ones with why, and its ``captions``. A run
+    stopped early has ``stop`` (a stop signal, named in ``signal``, or ``train.stop_after_steps``)."""
+
+    state: TrainState
+    stop: EpochEnd | None = None
+    signal: str | None = None
+    test: dict[str, float] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    captions: dict[ImageId, str] = field(default_factory=dict)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None
 
 
 class Run:
@@ -218,7 +237,7 @@ class Run:
         return per_epoch
 
     # ----- the run ------------------------------------------------------------------------------------
-    def train(self) -> dict[str, Any]:
+    def train(self) -> RunResult:
         cfg = self.cfg
         train_set, val_set = self._datasets()
         self._dropped_entries = train_set.dropped
@@ -228,13 +247,7 @@ class Run:
         schedule_steps = cfg.train.total_steps or steps_per_epoch * cfg.train.epochs
         total_steps = min(schedule_steps, steps_per_epoch * cfg.train.epochs)
         epochs = math.ceil(total_steps / steps_per_epoch)
-        optimizer = build_optimizer(self.model, cfg.train)
-        scheduler = linear_schedule(optimizer, schedule_steps, cfg.train.warmup_ratio)
-        trainer = Trainer(
-            params=trainable_parameters(self.model), optimizer=optimizer, scheduler=scheduler,
-            scaler=grad_scaler(self.precision, self.dist.device), precision=self.precision, dist=self.dist,
-            cfg=cfg.train, metrics=self.metrics, sync_gradients=cfg.scst and self.dist.world_size > 1,
-        )  # fmt: skip
+        trainer = Trainer(self._optimization(schedule_steps), self.dist, cfg.train, self.metrics)
         if cfg.resume:
             self._resume(trainer)
         step_fn = self._step_fn(train_set)
@@ -266,9 +279,17 @@ class Run:
                 if end is EpochEnd.COMPLETE:
                     end = self._end_epoch(trainer, val_set)
                 if end is not EpochEnd.COMPLETE:
-                    return {"stopped": True, "reason": end.value, "signal": trainer.stop.signal_name,
-                            "state": state.to_dict()}  # fmt: skip
-        return self._final_test()
+                    return RunResult(state, stop=end, signal=trainer.stop.signal_name)
+        return self._final_test(state)
+
+    def _optimization(self, schedule_steps: int) -> Optimization:
+        optimizer = build_optimizer(self.model, self.cfg.train)
+        return Optimization(
+            trainable_parameters(self.model), optimizer,
+            linear_schedule(optimizer, schedule_steps, self.cfg.train.warmup_ratio),
+            grad_scaler(self.precision, self.dist.device), self.precision, self.cfg.train.grad_clip,
+            sync_gradients=self.cfg.scst and self.dist.world_size > 1,
+        )  # fmt: skip
 
     def _step_fn(self, train_set: Any) -> Any:
         if not self.cfg.scst:
@@ -378,7 +399,7 @@ class Run:
             return EvalReport(metrics={}), captions
         return score_split(captions, dataset, self.scorer, spice, meteor), captions
 
-    def _final_test(self) -> dict[str, Any]:
+    def _final_test(self, state: TrainState) -> RunResult:
         """Test split with the best checkpoint and test-time decoding; SPICE when available."""
         d = self.cfg.data
         best = self.run_dir / "best.pt"
@@ -390,14 +411,14 @@ class Run:
         test_set = CaptionImageDataset(d.test_file, d.image_root, transform, "test")
         report, captions = self._evaluate(test_set, self._decode_options(validation=False), True, "test")
         if not self.dist.is_main:
-            return {}
+            return RunResult(state)
         self.metrics.write("test", **report.metrics)
         out = self.run_dir / "test_metrics.json"
         out.write_text(report.to_json())
         results = [{"image_id": k, "caption": v} for k, v in captions.items()]
         (self.run_dir / "test_predictions.json").write_text(json.dumps(results, indent=1))
         logger.info("test (best checkpoint, %d beams):\n%s", self.cfg.decode.beams, report.format_table())
-        return {"test": report.metrics, "unavailable": report.unavailable, "captions": captions}
+        return RunResult(state, test=report.metrics, unavailable=report.unavailable, captions=captions)
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def _save(self, trainer: Trainer | None, path: Path) -> None:
@@ -409,9 +430,7 @@ class Run:
             train_state = {
                 "stage": self.stage,
                 "counters": trainer.state.to_dict(),
-                "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict(),
-                "scaler": trainer.scaler.state_dict(),
+                **trainer.optimization.state_dict(),
                 "rng": _rng_state(),
             }
         save_checkpoint(path, self.model, to_dict(self.cfg), architecture(self.model), train_state)
@@ -421,9 +440,7 @@ class Run:
         path, payload = self.run_dir / "last.pt", self._resume_payload
         self._resume_payload = None  # the copy of the weights is no longer needed
         state = payload["train_state"]
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        trainer.scaler.load_state_dict(state["scaler"])
+        trainer.optimization.load_state_dict(state)
         trainer.state = TrainState(**state["counters"])
         if self.dist.is_main:
             _set_rng_state(state["rng"])

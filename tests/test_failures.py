@@ -395,7 +395,7 @@ def test_bad_training_files_are_skipped_counted_and_explained(data, tmp_path):
         result = run.train()
     finally:
         run.close()
-    assert "test" in result and (tmp_path / "run" / "test_metrics.json").is_file()
+    assert result.test and (tmp_path / "run" / "test_metrics.json").is_file()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4, 5]
     [report] = [r for r in records if r["event"] == "data"]

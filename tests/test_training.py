@@ -15,7 +15,7 @@ from oracles import pycocoevalcap_cider
 from pycocoevalcap import spice
 
 from engine.optim import build_optimizer
-from engine.runner import Run
+from engine.runner import Run, RunResult
 from models.gpt2 import build_gpt2
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import read_checkpoint
@@ -93,7 +93,7 @@ def test_missing_encoder_checkpoint_is_named(tiny_dataset, tmp_path):
     assert done.returncode == 1 and "nope.th" in done.stderr and "Traceback" not in done.stderr
 
 
-def _train(cfg) -> dict:
+def _train(cfg) -> RunResult:
     run = Run(cfg)
     try:
         return run.train()
@@ -105,7 +105,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset
     overrides = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "train.save_every_steps": 2}
     _train(tiny_config(tiny_dataset, tmp_path / "straight", **overrides))
     stopped = _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, **{"train.stop_after_steps": 6}))
-    assert stopped["stopped"] and stopped["state"]["epoch"] == 1 and stopped["state"]["epoch_step"] == 2
+    assert stopped.stopped and stopped.state.epoch == 1 and stopped.state.epoch_step == 2
     _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, resume=True))
     straight = read_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = read_checkpoint(tmp_path / "resumed" / "last.pt")
@@ -200,7 +200,7 @@ def test_pretrained_gpt2_trains_with_dropout_from_the_first_step(tiny_dataset, t
     modes: list[bool] = []
     run.model.gpt.transformer.drop.register_forward_pre_hook(lambda module, _: modes.append(module.training))
     try:
-        assert run.train()["stopped"]
+        assert run.train().stopped
     finally:
         run.close()
     assert modes == [True, True] and run.model.gpt.transformer.drop.p == 0.1
