@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
+from data.datasets import draft_size_for
 from data.image_io import load_image, to_rgb
 from data.transforms import build_transform
 from models.captioner import OPGCaptioner
@@ -98,6 +99,8 @@ class Captioner:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.precision = resolve_run_precision(precision, cfg, device)
         self.transform = build_transform(model.encoder.image_res, train=False)
+        # image files decoded as evaluation and predict.py decode them (JPEGs at a reduced size)
+        self.draft_size = draft_size_for(self.transform)
 
     @property
     def decode_defaults(self) -> DecodeConfig:
@@ -167,7 +170,7 @@ class Captioner:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         pending: list[torch.Tensor] = []
-        for image in _as_pil_images(images):
+        for image in _as_pil_images(images, self.draft_size):
             pending.append(self.transform(image))
             if len(pending) == batch_size:
                 yield torch.stack(pending).to(self.device)
@@ -176,13 +179,15 @@ class Captioner:
             yield torch.stack(pending).to(self.device)
 
 
-def _as_pil_images(images: ImageInput | Sequence[ImageInput]) -> Iterator[Image.Image]:
+def _as_pil_images(
+    images: ImageInput | Sequence[ImageInput], draft_size: tuple[int, int] | None = None
+) -> Iterator[Image.Image]:
     """RGB PIL images from one input or a sequence of them (a 4-D tensor is a batch)."""
     if isinstance(images, str | os.PathLike | Image.Image) or (torch.is_tensor(images) and images.dim() == 3):
         images = [images]
     for image in images:
         if isinstance(image, str | os.PathLike):
-            yield load_image(image)
+            yield load_image(image, draft_size=draft_size)
         elif isinstance(image, Image.Image):
             yield to_rgb(image)
         elif torch.is_tensor(image):

@@ -163,7 +163,7 @@ class CaptionService:
         images: list[Image.Image] = []
         with tempfile.TemporaryDirectory(prefix="opg-app-") as folder:
             for index, (name, data) in enumerate(uploads):
-                image, error = read_upload(name, data, Path(folder) / f"upload{index}")
+                image, error = read_upload(name, data, Path(folder) / f"upload{index}", self.captioner.draft_size)
                 if image is None:
                     results.append({"name": name, "error": error})
                 else:
@@ -197,11 +197,13 @@ class CaptionService:
         return captions
 
 
-def read_upload(name: str, data: bytes, path: Path) -> tuple[Image.Image | None, str | None]:
+def read_upload(
+    name: str, data: bytes, path: Path, draft_size: tuple[int, int] | None = None
+) -> tuple[Image.Image | None, str | None]:
     """The uploaded file as an RGB image, or None and a one-line reason naming the file."""
     path.write_bytes(data)
     try:
-        return load_image(path), None
+        return load_image(path, draft_size=draft_size), None
     except ImageLoadError as err:
         return None, f"{name}: {err.reason}"
     except Exception as err:  # an untrusted file may trip any decoder bug: report it, keep serving
