@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.caption_output import FORMATS, CaptionRecord, format_for, match_annotated_images, write_gallery, write_results
-from data.datasets import ImageFiles, ImageReader
+from data.datasets import ImageFiles, ImageReader, collate_images
 from data.image_io import collect_images
 from data.transforms import build_transform
 from models.api import PRECISIONS, ScoredCaption, caption_batch, decode_options, resolve_run_precision
@@ -37,7 +37,7 @@ from models.tokenizer import load_tokenizer
 from utils.checkpoint import CheckpointError
 from utils.coco_eval import load_image_entries
 from utils.distributed import resolve_device
-from utils.io import DataFileError, ImageId, assign_image_ids, collate_images
+from utils.io import DataFileError, ImageId, assign_image_ids
 
 logger = logging.getLogger("predict")
 

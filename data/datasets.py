@@ -73,7 +73,7 @@ class ImageReader:
 
 class ImageFiles(Dataset):
     """One item per image path (relative to the reader's root, or absolute): ``(image 3 x R x R, index)``, or
-    :class:`~utils.io.Unreadable`; :func:`utils.io.collate_images` batches them. The one way images are read
+    :class:`~utils.io.Unreadable`; :func:`collate_images` batches them. The one way images are read
     for captioning: validation, the test split, feature caching and ``predict.py``."""
 
     def __init__(self, reader: ImageReader, paths: Sequence[str]) -> None:
@@ -84,7 +84,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def image_paths(self) -> list[str]:
-        return self.paths
+        return list(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
         image = self.reader.read(self.paths[index])
@@ -188,3 +188,13 @@ class CaptionCollator:
             labels[row, : len(seq)] = torch.tensor(seq)
         batch.update(images=torch.stack([image for image, _ in good]), input_ids=input_ids, labels=labels)
         return batch
+
+
+def collate_images(items: Sequence[tuple[torch.Tensor, int] | Unreadable]) -> dict[str, Any]:
+    """Batch ``(image, index)`` items: ``images`` B x 3 x R x R stacked and ``indices`` (both absent when no
+    item could be read), plus the accounting of the unreadable ones (:func:`utils.io.split_unreadable`)."""
+    good, batch = split_unreadable(items)
+    if good:
+        batch["images"] = torch.stack([image for image, _ in good])
+        batch["indices"] = [index for _, index in good]
+    return batch

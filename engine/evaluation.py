@@ -9,14 +9,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.datasets import CaptionImageDataset
+from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
 from engine.preemption import LoaderBatches, ignore_stop_signals
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
 from utils.coco_eval import CaptionScorer, EvalReport, evaluate_results
 from utils.distributed import DistInfo, gather_objects
-from utils.io import ImageId, collate_images
+from utils.io import ImageId
 from utils.precision import autocast
 
 logger = logging.getLogger(__name__)

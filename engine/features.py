@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.datasets import ImageFiles, ImageReader
+from data.datasets import ImageFiles, ImageReader, collate_images
 from utils import distributed
-from utils.io import collate_images, read_json, write_json
+from utils.io import read_json, write_json
 from utils.precision import autocast
 
 logger = logging.getLogger(__name__)
@@ -179,10 +179,7 @@ def encode_into_store(
                    total=len(batches))  # fmt: skip
         for indices, batch in bar:
             if "images" in batch:
-                with autocast(precision, device):
-                    out = encoder(batch["images"].to(device)).float().cpu().numpy().astype(store.dtype)
-                for index, row in zip(batch["indices"], out, strict=True):
-                    os.pwrite(data_fd, row.tobytes(), index * row_bytes)
+                _write_rows(encoder, batch, data_fd, row_bytes, store.dtype, device, precision)
             pending.update({i: UNREADABLE for i in indices} | {i: DONE for i in batch.get("indices", [])})
             reasons.update({failure.path: failure.kind for failure in batch["failures"]})
             if len(pending) >= commit_every:
@@ -194,6 +191,17 @@ def encode_into_store(
         os.close(data_fd)
         os.close(status_fd)
     return len(batches)
+
+
+def _write_rows(
+    encoder: nn.Module, batch: dict[str, Any], data_fd: int, row_bytes: int, dtype: np.dtype, device: torch.device,
+    precision: str,
+) -> None:
+    """Encode the batch's images (B x 3 x R x R) and write each one's features (N x C) at its row."""
+    with autocast(precision, device):
+        out = encoder(batch["images"].to(device)).float().cpu().numpy().astype(dtype)
+    for index, row in zip(batch["indices"], out, strict=True):
+        os.pwrite(data_fd, row.tobytes(), index * row_bytes)
 
 
 def _commit(data_fd: int, status_fd: int, pending: dict[int, int]) -> None:

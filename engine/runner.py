@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainDataset, read_annotations
+from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainDataset, collate_images, read_annotations
 from data.sampler import ShardedSampler
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
@@ -33,7 +33,7 @@ from utils.cider import CiderD
 from utils.cider_df import DocumentFrequency
 from utils.coco_eval import CaptionScorer, EvalReport
 from utils.config import Config, to_dict, to_yaml
-from utils.io import collate_images, remove_stale_temporaries, write_json, write_text
+from utils.io import remove_stale_temporaries, write_json, write_text
 from utils.logs import MetricsLog, setup_logging
 from utils.precision import grad_scaler, resolve_precision
 from utils.reporting import open_reporters, sample_table

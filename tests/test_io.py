@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.datasets import collate_images
 from utils.io import (
     DataFileError,
     Unreadable,
     append_jsonl,
     atomic_write,
-    collate_images,
     read_json,
     remove_stale_temporaries,
+    split_unreadable,
     write_json,
     write_text,
 )
@@ -93,9 +94,12 @@ def test_append_jsonl_adds_one_line_per_record(tmp_path) -> None:
 def test_collation_drops_unreadable_items_and_accounts_for_them() -> None:
     a, b = torch.zeros(3, 4, 4), torch.ones(3, 4, 4)
     items = [(a, 0), Unreadable("x.jpg", "missing", "no such file"), (b, 2), Unreadable("y.png", "missing", "gone")]
+    good, accounting = split_unreadable(items)
+    assert good == [(a, 0), (b, 2)]
+    assert accounting["skipped"] == 2 and accounting["skipped_why"] == {"missing": 2}
+    assert [(f.path, f.reason) for f in accounting["failures"]] == [("x.jpg", "no such file"), ("y.png", "gone")]
     batch = collate_images(items)
     assert torch.equal(batch["images"], torch.stack([a, b])) and batch["indices"] == [0, 2]
-    assert batch["skipped"] == 2 and batch["skipped_why"] == {"missing": 2}
-    assert [(f.path, f.reason) for f in batch["failures"]] == [("x.jpg", "no such file"), ("y.png", "gone")]
+    assert batch["failures"] == accounting["failures"]
     empty = collate_images([Unreadable("z.jpg", "empty", "empty file (0 bytes)")])
-    assert "images" not in empty and empty["skipped"] == 1
+    assert "images" not in empty and "indices" not in empty and empty["skipped"] == 1

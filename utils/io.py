@@ -1,4 +1,4 @@
-"""Where files are read and written: atomic writes, JSON, image ids, and batches that tolerate unreadable items.
+"""Where files are read and written: atomic writes, JSON, image ids, and the accounting of unreadable items.
 
 Every file a run, ``predict.py``, ``evaluate.py`` or ``data.prepare_*`` writes goes through :func:`atomic_write`
 (or a helper built on it): a temporary file beside the target, flushed to disk, then renamed over it, so a
@@ -20,8 +20,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, NamedTuple
-
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +209,7 @@ def assign_image_ids(paths: Sequence[str | os.PathLike]) -> list[int]:
     return ids
 
 
-# ----- batches that tolerate unreadable items ---------------------------------------------------------------
+# ----- items that could not be read (collated by data.datasets.collate_images) ---------------------------
 class Unreadable(NamedTuple):
     """Stands in for a data set item whose file could not be read. ``kind`` is a short category for counts
     (missing, corrupt or truncated, ...), ``reason`` the full one-line explanation; the collation drops it."""
@@ -231,13 +229,3 @@ def split_unreadable(items: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
         "skipped_why": dict(Counter(item.kind for item in bad)),
         "failures": bad,
     }
-
-
-def collate_images(items: Sequence[tuple[torch.Tensor, int] | Unreadable]) -> dict[str, Any]:
-    """Batch ``(image, index)`` items: ``images`` B x ... stacked and ``indices`` (both absent when no item
-    could be read), plus the accounting of :func:`split_unreadable`."""
-    good, batch = split_unreadable(items)
-    if good:
-        batch["images"] = torch.stack([image for image, _ in good])
-        batch["indices"] = [index for _, index in good]
-    return batch
