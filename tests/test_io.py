@@ -15,6 +15,7 @@ from data.datasets import collate_images
 from utils.io import (
     DataFileError,
     Unreadable,
+    WriteError,
     append_jsonl,
     atomic_write,
     read_json,
@@ -103,3 +104,12 @@ def test_collation_drops_unreadable_items_and_accounts_for_them() -> None:
     assert batch["failures"] == accounting["failures"]
     empty = collate_images([Unreadable("z.jpg", "empty", "empty file (0 bytes)")])
     assert "images" not in empty and "indices" not in empty and empty["skipped"] == 1
+
+
+def test_a_write_that_cannot_start_names_the_file(tmp_path) -> None:
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where a folder should be")
+    target = blocker / "x" / "last.pt"
+    expected = f"cannot write checkpoint {target} .*no last.pt was written"
+    with pytest.raises(WriteError, match=expected), atomic_write(target, binary=True, what="checkpoint") as handle:
+        handle.write(b"never")

@@ -51,8 +51,11 @@ def atomic_write(path: str | os.PathLike, binary: bool = False, what: str = "fil
     rename it to ``path``. Text is UTF-8 with ``\\n`` line ends. ``what`` names the file in errors
     ("cannot write checkpoint runs/x/last.pt (No space left on device: disk full); ...")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, fd = _create_temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, fd = _create_temporary(path)
+    except OSError as err:
+        raise _write_error(path, err, what) from err
     text_options = {} if binary else {"encoding": "utf-8", "newline": ""}
     try:
         with os.fdopen(fd, "wb" if binary else "w", **text_options) as handle:
@@ -63,7 +66,9 @@ def atomic_write(path: str | os.PathLike, binary: bool = False, what: str = "fil
         _fsync_directory(path.parent)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        os_error = _os_error_in(err)
+        # A failed write is an OSError, or a RuntimeError chained to one (torch.save); other errors of the
+        # caller's block (a ValueError while serialising, say) pass through as they are.
+        os_error = _os_error_in(err) if isinstance(err, OSError | RuntimeError) else None
         if os_error is not None and not isinstance(err, WriteError):
             raise _write_error(path, os_error, what) from err
         raise
@@ -81,7 +86,7 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
 
 
 def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError behind ``err``: torch reports a failed write as a RuntimeError chained to it."""
+    """The OSError that ``err`` is or is chained to."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
