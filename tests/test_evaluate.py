@@ -227,7 +227,7 @@ def test_load_image_domains(tmp_path):
 def test_load_results_errors(tmp_path, content, message):
     path = tmp_path / "results.json"
     path.write_text(content)
-    with pytest.raises(CaptionDataError, match=message) as error:
+    with pytest.raises(DataFileError, match=message) as error:  # CaptionDataError for the content
         load_results(path)
     assert str(path) in str(error.value)
 
