@@ -15,8 +15,9 @@ from engine.preemption import LoaderBatches, ignore_stop_signals
 from models.captioner import OPGCaptioner
 from models.captioning import caption_batches
 from models.decoding import DecodeOptions
-from utils.coco_eval import CaptionScorer, EvalReport, ImageId, evaluate_results
+from utils.coco_eval import CaptionScorer, EvalReport, evaluate_results
 from utils.distributed import DistInfo, gather_objects
+from utils.io import ImageId
 
 logger = logging.getLogger(__name__)
 
