@@ -56,7 +56,8 @@ def test_scst_raises_the_reward_and_moves_only_trainable_weights(tokenizer):
     step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = {"images": visual, "indices": [0, 1]}
-    for _ in range(8):
+    # 16 steps: after 8 the rise was within the noise of the dropout masks drawn (it failed for some seeds).
+    for _ in range(16):
         out = step(batch)
         assert {"loss", "reward", "baseline", "sample_len", "entropy"} <= out.keys()
         out["loss"].backward()
