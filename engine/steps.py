@@ -17,6 +17,7 @@ from models.captioner import OPGCaptioner
 from models.captioning import caption_batches
 from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off
 from models.losses import scst_loss
+from models.static_decode import FastDecode
 from utils.cider import CiderD
 from utils.config import ScstConfig, TrainConfig
 from utils.distributed import all_reduce_mean
@@ -84,6 +85,8 @@ class ScstStep:
             temperature=opts.temperature,
         )
         self.greedy_options = DecodeOptions(method="greedy", max_len=opts.sample_max_len, min_len=opts.sample_min_len)
+        # One per step object: it keeps the recorded CUDA graphs of the greedy baseline.
+        self.fast = None if opts.fast_decode == "off" else FastDecode()
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the coming steps' samples with ``epoch`` (each image is visited once per epoch)."""
@@ -93,9 +96,8 @@ class ScstStep:
         n = self.opts.num_samples
         with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
             prefix = self.model.encode(**batch_inputs(batch, self.device))
-            samples = decode(
-                self.model, prefix, self.sample_options, with_logprobs=True, uniforms=self._uniforms(batch["indices"])
-            )
+            uniforms = self._uniforms(batch["indices"])
+            samples = decode(self.model, prefix, self.sample_options, True, uniforms=uniforms, fast=self.fast)
         refs = [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)
@@ -129,6 +131,6 @@ class ScstStep:
             return (rewards.sum(axis=1, keepdims=True) - rewards) / (n - 1)
         # The baseline is the caption the model would give at test time: greedy and in eval mode (no dropout,
         # no drop path in the encoder), from the image encoded again, under the training step's autocast.
-        [(_, greedy)] = caption_batches(self.model, [batch], self.tokenizer, self.greedy_options)
+        [(_, greedy)] = caption_batches(self.model, [batch], self.tokenizer, self.greedy_options, fast=self.fast)
         greedy_rewards = self.cider.score_candidates([captions[0].text for captions in greedy], refs)
         return np.repeat(greedy_rewards[:, None], n, axis=1)

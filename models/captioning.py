@@ -17,6 +17,7 @@ import torch
 from data.datasets import batch_inputs
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
+from models.static_decode import FastDecode
 from utils.precision import autocast
 
 
@@ -37,6 +38,7 @@ def caption_batches(
     options: DecodeOptions,
     precision: str = "fp32",
     generator: torch.Generator | None = None,
+    fast: FastDecode | None = None,
 ) -> Iterator[tuple[Batch, list[list[ScoredCaption]]]]:
     """Caption each batch in eval mode under ``precision``'s autocast, without gradients.
 
@@ -45,12 +47,13 @@ def caption_batches(
     caller's. Yields every batch with, per input image in order, ``options.captions_per_image`` captions
     best first; a batch without inputs (no image could be read) comes back with none. ``precision`` "fp32"
     adds no autocast, so a caller's own autocast (SCST's training step) applies. The model's training
-    mode is restored before each batch is handed back. ``generator`` seeds sampling.
+    mode is restored before each batch is handed back. ``generator`` seeds sampling; ``fast`` selects SCST's
+    static-cache decoding (:mod:`models.static_decode`) for greedy decoding and sampling.
     """
     device = next(model.parameters()).device
     for batch in batches:
         inputs = batch_inputs(batch, device)
-        captions = _caption_inputs(model, inputs, tokenizer, options, precision, generator) if inputs else []
+        captions = _caption_inputs(model, inputs, tokenizer, options, precision, generator, fast) if inputs else []
         yield batch, captions
 
 
@@ -62,10 +65,11 @@ def _caption_inputs(
     options: DecodeOptions,
     precision: str,
     generator: torch.Generator | None,
+    fast: FastDecode | None,
 ) -> list[list[ScoredCaption]]:
     device = next(iter(inputs.values())).device
     with eval_mode(model), autocast(precision, device):
-        result = decode(model, model.encode(**inputs), options, generator=generator)
+        result = decode(model, model.encode(**inputs), options, generator=generator, fast=fast)
     texts = captions_from_tokens(tokenizer, result)
     scores = result.scores.float().tolist()
     n = options.captions_per_image

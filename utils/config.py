@@ -103,6 +103,9 @@ class ScstConfig:
     temperature: float = 1.0
     length_norm: bool = True  # average log-probabilities over each sample's tokens
     dropout: bool = True  # sample with dropout on, as the reference does; false samples the test-time model
+    # auto: sampling and the greedy baseline on a static KV cache (CUDA graphs for the baseline on CUDA);
+    # off: Hugging Face's dynamic cache. Same tokens for the same draws (README: SCST decoding speed)
+    fast_decode: str = "auto"
     # Score captions and references as "words <eos>" (the reference's wrap; its coco-train-words.p counts
     # <eos>), so the reward sees whether a caption ended; false scores the bare words
     reward_eos: bool = True
@@ -315,6 +318,7 @@ def validate(cfg: Config) -> None:
         "model.output_vocab": ("full", "train"),
         "train.precision": ("auto", "fp32", "bf16", "fp16"),
         "scst_opts.baseline": ("greedy", "mean"),
+        "scst_opts.fast_decode": ("auto", "off"),
         "train.eval_split": ("val", "test"),
     }
     for key, allowed in choices.items():
