@@ -19,8 +19,8 @@ from typing import Any
 from data.datasets import read_annotations
 from data.synthetic import grounding_accuracy
 from data.text import clean_caption, strip_stop
+from engine.config import CONFIG_DIR, Config, build_config
 from utils.coco_eval import CaptionScorer, ImageId, load_ground_truth
-from utils.config import CONFIG_DIR, Config, build_config
 from utils.java import java_missing
 
 ROOT = Path(__file__).resolve().parent

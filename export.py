@@ -19,7 +19,6 @@ from pathlib import Path
 from models.pretrained import folder_config, load_model, save_folder
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import CheckpointError
-from utils.config import to_dict
 from utils.model_card import model_card
 
 
@@ -56,7 +55,7 @@ def export(args: argparse.Namespace) -> Path:
     report = read_test_report(args.metrics or args.checkpoint.parent / "test_metrics.json")
     save_folder(model, cfg, load_tokenizer(cfg.model.tokenizer), out)
     card = model_card(
-        to_dict(cfg), folder_config(model, cfg), report, args.name or out.resolve().name, args.license,
+        cfg.training, folder_config(model, cfg), report, args.name or out.resolve().name, args.license,
         args.repo_id or str(out),
     )  # fmt: skip
     (out / "README.md").write_text(card, encoding="utf-8")

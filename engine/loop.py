@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from engine.config import TrainConfig
 from engine.preemption import StopRequest
-from utils.config import TrainConfig
 from utils.distributed import DistInfo, all_reduce_mean, average_gradients
 from utils.logs import MetricsLog
 from utils.precision import autocast

@@ -22,15 +22,14 @@ from torchvision.transforms.functional import to_pil_image
 from data.image_io import load_image, to_rgb
 from data.transforms import build_transform
 from models.captioner import OPGCaptioner
+from models.config import DecodeConfig, SavedCaptionerConfig
 from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
 from models.mapper import MLPMapper
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
-from utils.config import Config, DecodeConfig
-from utils.precision import autocast, resolve_precision
+from utils.precision import PRECISIONS, autocast, resolve_precision
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 class ScoredCaption(NamedTuple):
@@ -61,11 +60,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_run_precision(name: str, cfg: Config, device: torch.device) -> str:
+def resolve_run_precision(name: str, cfg: SavedCaptionerConfig, device: torch.device) -> str:
     """``auto`` -> the run's own ``train.precision`` (itself possibly auto), resolved for ``device``."""
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
-    return resolve_precision(cfg.train.precision if name == "auto" else name, device)
+    return resolve_precision(cfg.precision if name == "auto" else name, device)
 
 
 def decode_options(decode_cfg: DecodeConfig, num_captions: int = 1, **overrides: object) -> DecodeOptions:
@@ -122,7 +121,12 @@ class Captioner:
     """A loaded model with its tokenizer, image transform, device and precision."""
 
     def __init__(
-        self, model: OPGCaptioner, tokenizer: object, cfg: Config, device: torch.device, precision: str = "auto"
+        self,
+        model: OPGCaptioner,
+        tokenizer: object,
+        cfg: SavedCaptionerConfig,
+        device: torch.device,
+        precision: str = "auto",
     ) -> None:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.precision = resolve_run_precision(precision, cfg, device)

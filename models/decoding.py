@@ -32,9 +32,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from models.captioner import OPGCaptioner, Prefix, attention_mask
+from models.config import DecodeConfig
 from models.gpt2 import forward_with_cache
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
-from utils.config import DecodeConfig
 
 METHODS = ("greedy", "beam", "sample")
 
