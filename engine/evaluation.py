@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
@@ -17,6 +16,7 @@ from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mo
 from utils.coco_eval import CaptionScorer, EvalReport, ImageId, evaluate_results
 from utils.distributed import DistInfo, gather_objects
 from utils.precision import autocast
+from utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def generate_captions(
     )  # fmt: skip
     local: dict[ImageId, str] = {}
     with eval_mode(model), LoaderBatches(loader) as batches:
-        for batch in tqdm(batches, desc=desc, disable=not dist.is_main, leave=False, total=len(loader)):
+        for batch in progress(batches, desc=desc, disable=not dist.is_main, leave=False, total=len(loader)):
             if "images" not in batch:
                 continue
             with autocast(precision, dist.device):

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from data.datasets import ImageReader, Unreadable
 from utils import distributed
 from utils.precision import autocast
+from utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,8 @@ def encode_into_store(
     reasons: dict[str, str] = json.loads(failures_file.read_text()) if failures_file.is_file() else {}
     pending: dict[int, int] = {}
     try:
-        for images, indices, unreadable in tqdm(loader, desc="encoding images", disable=not show_progress, leave=False):
+        bar = progress(loader, desc="encoding images", disable=not show_progress, leave=False)
+        for images, indices, unreadable in bar:
             if images is not None:
                 with autocast(precision, device):
                     out = encoder(images.to(device)).float().cpu().numpy().astype(store.dtype)

@@ -48,7 +48,7 @@ def _shown(value: Any) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Metavars name the type (INT, FLOAT, BOOL, PATH, STR); each option's help ends with its default."""
+    """Metavars name the type (INT, FLOAT, BOOL, PATH, STR); an option's help ends with its default."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=40, width=min(120, shutil.get_terminal_size().columns))
@@ -75,11 +75,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         if action.required:
             return f"{text} (required)"
+        # The help says it in words (e.g. "default: the checkpoint's"), or None means "not given" (the
+        # group's or the option's help says what then); schema options always show theirs
+        if "default" in text or (default is None and not hasattr(action, "shown_default")):
+            return text
         return f"{text} (default: {_shown(default).replace('%', '%%')})"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse in this project's dialect; :meth:`parse` returns an exit status instead of exiting."""
+    """argparse in this project's dialect; :meth:`parse` returns an exit status instead of exiting, after
+    one line on stderr for a usage error (``--help`` shows the usage)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -91,7 +96,6 @@ class ArgumentParser(argparse.ArgumentParser):
         try:
             return self.parse_args(argv)
         except UsageError as err:
-            self.print_usage(sys.stderr)
             print(f"{self.prog}: error: {err}", file=sys.stderr)
             return 2
         except SystemExit as stop:  # --help
@@ -133,10 +137,11 @@ class ArgumentParser(argparse.ArgumentParser):
         if not token.startswith("-"):
             return f"unexpected argument {token!r} (options look like --name value)"
         name = token.split("=", 1)[0]
-        options = [o for o in self._option_string_actions if o.startswith("--")]
+        options = [o for o in self._option_string_actions if o.startswith("--") and o != "--help"]
         last = name.rsplit(".", 1)[-1].lstrip("-")
         same_last = [o for o in options if o.rsplit(".", 1)[-1].lstrip("-") == last and "." in o]
-        candidates = list(dict.fromkeys(same_last + difflib.get_close_matches(name, options, n=3)))
+        longer = [o for o in options if o.startswith(name)]
+        candidates = list(dict.fromkeys(same_last + longer + difflib.get_close_matches(name, options, n=3)))[:4]
         hint = f" (did you mean {' or '.join(candidates)}?)" if candidates else " (see --help)"
         return f"unknown option {name}{hint}"
 
@@ -146,12 +151,14 @@ def add_flag(parser: Any, name: str, help: str, default: bool = False) -> argpar
     return parser.add_argument(name, type=bool_arg, default=default, help=help)
 
 
-def add_schema_options(parser: ArgumentParser, schema: Schema) -> None:
-    """One ``--dotted.key`` option (plus its short name and aliases) per field of ``schema``, grouped by
-    section. They have no argparse default: only what the command line gives overrides the YAML files
-    (:func:`schema_overrides`); ``--help`` shows the schema's defaults."""
+def add_schema_options(parser: ArgumentParser, schema: Schema, exclude: Sequence[str] = ()) -> None:
+    """One ``--dotted.key`` option (plus its short name and aliases) per field of ``schema`` but the keys in
+    ``exclude``, grouped by section. They have no argparse default: only what the command line gives
+    overrides the YAML files (:func:`schema_overrides`); ``--help`` shows the schema's defaults."""
     groups: dict[str, Any] = {"": parser.add_argument_group("run")}
     for leaf in schema.leaves.values():
+        if leaf.key in exclude:
+            continue
         if leaf.section not in groups:
             groups[leaf.section] = parser.add_argument_group(schema.titles[leaf.section])
         action = groups[leaf.section].add_argument(
