@@ -75,9 +75,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         if action.required:
             return f"{text} (required)"
-        # The help says it in words (e.g. "default: the checkpoint's"), or None means "not given" (the
-        # group's or the option's help says what then); schema options always show theirs
-        if "default" in text or (default is None and not hasattr(action, "shown_default")):
+        # Schema options always show theirs. Otherwise the help may say it in words ("default: stdout"), and
+        # None means "not given" (the group's or the option's help says what happens then)
+        if not hasattr(action, "shown_default") and ("default" in text or default is None):
             return text
         return f"{text} (default: {_shown(default).replace('%', '%%')})"
 

@@ -34,6 +34,7 @@ class PlainProgress:
         for item in self.iterable or ():
             yield item
             self.update(1)
+        self.close()
 
     def __enter__(self) -> PlainProgress:
         return self
