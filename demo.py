@@ -11,6 +11,7 @@ defaults shown are the code's, which the demo's YAML files change).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -25,6 +26,7 @@ from data.text import clean_caption, strip_stop
 from engine.config import CONFIG_DIR, SCHEMA, Config, build_config
 from utils.cli import ArgumentParser, add_schema_options, schema_overrides
 from utils.coco_eval import CaptionScorer, ImageId, load_ground_truth
+from utils.config import ConfigError
 from utils.java import java_missing
 
 ROOT = Path(__file__).resolve().parent
@@ -101,6 +103,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config options given on the command line, and the data set's files with ``--data_dir``."""
+    common: dict[str, Any] = schema_overrides(args, SCHEMA)
+    if args.data_dir:
+        data = Path(args.data_dir).resolve()
+        common.update({"data.image_root": str(data), "data.train_file": str(data / "train.json"),
+                       "data.val_file": str(data / "val.json"), "data.test_file": str(data / "test.json")})  # fmt: skip
+    return common
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse(argv)
     if isinstance(args, int):
@@ -111,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     out = Path(args.output_dir).resolve()
-    common: dict[str, Any] = schema_overrides(args, SCHEMA)
-    if args.data_dir:
-        data = Path(args.data_dir).resolve()
-        common.update({"data.image_root": str(data), "data.train_file": str(data / "train.json"),
-                       "data.val_file": str(data / "val.json"), "data.test_file": str(data / "test.json")})  # fmt: skip
+    common = shared_overrides(args)
+    xe_files = [CONFIG_DIR / "demo.yaml", *args.xe_config]
+    scst_files = [CONFIG_DIR / "demo_scst.yaml", *args.scst_config]
+    try:  # both stages' configs, before any work
+        for files in (xe_files, scst_files):
+            build_config(files, common)
+    except ConfigError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 2
     with CaptionScorer() as scorer:
-        xe_files = [CONFIG_DIR / "demo.yaml", *args.xe_config]
         xe = run_stage(xe_files, {**common, "output_dir": str(out / "xe")}, scorer)
         rows = {"XE": (xe["test"], xe["captions"])}
         xe_cider = xe["test"]["CIDEr"]
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         for baseline in filter(None, args.scst_baselines.split(",")):
             overrides = {**common, "output_dir": str(out / f"scst_{baseline}"),
                          "checkpoint": str(out / "xe" / "best.pt"), "scst_opts.baseline": baseline}  # fmt: skip
-            scst = run_stage([CONFIG_DIR / "demo_scst.yaml", *args.scst_config], overrides, scorer)
+            scst = run_stage(scst_files, overrides, scorer)
             rows[f"XE + SCST ({baseline} baseline)"] = (scst["test"], scst["captions"])
             gains[baseline] = scst["test"]["CIDEr"] / xe_cider - 1 if xe_cider else float("nan")
         cfg = build_config([CONFIG_DIR / "demo.yaml"], common)
