@@ -12,7 +12,6 @@ defaults shown are the code's, which the demo's YAML files change).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -25,8 +24,9 @@ from data.synthetic import grounding_accuracy
 from data.text import clean_caption, strip_stop
 from engine.config import CONFIG_DIR, SCHEMA, Config, build_config
 from utils.cli import ArgumentParser, add_schema_options, schema_overrides
-from utils.coco_eval import CaptionScorer, ImageId, load_ground_truth
+from utils.coco_eval import CaptionScorer, load_ground_truth
 from utils.config import ConfigError
+from utils.io import ImageId, write_json
 from utils.java import java_missing
 
 ROOT = Path(__file__).resolve().parent
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     summary = {name: {"metrics": m, "grounding": grounding_accuracy(c, metadata)} for name, (m, c) in rows.items()}
     report = {"minutes": minutes, "rows": summary, "scst_cider_gain": gains}
-    (out / "demo_summary.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "demo_summary.json", report, indent=2)
     curves = write_curves(out, ["xe", *(f"scst_{b}" for b in gains)])
     print(f"\nDemo test split ({len(gts)} images), metrics x100; grounding = % of captions stating the truth")
     print(format_table(rows, metadata))

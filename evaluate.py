@@ -15,16 +15,14 @@ from pathlib import Path
 
 from utils.cli import ArgumentParser, add_flag
 from utils.coco_eval import (
-    CaptionDataError,
     CaptionScorer,
     EvalReport,
-    ImageId,
     evaluate_results,
     load_ground_truth,
     load_image_domains,
     load_results,
-    write_json_atomic,
 )
+from utils.io import DataFileError, ImageId, write_json
 from utils.java import java_missing
 
 
@@ -74,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
                 scorer=scorer,
                 domains=domains,
             )
-    except CaptionDataError as err:
+    except DataFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.format_table())
     output = args.output or args.results.with_suffix(".metrics.json")
-    write_json_atomic(output, {"results": str(args.results), "annotations": str(args.annotations), **report.to_dict()})
+    write_json(output, {"results": str(args.results), "annotations": str(args.annotations), **report.to_dict()})
     print(f"metrics written to {output}")
     if args.per_image is not None:
-        write_json_atomic(args.per_image, per_image_rows(report, results))
+        write_json(args.per_image, per_image_rows(report, results))
         print(f"per-image CIDEr written to {args.per_image}")
     return 0
 

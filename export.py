@@ -20,6 +20,7 @@ from models.pretrained import folder_config, load_model, save_folder
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_flag
+from utils.io import write_text
 from utils.model_card import model_card
 
 
@@ -59,7 +60,7 @@ def export(args: argparse.Namespace) -> Path:
         cfg.training, folder_config(model, cfg), report, args.name or out.resolve().name, args.license,
         args.repo_id or str(out),
     )  # fmt: skip
-    (out / "README.md").write_text(card, encoding="utf-8")
+    write_text(out / "README.md", card)
     return out
 
 

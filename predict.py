@@ -20,31 +20,24 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from data.image_io import ImageLoadError, collect_images, load_image
+from data.caption_output import FORMATS, CaptionRecord, format_for, match_annotated_images, write_gallery, write_results
+from data.datasets import ImageFiles, ImageReader, collate_images
+from data.image_io import collect_images
 from data.transforms import build_transform
-from models.api import PRECISIONS, ScoredCaption, caption_batch, decode_options, resolve_device, resolve_run_precision
+from models.api import PRECISIONS, ScoredCaption, caption_batch, decode_options, resolve_run_precision
 from models.decoding import METHODS, DecodeOptions
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
-from utils.caption_output import (
-    FORMATS,
-    CaptionRecord,
-    assign_image_ids,
-    format_for,
-    match_annotated_images,
-    write_gallery,
-    write_results,
-)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_flag
-from utils.coco_eval import CaptionDataError, ImageId, load_image_entries
+from utils.coco_eval import load_image_entries
+from utils.distributed import resolve_device
+from utils.io import DataFileError, ImageId, assign_image_ids
 from utils.progress import progress
 
 logger = logging.getLogger("predict")
@@ -92,33 +85,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-class ImageFiles(Dataset):
-    """Image paths -> ``(index, normalised image or None, failure reason or None)``."""
-
-    def __init__(self, paths: Sequence[Path], image_res: int) -> None:
-        self.paths = list(paths)
-        self.transform = build_transform(image_res, train=False)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return index, self.transform(load_image(self.paths[index])), None
-        except ImageLoadError as err:
-            return index, None, err.reason
-
-
-def collate_tolerant(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[str, Any]:
-    """Stack the images that loaded; keep the failures (index, reason) aside."""
-    good = [(i, image) for i, image, _ in items if image is not None]
-    return {
-        "indices": [i for i, _ in good],
-        "images": torch.stack([image for _, image in good]) if good else None,
-        "failures": [(i, reason) for i, image, reason in items if image is None],
-    }
-
-
 def options_from_args(args: argparse.Namespace, decode_cfg) -> DecodeOptions:
     """The checkpoint's decoding settings with the command-line overrides applied."""
     overrides = {key: getattr(args, key) for key in DECODE_OVERRIDES}
@@ -130,29 +96,30 @@ def options_from_args(args: argparse.Namespace, decode_cfg) -> DecodeOptions:
 
 def caption_files(
     model, tokenizer, paths: list[Path], options: DecodeOptions, args: argparse.Namespace, precision: str
-) -> tuple[dict[int, list[ScoredCaption]], dict[int, str]]:
-    """Caption ``paths``; returns ``({index: captions, best first}, {index: failure reason})``."""
+) -> tuple[dict[int, list[ScoredCaption]], list[str]]:
+    """Caption ``paths``; returns ``({index: captions, best first}, ["path: why it failed", ...])``."""
     device = next(model.parameters()).device
+    # Read exactly as validation and the test split read images (a JPEG is decoded at a reduced scale that
+    # still covers the input size), so that a run's checkpoint gives the captions the run reported.
+    reader = ImageReader("", build_transform(model.encoder.image_res, train=False))
     loader = DataLoader(
-        ImageFiles(paths, model.encoder.image_res),
+        ImageFiles(reader, [str(path) for path in paths]),
         batch_size=args.batch_size,
         num_workers=min(args.num_workers, len(paths)),
-        collate_fn=collate_tolerant,
+        collate_fn=collate_images,
         pin_memory=device.type == "cuda",
     )
     generator = torch.Generator(device).manual_seed(args.seed) if options.method == "sample" else None
     captions: dict[int, list[ScoredCaption]] = {}
-    failures: dict[int, str] = {}
+    failures: list[str] = []
     with progress(total=len(paths), desc="captioning", unit="img", disable=args.no_progress) as bar:
         for batch in loader:
-            for index, reason in batch["failures"]:
-                logger.warning("skipped %s: %s", paths[index], reason)
-                failures[index] = reason
-            if batch["images"] is not None:
+            failures += [f"{failure.path}: {failure.reason}" for failure in batch["failures"]]
+            if "images" in batch:
                 images = batch["images"].to(device, non_blocking=True)
                 results = caption_batch(model, tokenizer, images, options, precision, generator)
                 captions.update(zip(batch["indices"], results, strict=True))
-            bar.update(len(batch["indices"]) + len(batch["failures"]))
+            bar.update(len(batch.get("indices", [])) + batch["skipped"])
     return captions, failures
 
 
@@ -168,7 +135,7 @@ def images_and_ids(args: argparse.Namespace) -> tuple[list[Path], list[ImageId],
         return paths, assign_image_ids(paths), problems
     try:
         entries = load_image_entries(args.annotations)
-    except CaptionDataError as err:
+    except DataFileError as err:
         raise UsageError(str(err)) from err
     matches, missing = match_annotated_images(entries, paths)
     if not matches:
@@ -210,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     captions, failures = caption_files(model, tokenizer, paths, options, args, precision)
     n_best = args.num_captions > 1
     records = [to_record(ids[i], paths[i], captions[i], n_best) for i in sorted(captions)]
-    failed = [f"{paths[i]}: {reason}" for i, reason in sorted(failures.items())] + problems
+    failed = failures + problems
     if args.output:
         write_results(args.output, records, fmt)
     else:

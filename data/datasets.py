@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from data.image_io import ImageLoadError, load_image
-from data.text import clean_caption, strip_stop
-from models.losses import IGNORE_INDEX
-from utils.coco_eval import ImageId, image_id_from_path, normalise_image_id
+from data.text import IGNORE_INDEX, clean_caption, strip_stop
+from utils.io import (
+    DataFileError,
+    ImageId,
+    Unreadable,
+    image_id_from_path,
+    normalise_image_id,
+    read_json,
+    split_unreadable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +29,10 @@ logger = logging.getLogger(__name__)
 def read_annotations(path: str | Path, split: str) -> list[dict[str, Any]]:
     """Read an annotation list; every entry needs ``image`` and ``caption`` (a string for train, a list of
     references for val/test)."""
-    path = Path(path)
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {split} annotations {path}: {err}") from err
+        entries = read_json(path)
+    except DataFileError as err:
+        raise DataFileError(f"{split} annotations: {err}") from err
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{split} annotations {path} must be a non-empty JSON list")
     want = str if split == "train" else list
@@ -38,12 +43,6 @@ def read_annotations(path: str | Path, split: str) -> list[dict[str, Any]]:
                 f"{'str' if split == 'train' else '[references]'}}}, got {str(entry)[:120]}"
             )
     return entries
-
-
-class Unreadable(NamedTuple):
-    """Stands in for an item whose image could not be read; the collators drop it and count ``reason``."""
-
-    reason: str
 
 
 class ImageReader:
@@ -58,16 +57,38 @@ class ImageReader:
         self.failures: dict[str, str] = {}  # image path -> why it could not be read, when features were cached
 
     def read(self, relative: str) -> torch.Tensor | Unreadable:
-        """Image 3 x R x R (or features N x C), or :class:`Unreadable` with the kind of failure (logged)."""
+        """Image 3 x R x R (or features N x C), or :class:`Unreadable` saying why not (logged)."""
         if self.features is not None:
             found = self.features.get(relative)
-            return found if found is not None else Unreadable(self.failures.get(relative, "unreadable"))
-        path = self.image_root / relative
+            if found is not None:
+                return found
+            kind = self.failures.get(relative, "unreadable")
+            return Unreadable(relative, kind, kind)
         try:
-            return self.transform(load_image(path, draft_size=self.draft_size))
+            return self.transform(load_image(self.image_root / relative, draft_size=self.draft_size))
         except ImageLoadError as err:
             logger.warning("skipping image: %s", err)
-            return Unreadable(err.kind)
+            return Unreadable(relative, err.kind, err.reason)
+
+
+class ImageFiles(Dataset):
+    """One item per image path (relative to the reader's root, or absolute): ``(image 3 x R x R, index)``, or
+    :class:`~utils.io.Unreadable`; :func:`collate_images` batches them. The one way images are read
+    for captioning: validation, the test split, feature caching and ``predict.py``."""
+
+    def __init__(self, reader: ImageReader, paths: Sequence[str]) -> None:
+        self.reader = reader
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image_paths(self) -> list[str]:
+        return list(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
+        image = self.reader.read(self.paths[index])
+        return image if isinstance(image, Unreadable) else (image, index)
 
 
 def drop_empty_captions(entries: list[dict[str, Any]], ann_file: str | Path) -> list[dict[str, Any]]:
@@ -90,8 +111,8 @@ def draft_size_for(transform: Callable) -> tuple[int, int] | None:
 
 
 class CaptionTrainDataset(Dataset):
-    """One item per (image, caption) pair: ``(image 3 x R x R, cleaned caption)``, or ``None`` when the
-    image cannot be read (the collator drops it and counts it)."""
+    """One item per (image, caption) pair: ``(image 3 x R x R, cleaned caption)``, or
+    :class:`~utils.io.Unreadable` when the image cannot be read (the collator drops it and counts it)."""
 
     def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable, max_words: int = 30):
         entries = read_annotations(ann_file, "train")
@@ -114,9 +135,10 @@ class CaptionTrainDataset(Dataset):
         return image, clean_caption(entry["caption"], self.max_words)
 
 
-class CaptionImageDataset(Dataset):
-    """One item per image: ``(image 3 x R x R, index)``, or ``None`` when unreadable. ``references``
-    holds the raw reference captions per image, ``ids`` the COCO image ids."""
+class CaptionImageDataset(ImageFiles):
+    """One item per image of an annotation file: ``(image 3 x R x R, index)``, or
+    :class:`~utils.io.Unreadable`. ``references`` holds the raw reference captions per image, ``ids`` the
+    COCO image ids."""
 
     def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable, split: str):
         entries = read_annotations(ann_file, split)
@@ -126,7 +148,7 @@ class CaptionImageDataset(Dataset):
             self.dropped["empty caption"] = len(entries) - len(kept)
             entries = group_by_image(kept)
         self.entries = entries
-        self.reader = ImageReader(image_root, transform)
+        super().__init__(ImageReader(image_root, transform), [e["image"] for e in entries])
         self.ids: list[ImageId] = [
             normalise_image_id(e["image_id"]) if "image_id" in e else image_id_from_path(e["image"])
             for e in self.entries
@@ -134,16 +156,6 @@ class CaptionImageDataset(Dataset):
         self.references = {i: e["caption"] for i, e in zip(self.ids, self.entries, strict=True)}
         if len(self.references) != len(self.entries):
             raise ValueError(f"{split} annotations {ann_file} list the same image id more than once")
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def image_paths(self) -> list[str]:
-        return [e["image"] for e in self.entries]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
-        image = self.reader.read(self.entries[index]["image"])
-        return image if isinstance(image, Unreadable) else (image, index)
 
 
 def group_by_image(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -156,7 +168,7 @@ def group_by_image(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class CaptionCollator:
     """Batch ``(image, caption)`` items: images B x 3 x R x R, ``input_ids`` B x T right-padded,
-    ``labels`` with -100 on padding, ``skipped`` = unreadable items dropped from this batch."""
+    ``labels`` with -100 on padding, and the unreadable items dropped (:func:`utils.io.split_unreadable`)."""
 
     def __init__(self, tokenizer: Any, max_tokens: int = 64) -> None:
         self.tokenizer = tokenizer
@@ -164,7 +176,7 @@ class CaptionCollator:
         self.pad_id = tokenizer.eos_token_id
 
     def __call__(self, items: Sequence[tuple[torch.Tensor, str] | Unreadable]) -> dict[str, Any]:
-        good, batch = _split_unreadable(items)
+        good, batch = split_unreadable(items)
         if not good:
             return batch
         ids = [self.tokenizer.encode(caption)[: self.max_tokens] for _, caption in good]
@@ -178,19 +190,10 @@ class CaptionCollator:
         return batch
 
 
-def _split_unreadable(items: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
-    """The readable items, and a batch dict counting the others: ``skipped`` and ``skipped_why``."""
-    good = [item for item in items if not isinstance(item, Unreadable)]
-    reasons: dict[str, int] = {}
-    for item in items:
-        if isinstance(item, Unreadable):
-            reasons[item.reason] = reasons.get(item.reason, 0) + 1
-    return good, {"skipped": len(items) - len(good), "skipped_why": reasons}
-
-
 def collate_images(items: Sequence[tuple[torch.Tensor, int] | Unreadable]) -> dict[str, Any]:
-    """Batch ``(image, index)`` items, dropping unreadable ones (counted in ``skipped``/``skipped_why``)."""
-    good, batch = _split_unreadable(items)
+    """Batch ``(image, index)`` items: ``images`` B x 3 x R x R stacked and ``indices`` (both absent when no
+    item could be read), plus the accounting of the unreadable ones (:func:`utils.io.split_unreadable`)."""
+    good, batch = split_unreadable(items)
     if good:
         batch["images"] = torch.stack([image for image, _ in good])
         batch["indices"] = [index for _, index in good]

@@ -21,14 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import ArgumentParser, add_flag
-from utils.coco_eval import (
-    CaptionDataError,
-    ImageId,
-    image_id_from_path,
-    normalise_image_id,
-    read_json,
-    write_json_atomic,
-)
+from utils.io import DataFileError, ImageId, image_id_from_path, normalise_image_id, read_json, write_json
 from utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -153,11 +146,11 @@ def write_splits(records: list[ImageRecord], out: Path) -> None:
     """Write train.json, val.json, test.json and the val/test COCO ground-truth files into ``out``."""
     by_split = {split: [r for r in records if r.split == split] for split in SPLITS}
     train = [{"image": r.path, "caption": c, "image_id": r.image_id} for r in by_split["train"] for c in r.captions]
-    write_json_atomic(out / "train.json", train)
+    write_json(out / "train.json", train)
     for split in ("val", "test"):
         entries = [{"image": r.path, "caption": r.captions, "image_id": r.image_id} for r in by_split[split]]
-        write_json_atomic(out / f"{split}.json", entries)
-        write_json_atomic(out / f"{split}_gt.json", ground_truth_json(by_split[split], f"Karpathy {split} split"))
+        write_json(out / f"{split}.json", entries)
+        write_json(out / f"{split}_gt.json", ground_truth_json(by_split[split], f"Karpathy {split} split"))
     for split, items in by_split.items():
         logger.info("%s: %d images, %d captions", split, len(items), sum(len(r.captions) for r in items))
 
@@ -220,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         prepare(args)
-    except (PreparationError, CaptionDataError) as err:
+    except (PreparationError, DataFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"prepared files written to {args.out}")

@@ -37,7 +37,7 @@ from data.image_io import IMAGE_EXTENSIONS
 from data.prepare_coco import DF_CACHE_NAME, SPLITS, ImageRecord, PreparationError, write_df_cache, write_splits
 from data.text import clean_caption, strip_stop
 from utils.cli import ArgumentParser, add_flag
-from utils.coco_eval import CaptionDataError
+from utils.io import DataFileError, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ def write_data_config(out: Path, image_root: Path) -> Path:
         }
     }
     path = out / "data.yaml"
-    path.write_text("# Written by data.prepare_custom: train with --config configs/xe.yaml --config this file\n"
-                    + yaml.safe_dump(section, sort_keys=False))  # fmt: skip
+    write_text(path, "# Written by data.prepare_custom: train with --config configs/xe.yaml --config this file\n"
+               + yaml.safe_dump(section, sort_keys=False))  # fmt: skip
     return path
 
 
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         records = prepare(args)
-    except (PreparationError, CaptionDataError) as err:
+    except (PreparationError, DataFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{split} {sum(r.split == split for r in records)}" for split in SPLITS)

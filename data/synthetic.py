@@ -14,7 +14,6 @@ most templates share. Files follow the COCO Karpathy layout used by BLIP / X-VLM
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
@@ -29,11 +28,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data.prepare_coco import ImageRecord, ground_truth_json
 from utils.cli import ArgumentParser, add_flag
+from utils.io import DataFileError, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: COCO ground truth written by data.prepare_coco (file_name = the image's path)
 SPLITS = ("train", "val", "test")
 SPLIT_ID_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 SHAPES = ("circle", "square", "triangle", "star")
@@ -293,34 +294,24 @@ def _generate_split(root: Path, split: str, count: int, params: dict) -> list[di
     return records
 
 
-def _write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-
-
 def _write_annotations(paths: DatasetPaths, records: dict[str, list[dict]]) -> None:
     train = [
         {"image": r["image"], "caption": ref, "image_id": str(r["image_id"])}
         for r in records["train"]
         for ref in r["refs"]
     ]
-    _write_json(paths.train, train)
+    write_json(paths.train, train, indent=1)
     for split, gt_path in (("val", paths.val_gt), ("test", paths.test_gt)):
         refs = [{"image": r["image"], "caption": r["refs"]} for r in records[split]]
-        _write_json(getattr(paths, split), refs)
-        images = [{"id": r["image_id"], "file_name": Path(r["image"]).name} for r in records[split]]
-        annotations = [
-            {"image_id": r["image_id"], "id": r["image_id"] * 100 + k, "caption": ref}
-            for r in records[split]
-            for k, ref in enumerate(r["refs"])
-        ]
-        coco = {"images": images, "annotations": annotations, "type": "captions", "info": {}, "licenses": []}
-        _write_json(gt_path, coco)
+        write_json(getattr(paths, split), refs, indent=1)
+        images = [ImageRecord(r["image"], r["image_id"], split, r["refs"]) for r in records[split]]
+        write_json(gt_path, ground_truth_json(images, f"synthetic shapes, {split} split"), indent=1)
     facts = {
         str(r["image_id"]): {"split": split, "image": r["image"], **asdict(r["scene"])}
         for split in SPLITS
         for r in records[split]
     }
-    _write_json(paths.metadata, {"generator_version": GENERATOR_VERSION, "images": facts})
+    write_json(paths.metadata, {"generator_version": GENERATOR_VERSION, "images": facts}, indent=1)
 
 
 def _parameters(num_train, num_val, num_test, image_size, seed, refs_per_image, image_format) -> dict:
@@ -376,7 +367,7 @@ def generate_dataset(
         sizes = {"train": num_train, "val": num_val, "test": num_test}
         records = {split: _generate_split(tmp, split, sizes[split], params) for split in SPLITS}
         _write_annotations(paths, records)
-        _write_json(paths.manifest, params)
+        write_json(paths.manifest, params, indent=1)
         _install(tmp, out, params)
     finally:
         if tmp.exists():
@@ -420,8 +411,8 @@ def _generation_defaults() -> dict:
 
 def _read_manifest(root: Path) -> dict | None:
     try:
-        return json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(root / "manifest.json")
+    except DataFileError:
         return None
 
 
@@ -487,7 +478,7 @@ def grounding_accuracy(captions: dict[int, str], metadata_path: str | os.PathLik
         {"count", "colour", "shape", "position", "all": accuracy in [0, 1], "num_images": N}; a caption
         that omits a fact counts as wrong; ids absent from the metadata are skipped with a warning.
     """
-    facts = json.loads(Path(metadata_path).read_text(encoding="utf-8"))["images"]
+    facts = read_json(metadata_path)["images"]
     keys = ("count", "colour", "shape", "position")
     hits = dict.fromkeys((*keys, "all"), 0)
     scored = 0

@@ -9,6 +9,7 @@ _SPACED = re.compile(r"[-/]")
 _SPACES = re.compile(r"\s+")
 
 STOP_TEXT = "."
+IGNORE_INDEX = -100  # the label of padding positions, which the loss skips (F.cross_entropy's default)
 
 
 def clean_caption(text: str, max_words: int = 30) -> str:

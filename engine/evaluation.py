@@ -13,8 +13,9 @@ from data.sampler import ShardedSampler
 from engine.preemption import LoaderBatches, ignore_stop_signals
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
-from utils.coco_eval import CaptionScorer, EvalReport, ImageId, evaluate_results
+from utils.coco_eval import CaptionScorer, EvalReport, evaluate_results
 from utils.distributed import DistInfo, gather_objects
+from utils.io import ImageId
 from utils.precision import autocast
 from utils.progress import progress
 

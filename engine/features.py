@@ -15,7 +15,6 @@ after a barrier all of them read the finished store.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -28,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from data.datasets import ImageReader, Unreadable
+from data.datasets import ImageFiles, ImageReader, collate_images
 from engine.config import FEATURE_CACHE_DTYPES
 from utils import distributed
+from utils.io import read_json, write_json
 from utils.precision import autocast
 from utils.progress import progress
 
@@ -50,7 +50,7 @@ class FeatureStore(Mapping[str, torch.Tensor]):
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
-        meta = json.loads((self.directory / _META).read_text())
+        meta = read_json(self.directory / _META)
         self.paths: list[str] = meta["paths"]
         self.shape: tuple[int, int] = tuple(meta["shape"])
         self.dtype = np.dtype(meta["dtype"])
@@ -90,7 +90,7 @@ class FeatureStore(Mapping[str, torch.Tensor]):
         """Image path -> why it could not be read, for the unreadable images."""
         reasons: dict[str, str] = {}
         for file in sorted(self.directory.glob(_FAILURES.format(rank="*"))):
-            reasons.update(json.loads(file.read_text()))
+            reasons.update(read_json(file))
         return reasons
 
 
@@ -118,7 +118,7 @@ def create_store(directory: Path, paths: Sequence[str], shape: tuple[int, int], 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     meta = {"version": 1, "paths": list(paths), "shape": list(shape), "dtype": dtype}
-    (staging / _META).write_text(json.dumps(meta))
+    write_json(staging / _META, meta)
     with open(staging / _DATA, "wb") as file:
         file.truncate(len(paths) * shape[0] * shape[1] * np.dtype(dtype).itemsize)
     with open(staging / _STATUS, "wb") as file:
@@ -129,25 +129,6 @@ def create_store(directory: Path, paths: Sequence[str], shape: tuple[int, int], 
         if not (directory / _META).is_file():
             raise
         shutil.rmtree(staging, ignore_errors=True)  # another process created it first
-
-
-class _Images(Dataset):
-    def __init__(self, reader: ImageReader, paths: Sequence[str]) -> None:
-        self.reader, self.paths = reader, paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | Unreadable, int]:
-        return self.reader.read(self.paths[index]), index
-
-
-def _collate(items: list) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
-    """(images of the readable items, their indices, {index: failure reason} of the unreadable ones)."""
-    good = [(image, index) for image, index in items if not isinstance(image, Unreadable)]
-    images = torch.stack([image for image, _ in good]) if good else None
-    failures = {index: image.reason for image, index in items if isinstance(image, Unreadable)}
-    return images, [index for _, index in good], failures
 
 
 def pending_batches(status: np.ndarray, batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -185,33 +166,42 @@ def encode_into_store(
     row_bytes = store.shape[0] * store.shape[1] * store.dtype.itemsize
     # An own generator keeps the global RNG (and so the training run) the same with or without a cache hit.
     loader = DataLoader(
-        _Images(reader, store.paths), batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
-        generator=torch.Generator().manual_seed(0),
+        ImageFiles(reader, store.paths), batch_sampler=batches, num_workers=num_workers,
+        collate_fn=collate_images, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     data_fd = os.open(directory / _DATA, os.O_WRONLY)
     status_fd = os.open(directory / _STATUS, os.O_WRONLY)
     failures_file = directory / _FAILURES.format(rank=rank)
-    reasons: dict[str, str] = json.loads(failures_file.read_text()) if failures_file.is_file() else {}
+    reasons: dict[str, str] = read_json(failures_file) if failures_file.is_file() else {}
     pending: dict[int, int] = {}
     try:
-        bar = progress(loader, desc="encoding images", disable=not show_progress, leave=False)
-        for images, indices, unreadable in bar:
-            if images is not None:
-                with autocast(precision, device):
-                    out = encoder(images.to(device)).float().cpu().numpy().astype(store.dtype)
-                for index, row in zip(indices, out, strict=True):
-                    os.pwrite(data_fd, row.tobytes(), index * row_bytes)
-            pending.update({i: DONE for i in indices} | {i: UNREADABLE for i in unreadable})
-            reasons.update({store.paths[i]: reason for i, reason in unreadable.items()})
+        bar = progress(zip(batches, loader, strict=True), desc="encoding images", disable=not show_progress,
+                       leave=False, total=len(batches))  # fmt: skip
+        for indices, batch in bar:
+            if "images" in batch:
+                _write_rows(encoder, batch, data_fd, row_bytes, store.dtype, device, precision)
+            pending.update({i: UNREADABLE for i in indices} | {i: DONE for i in batch.get("indices", [])})
+            reasons.update({failure.path: failure.kind for failure in batch["failures"]})
             if len(pending) >= commit_every:
-                failures_file.write_text(json.dumps(reasons))  # before the status bytes that refer to it
+                write_json(failures_file, reasons)  # before the status bytes that refer to it
                 _commit(data_fd, status_fd, pending)
-        failures_file.write_text(json.dumps(reasons))
+        write_json(failures_file, reasons)
         _commit(data_fd, status_fd, pending)
     finally:
         os.close(data_fd)
         os.close(status_fd)
     return len(batches)
+
+
+def _write_rows(
+    encoder: nn.Module, batch: dict[str, Any], data_fd: int, row_bytes: int, dtype: np.dtype, device: torch.device,
+    precision: str,
+) -> None:
+    """Encode the batch's images (B x 3 x R x R) and write each one's features (N x C) at its row."""
+    with autocast(precision, device):
+        out = encoder(batch["images"].to(device)).float().cpu().numpy().astype(dtype)
+    for index, row in zip(batch["indices"], out, strict=True):
+        os.pwrite(data_fd, row.tobytes(), index * row_bytes)
 
 
 def _commit(data_fd: int, status_fd: int, pending: dict[int, int]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -30,18 +29,12 @@ from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions
 from models.tokenizer import caption_vocabulary, load_tokenizer
 from utils import distributed
-from utils.checkpoint import (
-    CheckpointError,
-    load_state_strict,
-    read_checkpoint,
-    remove_stale_temporaries,
-    resume_checkpoint,
-    save_checkpoint,
-)
+from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint, resume_checkpoint, save_checkpoint
 from utils.cider import CiderD
 from utils.cider_df import DocumentFrequency
 from utils.coco_eval import CaptionScorer, EvalReport
 from utils.config import to_dict, to_yaml
+from utils.io import remove_stale_temporaries, write_json, write_text
 from utils.logs import MetricsLog, setup_logging
 from utils.precision import grad_scaler, resolve_precision
 from utils.reporting import open_reporters, sample_table
@@ -95,7 +88,7 @@ class Run:
             if removed:
                 logger.warning("removed %d incomplete file(s) left by an interrupted write: %s", len(removed),
                                ", ".join(removed))  # fmt: skip
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         self._prepare_data()
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.model = self._build_model()
@@ -392,10 +385,9 @@ class Run:
         if not self.dist.is_main:
             return {}
         self.metrics.write("test", **report.metrics)
-        out = self.run_dir / "test_metrics.json"
-        out.write_text(report.to_json())
+        write_json(self.run_dir / "test_metrics.json", report.to_dict(), indent=2)
         results = [{"image_id": k, "caption": v} for k, v in captions.items()]
-        (self.run_dir / "test_predictions.json").write_text(json.dumps(results, indent=1))
+        write_json(self.run_dir / "test_predictions.json", results, indent=1)
         logger.info("test (best checkpoint, %d beams):\n%s", self.cfg.decode.beams, report.format_table())
         return {"test": report.metrics, "unavailable": report.unavailable, "captions": captions}
 

@@ -11,10 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data.text import IGNORE_INDEX
 from engine.config import ScstConfig, TrainConfig
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off, eval_mode
-from models.losses import IGNORE_INDEX, scst_loss
+from models.losses import scst_loss
 from utils.cider import CiderD
 from utils.distributed import all_reduce_mean
 

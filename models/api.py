@@ -27,6 +27,7 @@ from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mo
 from models.mapper import MLPMapper
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
+from utils.distributed import resolve_device
 from utils.precision import PRECISIONS, autocast, resolve_precision
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
@@ -48,16 +49,6 @@ def load_captioner(source: str | Path, device: str = "auto", precision: str = "a
     target = resolve_device(device)
     model, cfg = load_model(source, target)
     return Captioner(model, load_tokenizer(cfg.model.tokenizer), cfg, target, precision)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; a CUDA device without CUDA is a ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available here")
-    return device
 
 
 def resolve_run_precision(name: str, cfg: SavedCaptionerConfig, device: torch.device) -> str:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2LMHeadModel
 
-from models.losses import IGNORE_INDEX, caption_xe_loss, npair_loss
+from data.text import IGNORE_INDEX
+from models.losses import caption_xe_loss, npair_loss
 from models.sparse_mask import SparsePrefixMask
 from utils.distributed import gather_with_grad
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
-from models.tokenizer import GPT2_VOCAB_SIZE, _hub_reachable
+from models.hub import hub_reachable
+from models.tokenizer import GPT2_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def build_gpt2(name_or_dir: str, config: dict[str, Any] | None = None) -> GPT2LM
     try:
         return GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=True)
     except OSError:
-        if not _hub_reachable():
+        if not hub_reachable():
             raise RuntimeError(
                 f"GPT-2 weights {name_or_dir!r}: not a local directory, not in the Hugging Face cache, and "
                 "the hub is unreachable. Download them once (e.g. save_pretrained to a folder) and set "

@@ -26,6 +26,7 @@ from models.config import DecodeConfig, EncoderConfig, ModelConfig, SavedCaption
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
 from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint
 from utils.config import ConfigError, section_from_dict
+from utils.io import DataFileError, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,8 @@ def save_folder(model: OPGCaptioner, cfg: SavedCaptionerConfig, tokenizer: Any, 
     """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` and the tokenizer files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / CONFIG_NAME, folder_config(model, cfg))
-    _write_json(out / GENERATION_NAME, generation_config(cfg.decode))
+    write_json(out / CONFIG_NAME, folder_config(model, cfg), indent=2)
+    write_json(out / GENERATION_NAME, generation_config(cfg.decode), indent=2)
     state, aliases = _untied_state(model)
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
     (out / WEIGHTS_NAME).chmod((out / CONFIG_NAME).stat().st_mode & 0o777)  # safetensors writes it 0600
@@ -200,15 +201,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from err
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        data = read_json(path)
+    except DataFileError as err:
+        raise CheckpointError(str(err)) from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     return data
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

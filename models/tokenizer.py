@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,23 +12,13 @@ from pathlib import Path
 import torch
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
+from models.hub import hub_reachable
+
 logger = logging.getLogger(__name__)
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_PERIOD_ID = 13  # "." ends every training caption
 GPT2_END_OF_TEXT_ID = 50256
-_HUB_HOST = "huggingface.co"
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    # The hub client retries for minutes when offline; a quick connect decides first.
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection((_HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def bundled_bpe_files() -> tuple[Path, Path]:
@@ -74,7 +63,7 @@ def _from_hub_or_bundled(name: str) -> PreTrainedTokenizerFast:
             return cached
     except OSError:
         pass
-    if _hub_reachable():
+    if hub_reachable():
         return GPT2TokenizerFast.from_pretrained(name)
     logger.info("hub unreachable and %r not cached: using the bundled GPT-2 BPE files", name)
     return _from_bundled()

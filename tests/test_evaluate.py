@@ -21,12 +21,12 @@ from utils.coco_eval import (
     CoverageError,
     check_coverage,
     evaluate_results,
-    image_id_from_path,
     load_ground_truth,
     load_image_domains,
     load_results,
     spice_unavailable_reason,
 )
+from utils.io import DataFileError, image_id_from_path
 
 GTS = {
     42: [
@@ -196,7 +196,7 @@ def test_load_ground_truth_errors(tmp_path):
         load_ground_truth(write_json(tmp_path / "clash.json", clash))
     with pytest.raises(CaptionDataError, match="expected a COCO caption file"):
         load_ground_truth(write_json(tmp_path / "obj.json", {"images": []}))
-    with pytest.raises(CaptionDataError, match="cannot read"):
+    with pytest.raises(DataFileError, match="cannot read"):
         load_ground_truth(tmp_path / "absent.json")
 
 
@@ -227,7 +227,7 @@ def test_load_image_domains(tmp_path):
 def test_load_results_errors(tmp_path, content, message):
     path = tmp_path / "results.json"
     path.write_text(content)
-    with pytest.raises(CaptionDataError, match=message) as error:
+    with pytest.raises(DataFileError, match=message) as error:  # CaptionDataError for the content
         load_results(path)
     assert str(path) in str(error.value)
 

@@ -10,12 +10,13 @@ import torch
 from helpers import tiny_config
 from torch import nn
 
-from data.datasets import ImageReader, Unreadable
+from data.datasets import ImageReader
 from data.image_io import load_image
 from data.transforms import build_transform
 from engine.features import FeatureStore, cache_features, create_store, encode_into_store
 from engine.runner import Run
 from models.encoder import build_encoder
+from utils.io import Unreadable
 
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "real_images"
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from data.text import clean_caption
+from data.text import IGNORE_INDEX, clean_caption
 from models.build import build_captioner
 from models.captioner import Prefix, attention_mask
-from models.losses import IGNORE_INDEX, npair_loss, scst_loss
+from models.losses import npair_loss, scst_loss
 from models.mapper import MLPMapper, TransformerMapper
 from models.sparse_mask import SparsePrefixMask
 from models.tokenizer import GPT2_VOCAB_SIZE, caption_vocabulary

@@ -22,9 +22,9 @@ from models.build import architecture, build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
-from utils.caption_output import assign_image_ids
 from utils.checkpoint import save_checkpoint
 from utils.config import to_dict
+from utils.io import assign_image_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOOD = {

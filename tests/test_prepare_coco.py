@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -182,7 +184,15 @@ CLEANED_TRAINING_REFERENCES = [
 
 def test_document_frequencies_of_training_references(coco_setup):
     karpathy, root, out = coco_setup
-    assert main(["--karpathy", str(karpathy), "--image_root", str(root), "--out", str(out)]) == 0
+    previous = os.umask(0o022)
+    try:
+        assert main(["--karpathy", str(karpathy), "--image_root", str(root), "--out", str(out)]) == 0
+    finally:
+        os.umask(previous)
+    # readable by the group and others, as the umask allows (not mkstemp's 0600)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        name: 0o644 for name in ("train.json", "val.json", "test.json", "val_gt.json", "test_gt.json", DF_CACHE_NAME)
+    }
     df = DocumentFrequency.load(out / DF_CACHE_NAME)
     assert df.log_num_docs == pytest.approx(math.log(3))  # train + restval images only
     expected: dict[tuple[str, ...], float] = {}

@@ -5,11 +5,10 @@ import contextlib
 import torch
 from helpers import tiny_config
 
-from data.text import clean_caption
+from data.text import IGNORE_INDEX, clean_caption
 from engine.steps import ScstStep
 from models.build import build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
-from models.losses import IGNORE_INDEX
 from utils.cider import CiderD
 from utils.cider_df import DocumentFrequency
 

@@ -66,7 +66,7 @@ def test_coco_ground_truth_matches_split_files(small_set: DatasetPaths) -> None:
         assert sorted(coco.getImgIds()) == sorted(trailing_number(e["image"]) for e in split)
         for entry in split:
             image_id = trailing_number(entry["image"])
-            assert coco.imgs[image_id]["file_name"] == Path(entry["image"]).name
+            assert coco.imgs[image_id]["file_name"] == entry["image"]
             captions = [a["caption"] for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
             assert captions == entry["caption"] and len(set(captions)) == 5
         ann_ids = [a["id"] for a in coco.dataset["annotations"]]

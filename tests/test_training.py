@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,10 @@ def test_xe_then_scst_from_the_command_line(tiny_dataset, tmp_path):
     gpt2 = load_tokenizer("gpt2")
     expected = {13, 50256} | {i for c in captions for i in gpt2.encode(c + ".")}  # "." and end-of-text stop
     assert output_ids == sorted(expected)
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json", "test_predictions.json"):
-        assert (xe_dir / name).is_file(), name
+        assert stat.S_IMODE((xe_dir / name).stat().st_mode) == 0o666 & ~umask, name  # as open() would make it
     events = [json.loads(line)["event"] for line in (xe_dir / "metrics.jsonl").read_text().splitlines()]
     assert events.count("train") == 30 and "val" in events and events[-1] == "test"
     metrics = json.loads((xe_dir / "test_metrics.json").read_text())

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from utils.io import WriteError, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -24,96 +23,25 @@ class CheckpointError(ValueError):
     """A checkpoint that is unreadable or does not fit the model."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(WriteError):
     """A checkpoint could not be written (disk full, quota, permissions); the previous file is unchanged."""
 
 
-_WRITE_HINTS = {
-    errno.ENOSPC: "disk full",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file size limit reached (ulimit -f)",
-}
-_TMP_SUFFIX = ".tmp"
 _ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's format
 _BLOCKED_GLOBAL = re.compile(r"unsupported (?:GLOBAL|global:?)\s+(?:GLOBAL\s+)?([\w.]+)", re.IGNORECASE)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename: a crash or a kill never leaves
-    a partial file where a good one was. A failed write (e.g. a full disk) removes the temporary file and
-    raises :class:`CheckpointWriteError` naming ``path``; a kill leaves it behind for
-    :func:`remove_stale_temporaries`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    """``torch.save`` through :func:`utils.io.atomic_write`: a crash or a kill never leaves a partial file
+    where a good one was. A failed write (e.g. a full disk) raises :class:`CheckpointWriteError` naming
+    ``path``."""
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write(path, binary=True, what="checkpoint") as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        os_error = _os_error_in(err)
-        if os_error is not None:
-            raise _write_error(path, os_error) from err
-        raise
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError behind ``err``: torch reports a failed write as a RuntimeError chained to it."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno is not None:
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _write_error(path: Path, err: OSError) -> CheckpointWriteError:
-    hint = _WRITE_HINTS.get(err.errno)
-    reason = f"{err.strerror or err}" + (f": {hint}" if hint else "")
-    kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
-    error = CheckpointWriteError(f"cannot write checkpoint {path} ({reason}); {kept}")
-    error.errno = err.errno
-    return error
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (a power cut right after it must not bring back the old file)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temporaries(directory: str | Path) -> list[str]:
-    """Delete the temporary files that writes killed mid-way (``kill -9``, power loss) left in ``directory``.
-
-    Call it only where no other process is writing into ``directory``. Returns the names removed.
-    """
-    removed = []
-    for tmp in Path(directory).glob(f".*{_TMP_SUFFIX}"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
-    return sorted(removed)
+    except WriteError as err:
+        error = CheckpointWriteError(str(err))
+        error.errno = err.errno
+        raise error from err
 
 
 def save_checkpoint(

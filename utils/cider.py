@@ -136,10 +136,6 @@ class CiderD:
         """Number of reference sets currently cached."""
         return len(self._cache)
 
-    def clear_cache(self) -> None:
-        """Forget all digested reference sets."""
-        self._cache.clear()
-
     def precompute(self, references: Iterable[Sequence[str]]) -> int:
         """Digest reference sets ahead of time (e.g. ``refs_by_id.values()``); returns how many were new."""
         if self._vocab is None:

@@ -23,12 +23,13 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ class DocumentFrequency:
         return cls({ngram: float(c) for ngram, c in counter.items()}, math.log(float(num_docs)), n)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write gzip-compressed JSON atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
+        """Write gzip-compressed JSON atomically (:func:`utils.io.atomic_write`)."""
         payload = {
             "format": _FORMAT_NAME,
             "version": _FORMAT_VERSION,
@@ -115,18 +115,12 @@ class DocumentFrequency:
             "log_num_docs": self.log_num_docs,
             "document_frequency": {" ".join(ngram): c for ngram, c in self.counts.items()},
         }
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            # Level 1: several times faster than the default 9 on a COCO-sized table, ~20% larger file.
-            with (
-                os.fdopen(fd, "wb") as raw,
-                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz,
-            ):
-                gz.write(json.dumps(payload).encode("utf-8"))
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        # Level 1: several times faster than the default 9 on a COCO-sized table, ~20% larger file.
+        with (
+            atomic_write(path, binary=True, what="document frequencies") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz,
+        ):
+            gz.write(json.dumps(payload).encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DocumentFrequency:

@@ -9,17 +9,14 @@ reason, when the Stanford CoreNLP jars it needs are missing.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import re
 import subprocess
-import tempfile
 from collections.abc import Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from pycocoevalcap import spice as _spice_package
@@ -30,21 +27,19 @@ from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from utils.cider import CiderD
+from utils.io import DataFileError, ImageId, image_id_from_path, normalise_image_id, read_json
 from utils.java import java_missing
 
 logger = logging.getLogger(__name__)
 
-ImageId = int | str
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 DOMAINS = ("in-domain", "near-domain", "out-domain")
 SPICE_LIB_DIR = Path(_spice_package.__file__).resolve().parent / "lib"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _PREVIEW = 5
-# Stems like "COCO_val2014_000000391895" or "391895": words that start with a letter, then the number.
-_ID_PATTERN = re.compile(r"^(?:[A-Za-z][A-Za-z0-9]*_)*(\d+)$")
 
 
-class CaptionDataError(ValueError):
+class CaptionDataError(DataFileError):
     """A caption, result or annotation file (or the mapping built from it) is not usable."""
 
 
@@ -55,50 +50,6 @@ class CoverageError(CaptionDataError):
 def _preview(ids: list) -> str:
     shown = ", ".join(repr(i) for i in ids[:_PREVIEW])
     return shown + (", ..." if len(ids) > _PREVIEW else "")
-
-
-def normalise_image_id(value: Any) -> ImageId:
-    """Canonical image id: ints stay, ``"42"``, ``"coco_42"`` or ``"COCO_val2014_000000000042"`` become 42.
-
-    Other strings (Flickr8k stems such as ``"1000268201_693b08cb0e"``) are kept unchanged.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise CaptionDataError(f"image id {value!r} is neither an int nor a string")
-    if isinstance(value, int):
-        return value
-    match = _ID_PATTERN.match(value)
-    return int(match.group(1)) if match else value
-
-
-def image_id_from_path(path: str) -> ImageId:
-    """Image id of an image file: ``"val2014/COCO_val2014_000000000042.jpg"`` -> 42, ``"pg.jpg"`` -> "pg"."""
-    return normalise_image_id(PurePosixPath(path.replace("\\", "/")).stem)
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Parsed JSON of ``path``; a missing or malformed file raises :class:`CaptionDataError` naming it."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except OSError as err:
-        raise CaptionDataError(f"cannot read {path}: {err.strerror or err}") from err
-    except json.JSONDecodeError as err:
-        raise CaptionDataError(f"{path} is not valid JSON: {err}") from err
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON so that readers never see a partial file (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def load_ground_truth(path: str | os.PathLike) -> dict[ImageId, list[str]]:
@@ -304,9 +255,6 @@ class EvalReport:
         summary = asdict(self)
         del summary["per_image"]
         return summary
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def spice_unavailable_reason(lib_dir: Path = SPICE_LIB_DIR) -> str | None:

@@ -23,16 +23,20 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present; under torchrun each process takes GPU ``local_rank``."""
+    """The one device resolver (training, ``predict.py``, the Python API): ``auto`` is CUDA when present,
+    else the CPU; ``cuda`` is GPU ``local_rank``, as is any CUDA device under torchrun (each process takes
+    its own GPU). A CUDA device without CUDA is a ValueError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r}: not a device name (auto, cpu, cuda, cuda:N)") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+            raise ValueError(f"device {name!r}: CUDA is not available here")
         if device.index is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     return device
 
 
@@ -42,6 +46,8 @@ def setup(device_name: str) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world_size, local_rank, device)

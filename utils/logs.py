@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -12,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from utils.io import append_jsonl
 from utils.reporting import Reporter, scalar_values
 
 
@@ -72,9 +72,7 @@ class MetricsLog:
             reporter.scalars(event, scalar_values(plain), self.last_step)
         if self.path is None:
             return
-        record = {"event": event, "time": round(time.time(), 3), **plain}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, {"event": event, "time": round(time.time(), 3), **plain})
 
     def text(self, tag: str, text: str) -> None:
         """A text (e.g. a table of sample captions) for the dashboards, at the last step."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from utils.cli import ArgumentParser
+from utils.io import atomic_write
 
 
 @dataclass
@@ -110,8 +111,8 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, title: str | None = None) -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    with atomic_write(out, binary=True) as handle:
+        fig.savefig(handle, dpi=90, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
     return out
 

@@ -1,38 +1,33 @@
 """Writing predicted captions: COCO results JSON, JSON lines, CSV, and an HTML gallery to look at them.
 
-Every file is written atomically (temporary file in the same folder, then renamed).
+Every file is written atomically (:func:`utils.io.write_text`).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import html
 import io
 import json
 import logging
 import os
-import re
-import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from data.image_io import ImageLoadError, load_image
-from utils.coco_eval import ImageId
+from utils.io import ImageId, write_text
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("coco", "jsonl", "csv")
 SUFFIX_FORMATS = {".json": "coco", ".jsonl": "jsonl", ".csv": "csv"}
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 
 @dataclass
 class CaptionRecord:
-    """One captioned image: ``image_id`` (see :func:`assign_image_ids`), ``caption``, ``file_name`` and,
+    """One captioned image: ``image_id`` (see :func:`utils.io.assign_image_ids`), ``caption``, ``file_name`` and,
     for n-best output, ``captions``: ``[{"caption", "score"}, ...]`` best first (``caption`` is the first)."""
 
     image_id: ImageId
@@ -45,27 +40,6 @@ class CaptionRecord:
         if self.captions is None:
             del row["captions"]
         return row
-
-
-def assign_image_ids(paths: Sequence[Path]) -> list[int]:
-    """Image ids for files: the trailing number of the file stem when it has one and no other file has
-    the same (``COCO_val2014_000000060623.jpg`` -> 60623), otherwise a running index that continues after
-    the largest such number, in the order given, so that ids never collide (``a/1.jpg``, ``b/1.jpg``)."""
-    numbers = [int(m.group(1)) if (m := _TRAILING_NUMBER.search(Path(p).stem)) else None for p in paths]
-    counts = Counter(n for n in numbers if n is not None)
-    shared = sorted(n for n, count in counts.items() if count > 1)
-    if shared:
-        logger.warning("%d file numbers are shared by several files (e.g. %d): those files get running ids; "
-                       "give --annotations to take the ids from a caption file", len(shared), shared[0])  # fmt: skip
-    next_id = max(counts, default=-1) + 1
-    ids = []
-    for number in numbers:
-        if number is not None and counts[number] == 1:
-            ids.append(number)
-        else:
-            ids.append(next_id)
-            next_id += 1
-    return ids
 
 
 def match_annotated_images(
@@ -125,7 +99,7 @@ def write_results(path: str | os.PathLike, records: Sequence[CaptionRecord], fmt
         text = buffer.getvalue()
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    write_text_atomic(path, text)
+    write_text(path, text)
 
 
 def write_gallery(
@@ -157,7 +131,7 @@ figcaption {{ font-size: 0.95em; margin-top: 0.3em; }}
 {f"<h2>Not captioned</h2><ul>{failed}</ul>" if failures else ""}
 </body></html>
 """
-    write_text_atomic(path, page)
+    write_text(path, page)
 
 
 def _card(record: CaptionRecord, thumb_px: int) -> str:
@@ -175,18 +149,3 @@ def _card(record: CaptionRecord, thumb_px: int) -> str:
         f"<figure>{picture}<figcaption>{html.escape(record.caption)}"
         f'<div class="path">{html.escape(record.file_name)}</div></figcaption></figure>\n'
     )
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 ``text`` so that readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
