@@ -69,7 +69,7 @@ def model_step_rates(device: torch.device, xe_batch: int, scst_batch: int, capti
     references = [list(REFERENCES)] * scst_batch
     tokenizer = load_tokenizer("gpt2")
     scst_step = ScstStep(model, tokenizer, CiderD(DocumentFrequency.from_references(references)), references,
-                         scst_cfg.scst_opts, scst_cfg.decode, device)  # fmt: skip
+                         scst_cfg.scst_opts, device)  # fmt: skip
     batch = {"images": torch.randn(scst_batch, 3, res, res, device=device), "indices": list(range(scst_batch))}
     scst = _seconds_per_call(step(lambda: scst_step(batch)["loss"]), device, repeats)
     return {"xe": xe_batch / xe, "scst": scst_batch / scst}

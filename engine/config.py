@@ -18,6 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FEATURE_CACHE_DTYPES = ("float16", "float32")
 EVAL_SPLITS = ("val", "test")
 SCST_BASELINES = ("greedy", "mean")
+FAST_DECODE_MODES = ("auto", "off")
 
 
 @dataclass
@@ -88,6 +89,11 @@ class ScstConfig:
     temperature: float = option(1.0, "sampling temperature")
     length_norm: bool = option(True, "average log-probabilities over each sample's tokens")
     dropout: bool = option(True, "sample with dropout on, as the reference does")
+    # Same tokens for the same draws either way (README: SCST decoding speed)
+    fast_decode: str = option(
+        "auto", "auto: sampling and greedy baseline on a static KV cache (CUDA graphs on CUDA); off: dynamic cache",
+        choices=FAST_DECODE_MODES,
+    )  # fmt: skip
     # The reference's coco-train-words.p counts <eos>, so the reward sees whether a caption ended
     reward_eos: bool = option(True, 'score captions and references as "words <eos>" (false: bare words)')
 

@@ -16,6 +16,7 @@ from engine.config import ScstConfig, TrainConfig
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off, eval_mode
 from models.losses import scst_loss
+from models.static_decode import FastDecode
 from utils.cider import CiderD
 from utils.distributed import all_reduce_mean
 
@@ -80,6 +81,8 @@ class ScstStep:
             temperature=opts.temperature,
         )
         self.greedy_options = DecodeOptions(method="greedy", max_len=opts.sample_max_len, min_len=opts.sample_min_len)
+        # One per step object: it keeps the recorded CUDA graphs of the greedy baseline.
+        self.fast = None if opts.fast_decode == "off" else FastDecode()
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the coming steps' samples with ``epoch`` (each image is visited once per epoch)."""
@@ -90,9 +93,8 @@ class ScstStep:
         images = batch["images"].to(self.device, non_blocking=True)
         with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
             prefix = self.model.encode(images)
-            samples = decode(
-                self.model, prefix, self.sample_options, with_logprobs=True, uniforms=self._uniforms(batch["indices"])
-            )
+            uniforms = self._uniforms(batch["indices"])
+            samples = decode(self.model, prefix, self.sample_options, True, uniforms=uniforms, fast=self.fast)
         refs = [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)
@@ -127,6 +129,6 @@ class ScstStep:
         # The baseline is the caption the model would give at test time: greedy and in eval mode (no dropout,
         # no drop path in the encoder), from the image encoded again.
         with eval_mode(self.model), torch.no_grad():
-            greedy = decode(self.model, self.model.encode(images), self.greedy_options)
+            greedy = decode(self.model, self.model.encode(images), self.greedy_options, fast=self.fast)
         greedy_rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, greedy), refs)
         return np.repeat(greedy_rewards[:, None], n, axis=1)

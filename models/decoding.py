@@ -34,6 +34,7 @@ import torch
 from models.captioner import OPGCaptioner, Prefix, attention_mask
 from models.config import DecodeConfig
 from models.gpt2 import forward_with_cache
+from models.static_decode import FastDecode, StaticPrefixLM, dropout_active, supports_static_cache
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
 
 METHODS = ("greedy", "beam", "sample")
@@ -171,6 +172,7 @@ def decode(
     with_logprobs: bool = False,
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
+    fast: FastDecode | None = None,
 ) -> DecodeResult:
     """Decode captions for a batch of prefixes (``prefix.embeds`` B x P x D, ``prefix.keep`` B x P).
 
@@ -193,6 +195,8 @@ def decode(
         logits = lm.prefill(options.rows_per_image)
         if options.method == "beam":
             result = _beam_search(lm, logits, local)
+        elif fast is not None and supports_static_cache(model.gpt):
+            result = _decode_static(lm, logits, local, fast, generator, uniforms)
         else:
             result = _decode_rows(lm, logits, local, generator, uniforms)
     if model.output_ids is not None:
@@ -296,6 +300,51 @@ def _decode_rows(
             logits = lm.step(chosen)
     token_logprobs = torch.stack(step_logprobs, dim=1)
     return _finish(tokens, lengths, stopped, token_logprobs, options.length_penalty)
+
+
+def _decode_static(
+    prefilled: CachedPrefixLM,
+    logits: torch.Tensor,
+    options: DecodeOptions,
+    fast: FastDecode,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None,
+) -> DecodeResult:
+    """:func:`_decode_rows` on a static cache: every row runs every step (finished rows produce padding
+    at log-probability 0), and whether all rows have finished is read every ``fast.check_every`` steps."""
+    rows, device, max_len = logits.shape[0], logits.device, options.max_len
+    lm = StaticPrefixLM.from_prefilled(prefilled, max_len - 1)
+    step = lm.step
+    # A graph replays fixed kernels: no autograd graph to build, no dropout draws (kept simple).
+    if fast.cuda_graphs and device.type == "cuda" and not (torch.is_grad_enabled() or dropout_active(lm.transformer)):
+        step = fast.graphs.step_fn(lm)
+    slots = torch.arange(lm.keep.shape[1] - (max_len - 1), lm.keep.shape[1], device=device)
+    stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=device)
+    tokens = torch.full((rows, max_len), options.pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((rows,), max_len, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    step_logprobs = []
+    for t in range(max_len):
+        if options.method == "sample":
+            logits = logits / options.temperature
+        logprobs = torch.log_softmax(logits, dim=-1)
+        allowed = _apply_bans(logprobs.detach(), tokens[:, :t], t, stop_ids, options)
+        if options.method == "sample":
+            draw = None if uniforms is None else uniforms[:, t : t + 1]
+            chosen = _sample(allowed, options.top_k, options.top_p, generator, draw)
+        else:
+            chosen = allowed.argmax(dim=-1)
+        chosen = chosen.masked_fill(done, options.pad_id)
+        tokens[:, t] = chosen
+        step_logprobs.append(logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))
+        ends = torch.isin(chosen, stop_ids) & ~done
+        lengths = lengths.masked_fill(ends, t + 1)
+        done = done | ends
+        if t + 1 == max_len or ((t + 1) % fast.check_every == 0 and bool(done.all())):
+            break
+        logits = step(chosen, slots[t : t + 1])
+    token_logprobs = torch.stack(step_logprobs, dim=1)
+    return _finish(tokens, lengths, done, token_logprobs, options.length_penalty)
 
 
 def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOptions) -> DecodeResult:

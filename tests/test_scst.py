@@ -53,9 +53,10 @@ def test_scst_raises_the_reward_and_moves_only_trainable_weights(tokenizer):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     batch = {"images": visual, "indices": [0, 1]}
-    for _ in range(8):
+    # 16 steps at lr 3e-4: 8 at 1e-3 overshot or stayed within the noise for some draws of the dropout masks.
+    for _ in range(16):
         out = step(batch)
         assert {"loss", "reward", "baseline", "sample_len", "entropy"} <= out.keys()
         out["loss"].backward()

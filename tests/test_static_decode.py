@@ -1,0 +1,154 @@
+"""The static-cache decode path (``decode(..., fast=FastDecode())``) against the eager path (Hugging Face's
+dynamic cache, finished rows dropped): same tokens, log-probabilities and gradients, with the sparse mask,
+an output vocabulary, and dropout off, on, or switched off in training mode as SCST does."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from helpers import tiny_config
+from test_decoding import NUM_TOKENS, STOP_IDS, VISUAL_DIM, check_well_formed, make_model, make_prefix
+
+from engine.steps import ScstStep
+from models.build import build_captioner
+from models.decoding import DecodeOptions, decode, dropout_off
+from models.static_decode import FastDecode
+from utils.cider import CiderD
+from utils.cider_df import DocumentFrequency
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+GREEDY = DecodeOptions(max_len=14, min_len=1)
+SAMPLE = DecodeOptions(method="sample", num_samples=3, max_len=14, min_len=1, temperature=0.8)
+
+
+def fixed_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Dropout whose mask depends only on the last index (a feature, or an absolute key position), so
+    that both paths drop the same units although they draw tensors of other shapes."""
+    if not training or p == 0:
+        return input
+    keep = (torch.arange(input.shape[-1], device=input.device) % 4 != 1).to(input.dtype)
+    return input * keep / (1 - p)
+
+
+@contextlib.contextmanager
+def dropout_mode(model, mode: str, monkeypatch):
+    """``off``: eval mode; ``on``: GPT-2 in training mode with :func:`fixed_dropout` at every dropout
+    site; ``disabled``: training mode inside :func:`dropout_off`, as SCST samples with
+    ``scst_opts.dropout: false``.
+
+    The attention-probability dropout goes through :func:`fixed_dropout` only in Hugging Face's eager
+    attention, which adds a boolean 4D mask to the scores instead of masking with it (it ignores the
+    sparse mask); with the sparse mask that site stays at 0 and the default SDPA attention runs."""
+    if mode == "off":
+        yield
+        return
+    model.gpt.train()
+    if mode == "on":
+        monkeypatch.setattr(torch.nn.functional, "dropout", fixed_dropout)
+        if model.sparse_mask is None:
+            model.gpt.set_attn_implementation("eager")
+        else:
+            for block in model.gpt.transformer.h:
+                monkeypatch.setattr(block.attn.attn_dropout, "p", 0.0)
+        yield
+    else:
+        with dropout_off(model):
+            yield
+    model.eval()
+
+
+def restricted_vocabulary() -> torch.Tensor:
+    vocab = torch.randperm(50000, generator=torch.Generator().manual_seed(2))[:20000]
+    return torch.cat([vocab, torch.tensor(STOP_IDS)]).unique()
+
+
+@pytest.mark.parametrize("dropout", ["off", "on", "disabled"])
+@pytest.mark.parametrize("options", [GREEDY, SAMPLE], ids=["greedy", "sample"])
+@pytest.mark.parametrize("sparse, restricted, check_every", [(True, False, 4), (False, True, 1)])
+def test_static_cache_gives_the_eager_tokens_and_logprobs(
+    options: DecodeOptions, dropout: str, sparse: bool, restricted: bool, check_every: int, monkeypatch
+) -> None:
+    model = make_model(sparse=sparse, output_ids=restricted_vocabulary() if restricted else None)
+    prefix = make_prefix(model, 6)
+    if sparse:
+        assert (~prefix.keep).any(), "the mask must really drop positions"
+    uniforms = torch.rand(6 * options.num_samples, options.max_len, generator=torch.Generator().manual_seed(5))
+    with dropout_mode(model, dropout, monkeypatch), torch.no_grad():
+        eager = decode(model, prefix, options, with_logprobs=True, uniforms=uniforms)
+        fast = decode(model, prefix, options, with_logprobs=True, uniforms=uniforms, fast=FastDecode(check_every))
+        eval_logprobs = None
+        if dropout == "on":
+            with dropout_off(model):
+                eval_logprobs = decode(model, prefix, options, with_logprobs=True, uniforms=uniforms).token_logprobs
+    check_well_formed(fast, options)
+    lengths = eager.lengths.tolist()
+    assert len(set(lengths)) > 2 and min(lengths) < options.max_len, lengths  # rows finish at varied steps
+    assert torch.equal(fast.tokens, eager.tokens)
+    assert torch.equal(fast.lengths, eager.lengths) and torch.equal(fast.stopped, eager.stopped)
+    torch.testing.assert_close(fast.token_logprobs, eager.token_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.scores, eager.scores, atol=1e-5, rtol=1e-5)
+    if eval_logprobs is not None:  # the stand-in dropout really changed the model
+        assert not torch.allclose(eval_logprobs[:, :1], eager.token_logprobs[:, :1], atol=1e-3)
+
+
+@pytest.mark.parametrize("dropout", ["off", "on"])
+def test_static_cache_gradients_equal_the_eager_ones(dropout: str, monkeypatch) -> None:
+    """SCST back-propagates through the sampled log-probabilities: the static cache (written out of
+    place with gradients) must give every parameter the gradient of the eager path."""
+    model = make_model(sparse=True)
+    visual = torch.randn(4, NUM_TOKENS, VISUAL_DIM, generator=torch.Generator().manual_seed(3))
+    uniforms = torch.rand(12, SAMPLE.max_len, generator=torch.Generator().manual_seed(6))
+    grads = []
+    with dropout_mode(model, dropout, monkeypatch):
+        for fast in (None, FastDecode()):
+            model.zero_grad()
+            result = decode(model, model.prefix_from_visual(visual), SAMPLE, True, uniforms=uniforms, fast=fast)
+            result.token_logprobs.sum().backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    eager, fast = grads
+    assert eager.keys() == fast.keys() and "mapper.net.0.weight" in eager and "sparse_mask.key.weight" in eager
+    assert "gpt.transformer.h.1.attn.c_attn.weight" in eager
+    for name in eager:
+        torch.testing.assert_close(fast[name], eager[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_static_cache_samples_with_live_dropout_reproducibly() -> None:
+    """With real (random) dropout the static path's samples follow torch's seed, and the dropout acts."""
+    model = make_model(sparse=True)
+    prefix = make_prefix(model, 4)
+    uniforms = torch.rand(12, SAMPLE.max_len, generator=torch.Generator().manual_seed(7))
+    runs = []
+    model.gpt.train()
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            runs.append(decode(model, prefix, SAMPLE, with_logprobs=True, uniforms=uniforms, fast=FastDecode()))
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].token_logprobs, runs[1].token_logprobs)
+    assert not torch.equal(runs[0].token_logprobs[:, 0], runs[2].token_logprobs[:, 0])
+
+
+def test_scst_step_is_the_same_with_and_without_the_static_cache(tokenizer) -> None:
+    """SCST without dropout (``scst_opts.dropout: false``): same samples, rewards, baseline and loss."""
+    refs = [["a red circle on the left"] * 5, ["two green stars"] * 5]
+    cider = CiderD(DocumentFrequency.from_references(refs))
+    batch = {"images": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(1)), "indices": [0, 1]}
+    outputs = []
+    for fast_decode in ("off", "auto"):
+        cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10,
+                             "scst_opts.fast_decode": fast_decode})  # fmt: skip
+        torch.manual_seed(0)
+        model = build_captioner(cfg).train()
+        step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
+        assert (step.fast is None) == (fast_decode == "off")
+        out = step(batch)
+        out["loss"].backward()
+        out["grad"] = model.mapper.net[0].weight.grad.clone()
+        outputs.append(out)
+    eager, fast = outputs
+    for key in ("reward", "baseline", "sample_len"):
+        assert torch.equal(fast[key], eager[key]), key
+    for key in ("loss", "entropy", "grad"):
+        torch.testing.assert_close(fast[key], eager[key], atol=1e-5, rtol=1e-4, msg=key)
