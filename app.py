@@ -19,6 +19,9 @@ import signal
 import sys
 from pathlib import Path
 
+from utils.cli import ArgumentParser
+from utils.precision import PRECISIONS
+
 ROOT = Path(__file__).resolve().parent
 DEMO_RUNS = ROOT / "runs" / "demo"
 DEMO_STAGES = ("scst_mean", "scst_greedy", "xe")  # best first: demo.py's output folders
@@ -31,19 +34,20 @@ def default_checkpoint(runs: Path | None = None) -> Path | None:
     return next((runs / stage / "best.pt" for stage in DEMO_STAGES if (runs / stage / "best.pt").is_file()), None)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", help="training .pt, exported folder or Hub id (default: the demo's model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=7860, help="port (0: any free one; the URL is printed)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: the run's (bf16 on CUDA)")
     parser.add_argument("--max_images", type=int, default=16, help="images per request")
     parser.add_argument("--max_upload_mb", type=float, default=20.0, help="size of one request's uploads")
     parser.add_argument("--queue", type=int, default=8, help="requests that may wait while one is captioned")
-    args = parser.parse_args(argv)
-    if args.max_images < 1 or args.max_upload_mb <= 0 or args.queue < 0:
-        parser.error("--max_images must be >= 1, --max_upload_mb > 0 and --queue >= 0")
+    args = parser.parse(argv)
+    if not isinstance(args, int) and (args.max_images < 1 or args.max_upload_mb <= 0 or args.queue < 0):
+        print("app.py: error: --max_images must be >= 1, --max_upload_mb > 0 and --queue >= 0", file=sys.stderr)
+        return 2
     return args
 
 
@@ -66,6 +70,8 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if isinstance(args, int):
+        return args
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     source = args.checkpoint or default_checkpoint()
     if source is None:

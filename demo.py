@@ -2,7 +2,11 @@
 test metrics with a constant-caption baseline and the human leave-one-out score.
 
     python demo.py [--output_dir runs/demo] [--data_dir datasets/demo] [--scst_baselines greedy,mean]
-                   [--xe KEY=VALUE ...] [--scst KEY=VALUE ...]
+                   [--xe_config FILE ...] [--scst_config FILE ...] [--section.key VALUE ...]
+
+The stages read configs/demo.yaml and configs/demo_scst.yaml, then the --xe_config / --scst_config files,
+then the config options given here, which apply to both stages (the same options as train_scst.py; the
+defaults shown are the code's, which the demo's YAML files change).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 from data.datasets import read_annotations
 from data.synthetic import grounding_accuracy
 from data.text import clean_caption, strip_stop
+from engine.config import CONFIG_DIR, SCHEMA, Config, build_config
+from utils.cli import ArgumentParser, add_schema_options, schema_overrides
 from utils.coco_eval import CaptionScorer, load_ground_truth
-from utils.config import CONFIG_DIR, Config, build_config
+from utils.config import ConfigError
 from utils.io import ImageId, write_json
 from utils.java import java_missing
 
@@ -31,10 +37,10 @@ COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 FACTS = ("count", "colour", "shape", "position", "all")
 
 
-def run_stage(config_file: str, overrides: dict[str, Any], scorer: CaptionScorer) -> RunResult:
+def run_stage(files: list[str | Path], overrides: dict[str, Any], scorer: CaptionScorer) -> RunResult:
     from engine.runner import Run
 
-    run = Run(build_config([CONFIG_DIR / config_file], overrides), scorer)
+    run = Run(build_config(files, overrides), scorer)
     try:
         return run.train()
     finally:
@@ -87,44 +93,57 @@ def write_curves(out: Path, runs: list[str]) -> Path | None:
         return None
 
 
-def _overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
-    pairs = [item.partition("=") for item in items]
-    bad = [item for item, (_, sep, _) in zip(items, pairs, strict=True) if not sep]
-    if bad:
-        parser.error(f"overrides must be KEY=VALUE, got {bad}")
-    return {key: value for key, _, value in pairs}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default=str(ROOT / "runs" / "demo"))
+def build_parser() -> ArgumentParser:
+    usage = "demo.py [--output_dir DIR] [--data_dir DIR] [--xe_config FILE] [--scst_config FILE] [--section.key V ...]"
+    parser = ArgumentParser(prog="demo.py", description=__doc__, usage=usage)
+    parser.add_argument("--output_dir", default=str(ROOT / "runs" / "demo"), help="the stages' run folders go here")
     parser.add_argument("--data_dir", default=None, help="demo data set folder (default: configs/demo.yaml's)")
     parser.add_argument("--scst_baselines", default="greedy,mean", help="SCST runs to make ('' for none)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--xe", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, XE stage")
-    parser.add_argument("--scst", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, SCST stage")
-    args = parser.parse_args(argv)
-    missing_java = java_missing()
-    if missing_java:
-        print(f"demo.py: error: {missing_java}", file=sys.stderr)
-        return 2
-    xe_overrides, scst_overrides = _overrides(parser, args.xe), _overrides(parser, args.scst)
-    started = time.perf_counter()
-    out = Path(args.output_dir).resolve()
-    common: dict[str, Any] = {"device": args.device}
+    parser.add_argument("--xe_config", action="append", default=[], metavar="FILE", help="YAML file, XE stage only")
+    parser.add_argument("--scst_config", action="append", default=[], metavar="FILE", help="YAML file, SCST only")
+    # The demo sets each stage's run folder, stage and starting checkpoint itself
+    add_schema_options(parser, SCHEMA, exclude=("output_dir", "scst", "checkpoint", "resume"))
+    return parser
+
+
+def shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config options given on the command line, and the data set's files with ``--data_dir``."""
+    common: dict[str, Any] = schema_overrides(args, SCHEMA)
     if args.data_dir:
         data = Path(args.data_dir).resolve()
         common.update({"data.image_root": str(data), "data.train_file": str(data / "train.json"),
                        "data.val_file": str(data / "val.json"), "data.test_file": str(data / "test.json")})  # fmt: skip
+    return common
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse(argv)
+    if isinstance(args, int):
+        return args
+    missing_java = java_missing()
+    if missing_java:
+        print(f"demo.py: error: {missing_java}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    out = Path(args.output_dir).resolve()
+    common = shared_overrides(args)
+    xe_files = [CONFIG_DIR / "demo.yaml", *args.xe_config]
+    scst_files = [CONFIG_DIR / "demo_scst.yaml", *args.scst_config]
+    try:  # both stages' configs, before any work
+        for files in (xe_files, scst_files):
+            build_config(files, common)
+    except ConfigError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 2
     with CaptionScorer() as scorer:
-        xe = run_stage("demo.yaml", {**common, **xe_overrides, "output_dir": str(out / "xe")}, scorer)
+        xe = run_stage(xe_files, {**common, "output_dir": str(out / "xe")}, scorer)
         rows = {"XE": (xe.test, xe.captions)}
         xe_cider = xe.test["CIDEr"]
         gains: dict[str, float] = {}  # SCST's relative change of the test CIDEr, per baseline
         for baseline in filter(None, args.scst_baselines.split(",")):
-            overrides = {**common, **scst_overrides, "output_dir": str(out / f"scst_{baseline}"),
+            overrides = {**common, "output_dir": str(out / f"scst_{baseline}"),
                          "checkpoint": str(out / "xe" / "best.pt"), "scst_opts.baseline": baseline}  # fmt: skip
-            scst = run_stage("demo_scst.yaml", overrides, scorer)
+            scst = run_stage(scst_files, overrides, scorer)
             rows[f"XE + SCST ({baseline} baseline)"] = (scst.test, scst.captions)
             gains[baseline] = scst.test["CIDEr"] / xe_cider - 1 if xe_cider else float("nan")
         cfg = build_config([CONFIG_DIR / "demo.yaml"], common)

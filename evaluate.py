@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.cli import ArgumentParser, add_flag
 from utils.coco_eval import (
     CaptionScorer,
     EvalReport,
@@ -25,8 +26,8 @@ from utils.io import DataFileError, ImageId, write_json
 from utils.java import java_missing
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, required=True, help="COCO results JSON: [{image_id, caption}]")
     parser.add_argument(
         "--annotations",
@@ -34,15 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         required=True,
         help="ground truth: COCO caption file (e.g. test_gt.json) or Karpathy-style list (test.json)",
     )
-    parser.add_argument(
-        "--allow_partial",
-        action="store_true",
-        help="score the images present in both files instead of failing on a mismatch",
-    )
-    parser.add_argument("--no_spice", action="store_true", help="skip SPICE (slow; needs Stanford CoreNLP)")
+    add_flag(parser, "--allow_partial", "score the images present in both files instead of failing on a mismatch")
+    add_flag(parser, "--no_spice", "skip SPICE (slow; needs Stanford CoreNLP)")
     parser.add_argument("--per_image", type=Path, help="also write each image's caption and CIDEr here")
     parser.add_argument("--output", type=Path, help="metrics JSON (default: <results>.metrics.json)")
-    return parser.parse_args(argv)
+    return parser.parse(argv)
 
 
 def per_image_rows(report: EvalReport, results: dict[ImageId, str]) -> list[dict]:
@@ -54,6 +51,8 @@ def per_image_rows(report: EvalReport, results: dict[ImageId, str]) -> list[dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if isinstance(args, int):
+        return args
     missing_java = java_missing()
     if missing_java:
         print(f"error: {missing_java}", file=sys.stderr)

@@ -19,21 +19,21 @@ from pathlib import Path
 from models.pretrained import folder_config, load_model, save_folder
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import CheckpointError
-from utils.config import to_dict
+from utils.cli import ArgumentParser, add_flag
 from utils.io import write_text
 from utils.model_card import model_card
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint written by training (.pt)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (new or empty unless --overwrite)")
     parser.add_argument("--metrics", type=Path, help="test metrics JSON (default: test_metrics.json beside it)")
     parser.add_argument("--license", default="other", help="license field of the model card (e.g. mit)")
     parser.add_argument("--repo_id", help="Hub repository the folder will be published as (for the card)")
     parser.add_argument("--name", help="model name in the card (default: the --out folder's name)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
-    return parser.parse_args(argv)
+    add_flag(parser, "--overwrite", "write into a non-empty --out folder")
+    return parser.parse(argv)
 
 
 def read_test_report(path: Path) -> dict | None:
@@ -57,7 +57,7 @@ def export(args: argparse.Namespace) -> Path:
     report = read_test_report(args.metrics or args.checkpoint.parent / "test_metrics.json")
     save_folder(model, cfg, load_tokenizer(cfg.model.tokenizer), out)
     card = model_card(
-        to_dict(cfg), folder_config(model, cfg), report, args.name or out.resolve().name, args.license,
+        cfg.training, folder_config(model, cfg), report, args.name or out.resolve().name, args.license,
         args.repo_id or str(out),
     )  # fmt: skip
     write_text(out / "README.md", card)
@@ -66,6 +66,8 @@ def export(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if isinstance(args, int):
+        return args
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = export(args)

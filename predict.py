@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from data.caption_output import FORMATS, CaptionRecord, format_for, match_annotated_images, write_gallery, write_results
 from data.datasets import ImageFiles, ImageReader, collate_images
@@ -36,9 +35,11 @@ from models.decoding import METHODS, DecodeOptions
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import CheckpointError
+from utils.cli import ArgumentParser, add_flag
 from utils.coco_eval import load_image_entries
 from utils.distributed import resolve_device
 from utils.io import DataFileError, ImageId, assign_image_ids
+from utils.progress import progress
 
 logger = logging.getLogger("predict")
 
@@ -51,8 +52,8 @@ class UsageError(Exception):
     """A problem with the command line or its inputs: exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported folder")
     parser.add_argument("--images", required=True, nargs="+", help="image files, folders, globs, list files")
     parser.add_argument(
@@ -63,21 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="results file (.json COCO results, .jsonl, .csv); default stdout")
     parser.add_argument("--format", choices=FORMATS, help="output format (default: from the --output suffix)")
     parser.add_argument("--html", help="also write an HTML gallery of thumbnails and captions here")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16, help="images per batch")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loaders")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument(
         "--precision", choices=PRECISIONS, help="default: the run's evaluation precision (auto: bf16 on CUDA)"
     )
     parser.add_argument("--num_captions", type=int, default=1, help="n-best list per image (JSON/JSONL output)")
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_flag(parser, "--no_progress", "hide the progress bar")
     decoding = parser.add_argument_group("decoding (default: the checkpoint's decode config)")
-    decoding.add_argument("--method", choices=METHODS)
-    decoding.add_argument("--beams", type=int)
+    decoding.add_argument("--method", choices=METHODS, help="decoding method (beams > 1 alone means beam)")
+    decoding.add_argument("--beams", type=int, help="beam width")
     decoding.add_argument("--max_len", type=int, help="most tokens per caption, stop token included")
     decoding.add_argument("--min_len", type=int, help="fewest tokens before the stop token")
-    decoding.add_argument("--length_penalty", type=float)
-    decoding.add_argument("--no_repeat_ngram", type=int)
+    decoding.add_argument("--length_penalty", type=float, help="beam scores divided by length ** this")
+    decoding.add_argument("--no_repeat_ngram", type=int, help="forbid repeating n-grams of this size (0: off)")
     decoding.add_argument("--temperature", type=float, help="sampling only")
     decoding.add_argument("--top_k", type=int, help="sampling only (0: off)")
     decoding.add_argument("--top_p", type=float, help="sampling only (1: off)")
@@ -112,7 +113,7 @@ def caption_files(
     generator = torch.Generator(device).manual_seed(args.seed) if options.method == "sample" else None
     captions: dict[int, list[ScoredCaption]] = {}
     failures: list[str] = []
-    with tqdm(total=len(paths), unit="img", disable=args.no_progress or None, file=sys.stderr) as bar:
+    with progress(total=len(paths), desc="captioning", unit="img", disable=args.no_progress) as bar:
         for batch, results in caption_batches(model, loader, tokenizer, options, precision, generator):
             failures += [f"{failure.path}: {failure.reason}" for failure in batch["failures"]]
             captions.update(zip(batch.get("indices", []), results, strict=True))
@@ -191,11 +192,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = build_parser().parse(argv)
+    if isinstance(args, int):
+        return args
     try:
         return run(args)
     except UsageError as err:

@@ -1,71 +1,55 @@
 """Train the OPG captioner: cross-entropy (``--scst=False``, default) or SCST from a checkpoint.
 
-    python train_scst.py [--config FILE ...] [--print_config] [--section.key VALUE | --key VALUE ...]
+Without --config the run reads configs/xe.yaml, or configs/scst.yaml with --scst=True; options given here
+override the files. Each option is --section.key, or its last name alone (--lr, --beams) where the help
+lists one; --flag, --flag=True and --flag False all work for booleans. Defaults shown are the code's
+(the YAML files change some); --print_config shows the resolved values.
 
-Without ``--config`` the run reads configs/xe.yaml, or configs/scst.yaml with ``--scst=True``.
-
-Exit status: 0 done; 1 error (one line on stderr; a failed run keeps its last.pt); 2 bad options or no Java;
-75 stopped by SIGTERM or SIGUSR1 after writing last.pt: run the same command with ``--resume`` to continue.
+Exit status: 0 done; 1 error (one line on stderr, the traceback in OUTPUT_DIR/train.log; a failed run keeps
+its last.pt); 2 bad options or no Java; 75 stopped by SIGTERM or SIGUSR1 after writing last.pt: run the
+same command with --resume to continue.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-from utils.config import CONFIG_DIR, ConfigError, build_config, parse_bool, parse_overrides, to_yaml
+from engine.config import CONFIG_DIR, SCHEMA, Config, add_config_options, build_config
+from utils.cli import ArgumentParser, add_flag, schema_overrides
+from utils.config import ConfigError, to_yaml
 from utils.java import java_missing
+from utils.logs import report_failure
 
-USAGE = __doc__
+PROG = "train_scst.py"
 
 
-def split_args(argv: list[str]) -> tuple[list[str], bool, list[str]]:
-    """Separate ``--config`` files and ``--print_config`` from the config overrides."""
-    files: list[str] = []
-    print_config = False
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--print_config":
-            print_config = True
-        elif arg.startswith("--print_config="):
-            print_config = parse_bool(arg.split("=", 1)[1], "--print_config")
-        elif arg == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a file")
-            files.append(argv[i + 1])
-            i += 1
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-        else:
-            rest.append(arg)
-        i += 1
-    return files, print_config, rest
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG, description=__doc__, usage=f"{PROG} [--config FILE ...] [--print_config] [--section.key VALUE ...]"
+    )
+    add_flag(parser, "--print_config", "print the resolved config (YAML) and exit")
+    add_config_options(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        return 0
+    args = build_parser().parse(argv)
+    if isinstance(args, int):
+        return args
+    overrides = schema_overrides(args, SCHEMA)
+    files = args.config or [str(CONFIG_DIR / ("scst.yaml" if overrides.get("scst") else "xe.yaml"))]
     try:
-        files, print_config, rest = split_args(argv)
-        overrides = parse_overrides(rest)
-        if not files:
-            scst = parse_bool(overrides.get("scst", False), "--scst")
-            files = [str(CONFIG_DIR / ("scst.yaml" if scst else "xe.yaml"))]
         cfg = build_config(files, overrides)
     except ConfigError as err:
-        print(f"train_scst.py: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    if print_config:
+    if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
     missing_java = java_missing() if os.environ.get("RANK", "0") == "0" else None  # only rank 0 scores
     if missing_java:
-        print(f"train_scst.py: error: {missing_java}", file=sys.stderr)
+        print(f"{PROG}: error: {missing_java}", file=sys.stderr)
         return 2
     from utils.checkpoint import CheckpointError, resume_checkpoint
 
@@ -73,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.resume:  # before the slow imports; Run checks the file itself
             resume_checkpoint(cfg.output_dir)
     except CheckpointError as err:
-        print(f"train_scst.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     return train(cfg)
 
 
-def train(cfg) -> int:
+def train(cfg: Config) -> int:
     from engine.preemption import PREEMPTED_EXIT_CODE
     from engine.runner import Run, ValidationError
     from utils.checkpoint import CheckpointWriteError
@@ -91,13 +75,14 @@ def train(cfg) -> int:
             run.close()
     except (FileNotFoundError, ValueError, FloatingPointError, CheckpointWriteError, ValidationError) as err:
         # Bad input (a missing file, a checkpoint that does not fit, data that cannot be read), a diverged
-        # run, a full disk or a failed validation: one line says what and where; the traceback goes to the log.
-        if logging.getLogger().handlers:  # set up by the run: the traceback goes to train.log only
-            logging.getLogger("train_scst").error("stopped: %s", err, exc_info=True, extra={"file_only": True})
-        print(f"train_scst.py: error: {err}", file=sys.stderr)
+        # run, a full disk or a failed validation: one line says what and where.
+        report_failure(PROG, err, unexpected=False)
+        return 1
+    except Exception as err:  # a bug: the full traceback goes to train.log, the terminal keeps one line
+        report_failure(PROG, err, unexpected=True)
         return 1
     if result.signal:
-        print(f"train_scst.py: stopped by {result.signal} with last.pt written; continue with the same "
+        print(f"{PROG}: stopped by {result.signal} with last.pt written; continue with the same "
               "command plus --resume", file=sys.stderr)  # fmt: skip
         return PREEMPTED_EXIT_CODE
     return 0

@@ -32,13 +32,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from engine.config import build_config  # noqa: E402
 from engine.steps import ScstStep  # noqa: E402
 from models.build import build_captioner  # noqa: E402
 from models.decoding import DecodeOptions, decode  # noqa: E402
 from models.tokenizer import load_tokenizer  # noqa: E402
 from utils.cider import CiderD  # noqa: E402
 from utils.cider_df import DocumentFrequency  # noqa: E402
-from utils.config import build_config  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.precision import autocast, resolve_precision  # noqa: E402
 

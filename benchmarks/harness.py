@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from utils.config import CONFIG_DIR, Config, build_config  # noqa: E402
+from engine.config import CONFIG_DIR, Config, build_config  # noqa: E402
 
 # The paper's model with random weights (Swin-B 224, GPT-2 small's shape, full vocabulary, sparse mask), and
 # a CPU-sized stand-in with the same pipeline.

@@ -11,12 +11,12 @@ import torch
 from benchmarks.harness import SIZES
 from data.datasets import CaptionCollator, CaptionTrainDataset
 from data.transforms import build_transform
+from engine.config import CONFIG_DIR, build_config
 from engine.steps import ScstStep
 from models.build import build_captioner
 from models.tokenizer import load_tokenizer
 from utils.cider import CiderD
 from utils.cider_df import DocumentFrequency
-from utils.config import CONFIG_DIR, build_config
 from utils.precision import autocast, resolve_precision
 
 REFERENCES = (

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.coco_like import make_coco_like  # noqa: E402
 from benchmarks.harness import SIZES, read_metrics  # noqa: E402
 from benchmarks.model_steps import loader_rate, model_step_rates  # noqa: E402
-from utils.config import CONFIG_DIR, Config, build_config  # noqa: E402
+from engine.config import CONFIG_DIR, Config, build_config  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 
 COCO = {"train_captions": 566_747, "train_images": 113_287, "val_images": 5_000, "test_images": 5_000}

@@ -20,9 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
+from utils.cli import ArgumentParser, add_flag
 from utils.io import DataFileError, ImageId, image_id_from_path, normalise_image_id, read_json, write_json
+from utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def find_missing_images(records: list[ImageRecord], image_root: Path) -> list[st
     """Paths of records whose image file is not under ``image_root`` (one directory listing per folder)."""
     listings: dict[Path, set[str]] = {}
     missing = []
-    for record in tqdm(records, desc="checking images", unit="img", disable=None):
+    for record in progress(records, desc="checking images", unit="img"):
         full = image_root / record.path
         if full.parent not in listings:
             listings[full.parent] = _files_in(full.parent)
@@ -168,8 +168,8 @@ def write_df_cache(train_records: list[ImageRecord], path: Path) -> None:
     logger.info("CIDEr-D document frequencies of %d training images written to %s", len(references), path)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
+    parser = ArgumentParser(prog="python -m data.prepare_coco", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--karpathy", type=Path, help="Karpathy's dataset_coco.json (or dataset_flickr*.json)")
     source.add_argument("--xvlm_dir", type=Path, help="folder with X-VLM/BLIP's coco_karpathy_*.json")
@@ -180,13 +180,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="folder the image paths are relative to (holds train2014/ and val2014/ for COCO)",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the prepared files")
-    parser.add_argument(
-        "--drop_missing",
-        action="store_true",
-        help="leave out images missing under --image_root instead of stopping",
-    )
-    parser.add_argument("--no_df", action="store_true", help="do not write the CIDEr-D document frequencies")
-    return parser.parse_args(argv)
+    add_flag(parser, "--drop_missing", "leave out images missing under --image_root instead of stopping")
+    add_flag(parser, "--no_df", "do not write the CIDEr-D document frequencies")
+    return parser.parse(argv)
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -212,6 +208,8 @@ def prepare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if isinstance(args, int):
+        return args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         prepare(args)

@@ -36,6 +36,7 @@ import yaml
 from data.image_io import IMAGE_EXTENSIONS
 from data.prepare_coco import DF_CACHE_NAME, SPLITS, ImageRecord, PreparationError, write_df_cache, write_splits
 from data.text import clean_caption, strip_stop
+from utils.cli import ArgumentParser, add_flag
 from utils.io import DataFileError, write_text
 
 logger = logging.getLogger(__name__)
@@ -244,17 +245,17 @@ def write_data_config(out: Path, image_root: Path) -> Path:
     return path
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
+    parser = ArgumentParser(prog="python -m data.prepare_custom", description=__doc__)
     parser.add_argument("--captions", type=Path, help="CSV or JSON-lines file, or a folder (default: --image_root)")
     parser.add_argument("--image_root", type=Path, required=True, help="folder the image paths are relative to")
     parser.add_argument("--out", type=Path, required=True, help="folder for the prepared files")
     parser.add_argument("--val", type=float, default=0.1, help="val images: a fraction (< 1) or a number")
     parser.add_argument("--test", type=float, default=0.1, help="test images: a fraction (< 1) or a number")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
-    parser.add_argument("--skip_invalid", action="store_true", help="leave out unusable rows instead of stopping")
-    parser.add_argument("--no_df", action="store_true", help="do not write the CIDEr-D document frequencies")
-    return parser.parse_args(argv)
+    add_flag(parser, "--skip_invalid", "leave out unusable rows instead of stopping")
+    add_flag(parser, "--no_df", "do not write the CIDEr-D document frequencies")
+    return parser.parse(argv)
 
 
 def prepare(args: argparse.Namespace) -> list[ImageRecord]:
@@ -290,6 +291,8 @@ def _listing(messages: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if isinstance(args, int):
+        return args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         records = prepare(args)

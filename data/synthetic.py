@@ -13,7 +13,6 @@ most templates share. Files follow the COCO Karpathy layout used by BLIP / X-VLM
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 import math
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.prepare_coco import ImageRecord, ground_truth_json
+from utils.cli import ArgumentParser, add_flag
 from utils.io import DataFileError, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -500,17 +500,20 @@ def grounding_accuracy(captions: dict[int, str], metadata_path: str | os.PathLik
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: generate (or reuse, when unchanged) the data set in ``--out``."""
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes captioning data set.")
+    parser = ArgumentParser(prog="python -m data.synthetic", description="Generate the synthetic shapes data set.")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num_train", type=int, default=4000)
-    parser.add_argument("--num_val", type=int, default=1000)
-    parser.add_argument("--num_test", type=int, default=500)
-    parser.add_argument("--image_size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--refs_per_image", type=int, default=5)
-    parser.add_argument("--image_format", choices=("jpg", "png"), default="jpg")
-    parser.add_argument("--force", action="store_true", help="regenerate even if an identical set exists")
-    args = vars(parser.parse_args(argv))
+    parser.add_argument("--num_train", type=int, default=4000, help="training images")
+    parser.add_argument("--num_val", type=int, default=1000, help="validation images")
+    parser.add_argument("--num_test", type=int, default=500, help="test images")
+    parser.add_argument("--image_size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the images and captions")
+    parser.add_argument("--refs_per_image", type=int, default=5, help="reference captions per image")
+    parser.add_argument("--image_format", choices=("jpg", "png"), default="jpg", help="image file format")
+    add_flag(parser, "--force", "regenerate even if an identical set exists")
+    parsed = parser.parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    args = vars(parsed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out, force = args.pop("out"), args.pop("force")
     started = time.perf_counter()

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
@@ -18,6 +17,7 @@ from models.decoding import DecodeOptions
 from utils.coco_eval import CaptionScorer, EvalReport, evaluate_results
 from utils.distributed import DistInfo, gather_objects
 from utils.io import ImageId
+from utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def generate_captions(
     )  # fmt: skip
     local: dict[ImageId, str] = {}
     with LoaderBatches(loader) as batches:
-        shown = tqdm(batches, desc=desc, disable=not dist.is_main, leave=False, total=len(loader))
+        shown = progress(batches, desc=desc, disable=not dist.is_main, leave=False, total=len(loader))
         for batch, captions in caption_batches(model, shown, tokenizer, options, precision):
             for index, best in zip(batch.get("indices", []), captions, strict=True):
                 local[dataset.ids[index]] = best[0].text

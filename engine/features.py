@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from data.datasets import ImageFiles, ImageReader, collate_images
+from engine.config import FEATURE_CACHE_DTYPES
 from utils import distributed
 from utils.io import read_json, write_json
 from utils.precision import autocast
+from utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float16", "float32")
 TODO, DONE, UNREADABLE = 0, 1, 2
 _META, _DATA, _STATUS = "meta.json", "features.bin", "status.bin"
 _FAILURES = "failures_{rank}.json"  # why each unreadable image could not be read, per encoding rank
@@ -175,8 +175,8 @@ def encode_into_store(
     reasons: dict[str, str] = read_json(failures_file) if failures_file.is_file() else {}
     pending: dict[int, int] = {}
     try:
-        bar = tqdm(zip(batches, loader, strict=True), desc="encoding images", disable=not show_progress, leave=False,
-                   total=len(batches))  # fmt: skip
+        bar = progress(zip(batches, loader, strict=True), desc="encoding images", disable=not show_progress,
+                       leave=False, total=len(batches))  # fmt: skip
         for indices, batch in bar:
             if "images" in batch:
                 _write_rows(encoder, batch, data_fd, row_bytes, store.dtype, device, precision)
@@ -237,8 +237,8 @@ def open_store(
 
     Every process of the job calls this: with ``local_world`` > 1 the processes of a node split the
     encoding and meet at barriers, so all of them must call it with the same arguments."""
-    if dtype not in DTYPES:
-        raise ValueError(f"data.feature_cache_dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype not in FEATURE_CACHE_DTYPES:
+        raise ValueError(f"data.feature_cache_dtype must be one of {FEATURE_CACHE_DTYPES}, got {dtype!r}")
     directory = cache_dir / f"features_{cache_key(encoder, reader, paths, dtype)}"
     if local_rank == 0 and not directory.exists():
         create_store(directory, paths, _feature_shape(encoder, device), dtype)

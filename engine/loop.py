@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from data.datasets import batch_inputs
+from engine.config import TrainConfig
 from engine.preemption import StopRequest
-from utils.config import TrainConfig
 from utils.distributed import DistInfo, all_reduce_mean, average_gradients
 from utils.logs import MetricsLog
 from utils.precision import autocast
+from utils.progress import Progress, progress
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +132,14 @@ def run_epoch(
 ) -> EpochEnd:
     """Run the rest of the current epoch. Stopping early (``stop_after_steps``, or a stop signal that any
     process received) writes a checkpoint after the current step first."""
-    bar = tqdm(total=steps_in_epoch, initial=trainer.state.epoch_step, desc=desc, disable=not trainer.dist.is_main)
+    bar = progress(total=steps_in_epoch, initial=trainer.state.epoch_step, desc=desc, disable=not trainer.dist.is_main)
     with bar:  # closed on errors too, so that an error message starts on its own line
         return _run_steps(trainer, bar, batches, steps_in_epoch, step_fn, save_fn)
 
 
 def _run_steps(
     trainer: Trainer,
-    bar: tqdm,
+    bar: Progress,
     batches: Iterable[dict[str, Any]],
     steps_in_epoch: int,
     step_fn: StepFn,

@@ -18,6 +18,7 @@ from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainData
 from data.sampler import ShardedSampler
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
+from engine.config import Config
 from engine.evaluation import generate_captions, score_split
 from engine.features import cache_features
 from engine.loop import EpochEnd, Optimization, Trainer, TrainState, run_epoch
@@ -32,9 +33,9 @@ from utils import distributed
 from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint, resume_checkpoint, save_checkpoint
 from utils.cider import CiderD
 from utils.cider_df import DocumentFrequency
-from utils.coco_eval import CaptionScorer, EvalReport, ImageId
-from utils.config import Config, to_dict, to_yaml
-from utils.io import remove_stale_temporaries, write_json, write_text
+from utils.coco_eval import CaptionScorer, EvalReport
+from utils.config import to_dict, to_yaml
+from utils.io import ImageId, remove_stale_temporaries, write_json, write_text
 from utils.logs import MetricsLog, setup_logging
 from utils.precision import grad_scaler, resolve_precision
 from utils.reporting import open_reporters, sample_table

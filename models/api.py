@@ -24,16 +24,15 @@ from data.image_io import load_image, to_rgb
 from data.transforms import build_transform
 from models.captioner import OPGCaptioner
 from models.captioning import ScoredCaption, caption_batches
+from models.config import DecodeConfig, SavedCaptionerConfig
 from models.decoding import DecodeOptions, eval_mode
 from models.mapper import MLPMapper
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
-from utils.config import Config, DecodeConfig
 from utils.distributed import resolve_device
-from utils.precision import autocast, resolve_precision
+from utils.precision import PRECISIONS, autocast, resolve_precision
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def load_captioner(source: str | Path, device: str = "auto", precision: str = "auto") -> Captioner:
@@ -47,11 +46,11 @@ def load_captioner(source: str | Path, device: str = "auto", precision: str = "a
     return Captioner(model, load_tokenizer(cfg.model.tokenizer), cfg, target, precision)
 
 
-def resolve_run_precision(name: str, cfg: Config, device: torch.device) -> str:
+def resolve_run_precision(name: str, cfg: SavedCaptionerConfig, device: torch.device) -> str:
     """``auto`` -> the run's own ``train.precision`` (itself possibly auto), resolved for ``device``."""
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
-    return resolve_precision(cfg.train.precision if name == "auto" else name, device)
+    return resolve_precision(cfg.precision if name == "auto" else name, device)
 
 
 def decode_options(decode_cfg: DecodeConfig, num_captions: int = 1, **overrides: object) -> DecodeOptions:
@@ -85,7 +84,12 @@ class Captioner:
     """A loaded model with its tokenizer, image transform, device and precision."""
 
     def __init__(
-        self, model: OPGCaptioner, tokenizer: object, cfg: Config, device: torch.device, precision: str = "auto"
+        self,
+        model: OPGCaptioner,
+        tokenizer: object,
+        cfg: SavedCaptionerConfig,
+        device: torch.device,
+        precision: str = "auto",
     ) -> None:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.precision = resolve_run_precision(precision, cfg, device)

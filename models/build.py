@@ -1,4 +1,4 @@
-"""Build the captioner from a config."""
+"""Build the captioner from its architecture description (``models.config.CaptionerConfig``)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from typing import Any
 import torch
 
 from models.captioner import OPGCaptioner
+from models.config import CaptionerConfig
 from models.encoder import build_encoder
 from models.gpt2 import build_gpt2
 from models.mapper import build_mapper
 from models.sparse_mask import SparsePrefixMask
-from utils.config import Config
 
 
 def build_captioner(
-    cfg: Config,
+    cfg: CaptionerConfig,
     vision_config: dict[str, Any] | None = None,
     gpt2_config: dict[str, Any] | None = None,
     output_ids: Sequence[int] | None = None,
@@ -65,6 +65,6 @@ def architecture(model: OPGCaptioner) -> dict[str, Any]:
     }
 
 
-def rebuild_captioner(cfg: Config, arch: dict[str, Any]) -> OPGCaptioner:
+def rebuild_captioner(cfg: CaptionerConfig, arch: dict[str, Any]) -> OPGCaptioner:
     """The architecture saved by :func:`architecture`, with random weights."""
     return build_captioner(cfg, arch["vision_config"], arch["gpt2_config"], arch.get("output_ids"))

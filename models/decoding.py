@@ -33,10 +33,10 @@ from typing import Self
 import torch
 
 from models.captioner import OPGCaptioner, Prefix, attention_mask
+from models.config import DecodeConfig
 from models.gpt2 import forward_with_cache
 from models.static_decode import FastDecode, StaticPrefixLM, dropout_active, supports_static_cache
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
-from utils.config import DecodeConfig
 
 METHODS = ("greedy", "beam", "sample")
 

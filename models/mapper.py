@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MAPPING_TYPES = ("mlp", "transformer")
+from models.config import MAPPING_TYPES
 
 
 class MLPMapper(nn.Module):

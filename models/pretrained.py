@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 from data.transforms import CLIP_MEAN, CLIP_STD
 from models.build import architecture, rebuild_captioner
 from models.captioner import OPGCaptioner
+from models.config import DecodeConfig, EncoderConfig, ModelConfig, SavedCaptionerConfig
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
 from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint
-from utils.config import Config, ConfigError, DecodeConfig, from_dict, to_dict
+from utils.config import ConfigError, section_from_dict
 from utils.io import DataFileError, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ _HF_NAMES = {
 }
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[OPGCaptioner, Config]:
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[OPGCaptioner, SavedCaptionerConfig]:
     """Rebuild a saved model, in eval mode on ``device``, from a training checkpoint (``.pt``), an exported
     folder, or a Hugging Face Hub repository id (``owner/name``, downloaded with ``huggingface_hub``)."""
     path = resolve_source(source)
@@ -71,15 +72,25 @@ def resolve_source(source: str | Path) -> Path:
                               f"Face Hub failed ({type(err).__name__}: {err})") from err  # fmt: skip
 
 
-def _load_checkpoint(path: Path) -> tuple[OPGCaptioner, Config]:
+def saved_config(tree: dict[str, Any]) -> SavedCaptionerConfig:
+    """The captioner's description in a saved training config (``engine.config.Config`` as a dict)."""
+    kinds = {"encoder": EncoderConfig, "model": ModelConfig, "decode": DecodeConfig}
+    sections = {name: section_from_dict(cls, tree.get(name, {}), name) for name, cls in kinds.items()}
+    return SavedCaptionerConfig(**sections, precision=tree.get("train", {}).get("precision", "fp32"), training=tree)
+
+
+def _load_checkpoint(path: Path) -> tuple[OPGCaptioner, SavedCaptionerConfig]:
     payload = read_checkpoint(path)
-    cfg = from_dict(payload["config"])
+    try:
+        cfg = saved_config(payload["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its config does not fit this version: {err}") from err
     model = rebuild_captioner(cfg, payload["architecture"])
     load_state_strict(model, payload["model"], str(path))
     return model, cfg
 
 
-def save_folder(model: OPGCaptioner, cfg: Config, tokenizer: Any, out: str | Path) -> None:
+def save_folder(model: OPGCaptioner, cfg: SavedCaptionerConfig, tokenizer: Any, out: str | Path) -> None:
     """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` and the tokenizer files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +102,7 @@ def save_folder(model: OPGCaptioner, cfg: Config, tokenizer: Any, out: str | Pat
     tokenizer.save_pretrained(str(out))
 
 
-def folder_config(model: OPGCaptioner, cfg: Config) -> dict[str, Any]:
+def folder_config(model: OPGCaptioner, cfg: SavedCaptionerConfig) -> dict[str, Any]:
     """The ``config.json`` of an exported folder."""
     arch = architecture(model)
     ids = arch.pop("output_ids")
@@ -114,7 +125,7 @@ def folder_config(model: OPGCaptioner, cfg: Config) -> dict[str, Any]:
             "image_mean": list(CLIP_MEAN),
             "image_std": list(CLIP_STD),
         },  # fmt: skip
-        "training_config": to_dict(cfg),
+        "training_config": cfg.training,
     }
 
 
@@ -131,13 +142,13 @@ def generation_config(decode: DecodeConfig) -> dict[str, Any]:
     }
 
 
-def load_folder(folder: Path) -> tuple[OPGCaptioner, Config]:
+def load_folder(folder: Path) -> tuple[OPGCaptioner, SavedCaptionerConfig]:
     """Rebuild the model of an exported folder (its tokenizer is the folder itself)."""
     config = _read_json(folder / CONFIG_NAME)
     if config.get("model_type") != MODEL_TYPE:
         raise CheckpointError(f"{folder / CONFIG_NAME}: model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}")
     try:
-        cfg = from_dict(config["training_config"])
+        cfg = saved_config(config["training_config"])
         arch = {**config["architecture"], "output_ids": config["output_vocabulary"]["gpt2_ids"]}
         cfg.decode = _decoding_defaults(folder, config)
     except (KeyError, TypeError, ConfigError) as err:

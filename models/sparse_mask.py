@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SPARSE_MASK_MODES = ("ste", "hard")
+from models.config import SPARSE_MASK_MODES
 
 
 class SparsePrefixMask(nn.Module):

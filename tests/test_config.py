@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 import train_scst
-from utils.config import CONFIG_DIR, ConfigError, build_config, from_dict, parse_bool, parse_overrides, to_dict
+from engine.config import CONFIG_DIR, build_config, from_dict, parse_overrides
+from utils.config import ConfigError, parse_bool, to_dict
 
 PAPER_XE = [
     "--scst=False", "--device=cuda:0", "--mapping_type=mlp", "--use_sparce_mask=True", "--use_aux_loss=True",

@@ -12,11 +12,11 @@ from torch import nn
 
 from models.captioner import OPGCaptioner, Prefix
 from models.captioning import caption_batches
+from models.config import DecodeConfig
 from models.decoding import DecodeOptions, DecodeResult, captions_from_tokens, decode
 from models.gpt2 import build_gpt2
 from models.mapper import MLPMapper
 from models.sparse_mask import SparsePrefixMask
-from utils.config import DecodeConfig
 
 STOP_IDS = (13, 50256)
 VISUAL_DIM, NUM_TOKENS, WIDTH = 32, 6, 64

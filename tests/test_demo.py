@@ -10,16 +10,17 @@ from PIL import Image
 import demo
 from data.synthetic import generate_dataset
 
-TINY = ["train.epochs=1", "train.batch_size=8", "train.eval_batch_size=8", "data.num_workers=0"]
+TINY = ["--train.epochs", "1", "--train.batch_size", "8", "--eval_batch_size=8", "--data.num_workers", "0"]
 
 
 def test_demo_runs_xe_then_scst_and_reports_each_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = generate_dataset(tmp_path / "data", num_train=24, num_val=8, num_test=8, image_size=64)
-    cache = f"data.feature_cache_dir={tmp_path / 'features'}"
+    cache = ["--data.feature_cache_dir", str(tmp_path / "features")]
     args = ["--output_dir", str(tmp_path / "out"), "--data_dir", str(data.root), "--device", "cpu"]
-    report = "train.report_to=tensorboard"
-    scst = [*TINY, cache, report, "train.max_steps_per_epoch=2", "train.batch_size=4"]
-    assert demo.main([*args, "--xe", *TINY, cache, report, "--scst", *scst]) == 0
+    scst_only = tmp_path / "scst.yaml"
+    scst_only.write_text("train:\n  max_steps_per_epoch: 2\n  batch_size: 4\n")
+    report = ["--report_to", "tensorboard"]
+    assert demo.main([*args, *TINY, *cache, *report, "--scst_config", str(scst_only)]) == 0
 
     summary = json.loads((tmp_path / "out" / "demo_summary.json").read_text())
     rows = summary["rows"]
@@ -68,7 +69,8 @@ def check_tensorboard(run: Path, train_keys: list[str]) -> None:
     assert "| image | caption | a reference |" in samples[-1].tensor_proto.string_val[0].decode()
 
 
-def test_demo_rejects_malformed_overrides(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit):
-        demo.main(["--xe", "train.epochs"])
-    assert "KEY=VALUE" in capsys.readouterr().err
+def test_demo_rejects_malformed_and_unknown_options(capsys: pytest.CaptureFixture) -> None:
+    assert demo.main(["--train.epochs"]) == 2
+    assert "--train.epochs/--epochs: expected one argument" in capsys.readouterr().err
+    assert demo.main(["--xe", "train.epochs=1"]) == 2  # the former KEY=VALUE spelling
+    assert "unknown option --xe (did you mean --xe_config" in capsys.readouterr().err

@@ -17,12 +17,13 @@ from PIL import Image
 import predict
 from data.image_io import load_image
 from data.transforms import build_transform
+from engine.config import Config
 from models.build import architecture, build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import save_checkpoint
-from utils.config import Config, to_dict
+from utils.config import to_dict
 from utils.io import assign_image_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

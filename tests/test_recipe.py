@@ -8,9 +8,9 @@ import torch
 from helpers import TINY_GPT2, tiny_config
 from transformers import get_linear_schedule_with_warmup
 
+from engine.config import CONFIG_DIR, build_config
 from engine.optim import build_optimizer, linear_schedule
 from models.build import build_captioner
-from utils.config import CONFIG_DIR, build_config
 
 
 def test_xe_config_is_the_reference_recipe():

@@ -15,12 +15,12 @@ from helpers import TINY_GPT2, tiny_config
 from oracles import pycocoevalcap_cider
 from pycocoevalcap import spice
 
+from engine.config import TrainConfig
 from engine.optim import build_optimizer
 from engine.runner import Run, RunResult
 from models.gpt2 import build_gpt2
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import read_checkpoint
-from utils.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent

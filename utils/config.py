@@ -1,5 +1,10 @@
-"""One configuration system: typed defaults in code, YAML files holding only what differs, command-line
-overrides, unknown keys rejected."""
+"""Configuration machinery: typed dataclass schemas whose fields carry their help, choices and short name;
+YAML files holding only what differs (``base:`` inheritance); overrides; unknown keys rejected.
+
+The schemas themselves live with the code they configure: ``models/config.py`` (architecture, decoding)
+and ``engine/config.py`` (the training run). :func:`option` declares a field; :class:`Schema` loads,
+coerces, validates and converts; :mod:`utils.cli` turns a schema into command-line options.
+"""
 
 from __future__ import annotations
 
@@ -9,175 +14,36 @@ import os
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-@dataclass
-class EncoderConfig:
-    vision_config: str = "xvlm_swin_b_224"  # preset name or X-VLM Swin JSON file
-    checkpoint: str | None = None  # X-VLM checkpoint; None builds random weights (tests, demo)
-    image_res: int | None = None  # None: the vision config's resolution
-    frozen: bool = True
-    # Stochastic depth of the Swin blocks in training mode. The reference builds Swin with 0.1 and its
-    # model.train() turns it on in the frozen encoder too; 0 gives deterministic features (feature caching)
-    drop_path: float = 0.1
-
-
-@dataclass
-class ModelConfig:
-    mapping_type: str = "mlp"  # mlp | transformer
-    prefix_length: int | None = None  # None: one prefix position per visual token (50)
-    mapper_layers: int = 6
-    mapper_heads: int = 8
-    gpt2: str = "gpt2"  # hub name or local directory of pretrained weights
-    gpt2_config: dict | None = None  # GPT2Config fields: build random weights instead of loading
-    tokenizer: str = "gpt2"
-    only_prefix: bool = False  # freeze GPT-2, train the mapper (and mask) only
-    use_sparse_mask: bool = True
-    sparse_mask_mode: str = "hard"  # hard (reference: a fixed threshold, never learns) | ste (learns)
-    threshold: float = 0.1
-    # full: softmax over GPT-2's 50257 tokens; train: over the tokens of the training captions only
-    # (and the stop tokens), which makes the output layer cheaper; kept by checkpoints trained with it
-    output_vocab: str = "full"
-
-
-@dataclass
-class DataConfig:
-    image_root: str = "datasets/coco/images"
-    train_file: str = "datasets/coco/annotations/train.json"
-    val_file: str = "datasets/coco/annotations/val.json"
-    test_file: str = "datasets/coco/annotations/test.json"
-    cider_df: str | None = "datasets/coco/annotations/cider_df.json.gz"  # None: computed from train_file
-    synthetic: bool = False  # generate the built-in demo data set into image_root unless one is there
-    max_words: int = 30
-    max_tokens: int = 30  # GPT-2 tokens per training caption (longer ones are cut, as in the reference)
-    augment: bool = True
-    cache_features: bool = False  # encode each image once (frozen encoder, no augmentation; memory-mapped file)
-    feature_cache_dir: str | None = None  # keep the features there for later runs and the node's other processes
-    feature_cache_dtype: str = "float16"  # float16 | float32: storage of the cached features
-    num_workers: int = 4
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    # Length of the learning-rate schedule in steps (None: epochs x steps per epoch); the run ends after
-    # train.epochs or total_steps, whichever comes first
-    total_steps: int | None = None
-    batch_size: int = 30  # per step, over all processes
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    decay_norm_and_bias: bool = True  # false: no weight decay on biases and LayerNorm parameters
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-6  # transformers' AdamW default, which the reference's XE stage uses
-    warmup_ratio: float = 0.01
-    grad_clip: float = 0.0  # 0: no clipping
-    label_smoothing: float = 0.0
-    use_aux_loss: bool = True
-    aux_weight: float = 0.1
-    aux_text_tokens: int = 20  # the N-pair loss's text embedding: mean of the first N caption tokens
-    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 on CPU)
-    seed: int = 42
-    max_steps_per_epoch: int | None = None  # cap on steps per epoch (quick runs)
-    save_every_steps: int = 1000  # also checkpoint mid-epoch every N steps (0: at epoch ends only)
-    stop_after_steps: int | None = None  # stop with a checkpoint after N steps of this invocation
-    log_every: int = 50
-    eval_batch_size: int = 64
-    eval_split: str = "val"  # split evaluated each epoch to pick the best checkpoint
-    val_meteor: bool = True  # METEOR at each validation too (Java, ~4 s per 1,000 images); test always has it
-    report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb: live dashboards (utils/reporting.py)
-
-
-@dataclass
-class ScstConfig:
-    num_samples: int = 5
-    baseline: str = "greedy"  # greedy (reference) | mean (mean of the other samples)
-    sample_max_len: int = 20  # also the greedy baseline's
-    sample_min_len: int = 0  # the reference passes no minimum length to its sampler
-    temperature: float = 1.0
-    length_norm: bool = True  # average log-probabilities over each sample's tokens
-    dropout: bool = True  # sample with dropout on, as the reference does; false samples the test-time model
-    # auto: sampling and the greedy baseline on a static KV cache (CUDA graphs for the baseline on CUDA);
-    # off: Hugging Face's dynamic cache. Same tokens for the same draws (README: SCST decoding speed)
-    fast_decode: str = "auto"
-    # Score captions and references as "words <eos>" (the reference's wrap; its coco-train-words.p counts
-    # <eos>), so the reward sees whether a caption ended; false scores the bare words
-    reward_eos: bool = True
-
-
-@dataclass
-class DecodeConfig:
-    """Test-time decoding (and SCST's validation); XE always validates greedily. The defaults are the
-    reference's XE evaluation: greedy, up to 30 tokens."""
-
-    beams: int = 1
-    max_len: int = 30
-    min_len: int = 0
-    length_penalty: float = 1.0
-    no_repeat_ngram: int = 0
-
-
-@dataclass
-class Config:
-    scst: bool = False
-    checkpoint: str | None = None  # weights to start from (required for SCST)
-    resume: bool = False  # continue the run in output_dir from its last checkpoint
-    output_dir: str = "runs/opg"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scst_opts: ScstConfig = field(default_factory=ScstConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-
-
-# Spellings of the reference command lines.
-ALIASES = {
-    "use_sparce_mask": "model.use_sparse_mask",
-    "lamda": "train.aux_weight",
-    "bs": "train.batch_size",
-    "out_dir": "output_dir",
-}
-PATH_KEYS = (
-    "checkpoint", "output_dir", "encoder.checkpoint", "data.image_root", "data.train_file",
-    "data.val_file", "data.test_file", "data.cider_df", "data.feature_cache_dir",
-)  # fmt: skip
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
+BOOL_WORDS = _TRUE | _FALSE
 
 
 class ConfigError(ValueError):
     """A configuration file or command-line option that cannot be applied."""
 
 
-def _leaf_types(cls: type = Config, prefix: str = "") -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    leaves: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            leaves.update(_leaf_types(hint, f"{prefix}{f.name}."))
-        else:
-            leaves[f"{prefix}{f.name}"] = hint
-    return leaves
+def option(
+    default: Any, help: str, *, choices: Sequence[str] | None = None, short: bool = True, path: bool = False
+) -> Any:
+    """A schema field: its default, a one-line meaning (shown by ``--help``), the allowed values, whether
+    its last name alone (``--lr``) may stand for it, and whether it is a file path (resolved against the
+    folder of the YAML file that sets it). Mutable defaults (dicts) are copied per instance."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "short": short, "path": path}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
-LEAF_TYPES = _leaf_types()
-
-
-def _base_type(hint: Any) -> tuple[Any, bool]:
-    """(type, optional) of a hint such as ``int | None``."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
+def section(cls: type) -> Any:
+    """A nested schema (a dataclass of options)."""
+    return dataclasses.field(default_factory=cls)
 
 
 def parse_bool(text: str | bool, key: str = "value") -> bool:
@@ -192,170 +58,209 @@ def parse_bool(text: str | bool, key: str = "value") -> bool:
     raise ConfigError(f"{key}: expected a boolean (true/false), got {text!r}")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    kind, optional = _base_type(LEAF_TYPES[key])
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise ConfigError(f"{key} cannot be empty")
-    try:
-        if kind is bool:
-            return parse_bool(value, key)
-        if kind is dict:
-            value = yaml.safe_load(value) if isinstance(value, str) else value
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-            return value
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key}: cannot read {value!r} as {kind.__name__}") from err
+@dataclass(frozen=True)
+class Leaf:
+    """One option of a schema: its dotted key, value type and declaration."""
+
+    key: str
+    kind: type  # bool, int, float, str or dict
+    optional: bool  # None allowed
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    short: bool
+    path: bool
+    section: str  # "" at the top level
 
 
-def _resolve_key(name: str) -> str:
-    name = name.replace("-", "_")
-    if name in ALIASES:
-        return ALIASES[name]
-    if name in LEAF_TYPES:
-        return name
-    matches = [k for k in LEAF_TYPES if k.rsplit(".", 1)[-1] == name]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise ConfigError(f"option --{name} is ambiguous: use one of {', '.join('--' + m for m in matches)}")
-    hint = difflib.get_close_matches(name, list(LEAF_TYPES) + list(ALIASES), n=1)
-    raise ConfigError(f"unknown option {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """(type, optional) of a hint such as ``int | None``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict) and not (full in LEAF_TYPES and _base_type(LEAF_TYPES[full])[0] is dict):
-            flat.update(_flatten(value, f"{full}."))
-        else:
-            flat[full] = value
-    return flat
+def _leaves(cls: type, prefix: str = "") -> list[Leaf]:
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    leaves: list[Leaf] = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            leaves += _leaves(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name}: declare it with option(default, help)")
+        kind, optional = _base_type(hints[f.name])
+        meta = f.metadata
+        leaves.append(Leaf(f"{prefix}{f.name}", typing.get_origin(kind) or kind, optional, getattr(defaults, f.name),
+                           meta["help"], meta["choices"], meta["short"], meta["path"], prefix.rstrip(".")))  # fmt: skip
+    return leaves
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Flat ``{dotted key: value}`` from a YAML file and the files it names as ``base`` (recursively).
+class Schema:
+    """Everything the configuration system does with one root dataclass ``cls``.
 
-    Relative paths inside a file are resolved against that file's folder.
+    ``aliases`` maps extra spellings (e.g. the reference code's ``lamda``) to dotted keys. Each field's
+    last name is also accepted when the field is declared ``short``; two short fields with the same last
+    name are refused here, so a new field can never change what an existing flag means.
     """
-    path = Path(path).expanduser().resolve()
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from err
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping")
-    base = tree.pop("base", None)
-    values = load_yaml(path.parent / base) if base else {}
-    for raw_key, value in _flatten(tree).items():
+
+    def __init__(self, cls: type, aliases: dict[str, str] | None = None) -> None:
+        self.cls = cls
+        self.leaves = {leaf.key: leaf for leaf in _leaves(cls)}
+        self.names = {key: key for key in self.leaves}
+        hints = typing.get_type_hints(cls)
+        self.titles = {f.name: f"{f.name}: {(hints[f.name].__doc__ or '').strip().splitlines()[0]}"
+                       for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}  # fmt: skip
+        for leaf in self.leaves.values():
+            last = leaf.key.rsplit(".", 1)[-1]
+            if leaf.short and last != leaf.key:
+                self._add_name(last, leaf.key)
+        for alias, key in (aliases or {}).items():
+            self._add_name(alias, key)
+
+    def _add_name(self, name: str, key: str) -> None:
+        if name in self.names:
+            raise TypeError(f"option name {name!r} would mean both {self.names[name]} and {key}: "
+                            "declare one of them with short=False")  # fmt: skip
+        if key not in self.leaves:
+            raise TypeError(f"alias {name!r} names no option ({key})")
+        self.names[name] = key
+
+    def spellings(self, key: str) -> list[str]:
+        """Every name of ``key``: the dotted key first, then its short name and aliases."""
+        return [key] + [name for name, target in self.names.items() if target == key and name != key]
+
+    def resolve(self, name: str) -> str:
+        """A spelling -> its dotted key; an unknown name is an error listing the likely candidates."""
+        name = name.replace("-", "_")
+        if name in self.names:
+            return self.names[name]
+        raise ConfigError(f"unknown option {name!r}{self.suggest(name)}")
+
+    def suggest(self, name: str) -> str:
+        """`` (did you mean ...?)`` for a mistyped or ambiguous name, or an empty string."""
+        last = name.rsplit(".", 1)[-1]
+        same_last = [key for key in self.leaves if key.rsplit(".", 1)[-1] == last]
+        close = difflib.get_close_matches(name, list(self.names), n=3)
+        candidates = list(dict.fromkeys(same_last + [self.names[c] for c in close]))
+        return f" (did you mean {' or '.join(candidates)}?)" if candidates else ""
+
+    def coerce(self, key: str, value: Any) -> Any:
+        """``value`` (a string from the command line, or a YAML value) as the type of option ``key``."""
+        leaf = self.leaves[key]
+        if value is None or (leaf.optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if leaf.optional:
+                return None
+            raise ConfigError(f"{key} cannot be empty")
         try:
-            key = _resolve_key(raw_key)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
-        if key in PATH_KEYS and isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            value = os.path.normpath(path.parent / value)
-        values[key] = _coerce(key, value)
-    return values
+            if leaf.kind is bool:
+                return parse_bool(value, key)
+            if leaf.kind is dict:
+                value = yaml.safe_load(value) if isinstance(value, str) else value
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+                return value
+            if leaf.kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return leaf.kind(value)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"{key}: cannot read {value!r} as {leaf.kind.__name__}") from err
 
-
-def parse_overrides(tokens: Sequence[str]) -> dict[str, str | bool]:
-    """Command-line tokens -> ``{dotted key: raw value}``. Accepts ``--k v``, ``--k=v`` and a bare
-    ``--flag`` for booleans."""
-    overrides: dict[str, str | bool] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"unexpected argument {token!r} (options look like --name value)")
-        name, eq, value = token[2:].partition("=")
-        key = _resolve_key(name)
-        if not eq:
-            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-            is_bool = _base_type(LEAF_TYPES[key])[0] is bool
-            if nxt is None or nxt.startswith("--"):
-                if not is_bool:
-                    raise ConfigError(f"option --{name} needs a value")
-                value = "true"
+    def flatten(self, tree: dict, prefix: str = "") -> dict[str, Any]:
+        """A nested mapping -> ``{name: value}`` (mapping-valued options such as ``model.gpt2_config`` kept)."""
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            full = f"{prefix}{key}"
+            leaf = self.leaves.get(full)
+            if isinstance(value, dict) and not (leaf and leaf.kind is dict):
+                flat.update(self.flatten(value, f"{full}."))
             else:
-                value, i = nxt, i + 1
-        overrides[key] = value
-        i += 1
-    return overrides
+                flat[full] = value
+        return flat
+
+    def load_yaml(self, path: str | Path) -> dict[str, Any]:
+        """Flat ``{dotted key: value}`` from a YAML file and the files it names as ``base`` (recursively).
+
+        Relative paths inside a file are resolved against that file's folder.
+        """
+        path = Path(path).expanduser().resolve()
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        base = tree.pop("base", None)
+        values = self.load_yaml(path.parent / base) if base else {}
+        for raw_key, value in self.flatten(tree).items():
+            try:
+                key = self.resolve(raw_key)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from err
+            if self.leaves[key].path and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+                value = os.path.normpath(path.parent / value)
+            values[key] = self.coerce(key, value)
+        return values
+
+    def build(self, files: Sequence[str | Path] = (), overrides: dict[str, Any] | None = None) -> Any:
+        """Defaults, then each YAML file in order, then overrides (any spelling; raw strings or typed values)."""
+        cfg = self.cls()
+        for path in files:
+            for key, value in self.load_yaml(path).items():
+                set_value(cfg, key, value)
+        for name, value in (overrides or {}).items():
+            key = self.resolve(name)
+            set_value(cfg, key, self.coerce(key, value))
+        self.check_choices(cfg)
+        return cfg
+
+    def check_choices(self, cfg: Any) -> None:
+        for leaf in self.leaves.values():
+            value = get_value(cfg, leaf.key)
+            if leaf.choices and value not in leaf.choices:
+                raise ConfigError(f"{leaf.key} must be one of {', '.join(leaf.choices)}; got {value!r}")
+
+    def from_dict(self, tree: dict[str, Any]) -> Any:
+        """Rebuild a config saved with :func:`to_dict` (e.g. inside a checkpoint); unknown keys rejected."""
+        cfg = self.cls()
+        for key, value in self.flatten(tree).items():
+            set_value(cfg, self.resolve(key), value)
+        return cfg
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def set_value(cfg: Any, key: str, value: Any) -> None:
     *sections, leaf = key.split(".")
     target = cfg
-    for section in sections:
-        target = getattr(target, section)
+    for name in sections:
+        target = getattr(target, name)
     setattr(target, leaf, value)
 
 
-def build_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then each YAML file in order, then overrides (raw strings or typed values)."""
-    cfg = Config()
-    for path in files:
-        for key, value in load_yaml(path).items():
-            _set(cfg, key, value)
-    for name, value in (overrides or {}).items():
-        key = _resolve_key(name)
-        _set(cfg, key, _coerce(key, value))
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Reject values that would only fail later, deep inside a run."""
-    choices = {
-        "model.mapping_type": ("mlp", "transformer"),
-        "model.sparse_mask_mode": ("ste", "hard"),
-        "model.output_vocab": ("full", "train"),
-        "train.precision": ("auto", "fp32", "bf16", "fp16"),
-        "scst_opts.baseline": ("greedy", "mean"),
-        "scst_opts.fast_decode": ("auto", "off"),
-        "train.eval_split": ("val", "test"),
-    }
-    for key, allowed in choices.items():
-        value = get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
-    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.decode.beams < 1:
-        raise ConfigError("train.batch_size and decode.beams must be >= 1, train.epochs >= 0")
-    if cfg.data.cache_features and (cfg.data.augment or not cfg.encoder.frozen or cfg.encoder.drop_path > 0):
-        raise ConfigError(
-            "data.cache_features needs deterministic features: a frozen encoder, data.augment=false and "
-            "encoder.drop_path=0"
-        )
-    if cfg.train.total_steps is not None and cfg.train.total_steps < 1:
-        raise ConfigError(f"train.total_steps must be >= 1 or empty, got {cfg.train.total_steps}")
-    if not 0.0 < cfg.model.threshold < 1.0:
-        raise ConfigError(f"model.threshold must be in (0, 1), got {cfg.model.threshold}")
-
-
-def get(cfg: Config, key: str) -> Any:
+def get_value(cfg: Any, key: str) -> Any:
     value: Any = cfg
     for part in key.split("."):
         value = getattr(value, part)
     return value
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
+def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a config saved with :func:`to_dict` (e.g. inside a checkpoint); unknown keys rejected."""
-    cfg = Config()
-    for key, value in _flatten(tree).items():
-        _set(cfg, _resolve_key(key), value)
-    return cfg
-
-
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def section_from_dict(cls: type, tree: dict[str, Any], where: str) -> Any:
+    """One section of a saved config (``where`` names it in errors); unknown keys rejected."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {tree!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}")
+    return cls(**tree)

@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,24 @@ def setup_logging(rank: int = 0, log_file: Path | None = None, level: int = logg
     root.setLevel(level if rank == 0 else logging.WARNING)
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def report_failure(prog: str, err: BaseException, unexpected: bool) -> None:
+    """One line on stderr naming the error; its full traceback in the run's log file (``train.log``).
+
+    Without a log file the traceback of an ``unexpected`` error (a bug) goes to stderr instead, before the
+    line: it must land somewhere. Expected errors (bad input, a diverged run) need no traceback on screen.
+    """
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    kind = f"{type(err).__name__}: " if unexpected else ""
+    if files:
+        logging.getLogger(prog).error("stopped: %s%s", kind, err, exc_info=err, extra={"file_only": True})
+        where = f" (traceback in {files[0].baseFilename})" if unexpected else ""
+    else:
+        if unexpected:
+            traceback.print_exception(err, file=sys.stderr)
+        where = ""
+    print(f"{prog}: error: {kind}{err}{where}", file=sys.stderr)
 
 
 class MetricsLog:

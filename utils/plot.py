@@ -9,7 +9,6 @@ that started from the checkpoint of another plotted run (SCST from XE) continues
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from utils.cli import ArgumentParser
 from utils.io import atomic_write
 
 
@@ -118,11 +118,13 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, title: str | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m utils.plot", description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=Path("curves.png"), help="image file (.png, .svg, .pdf)")
     parser.add_argument("--title", help="figure title")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
+    if isinstance(args, int):
+        return args
     try:
         out = plot_runs(args.runs, args.out, args.title)
     except ImportError:

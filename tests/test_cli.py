@@ -1,0 +1,251 @@
+"""The one command-line dialect: generated --help of every entry point, boolean spellings, aliases,
+refused ambiguity, tracebacks of unexpected errors in train.log, and plain progress lines in log files."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from faults import subprocess_env, train_command
+from helpers import TINY_GPT2
+from PIL import Image
+
+import app
+import demo
+import evaluate
+import export
+import predict
+import train_scst
+from data import prepare_coco, prepare_custom, synthetic
+from engine.config import SCHEMA, Config, build_config, parse_overrides
+from utils import plot
+from utils.checkpoint import save_checkpoint
+from utils.cli import ArgumentParser, UsageError, add_flag, add_schema_options, schema_overrides
+from utils.config import Schema, option, section, to_dict
+from utils.progress import progress
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY_POINTS = {
+    "train_scst.py": train_scst.main, "demo.py": demo.main, "predict.py": predict.main,
+    "evaluate.py": evaluate.main, "export.py": export.main, "app.py": app.main,
+    "data.prepare_coco": prepare_coco.main, "data.prepare_custom": prepare_custom.main,
+    "data.synthetic": synthetic.main, "utils.plot": plot.main,
+}  # fmt: skip
+TYPES = re.compile(r" (INT|FLOAT|STR|BOOL|PATH|YAML|FILE|\{[^}]+\})( \[.*\])?$")
+
+
+def help_entries(text: str) -> dict[str, tuple[str, str]]:
+    """argparse help -> ``{first option: (invocation, help text)}`` for every option listed."""
+    entries: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            invocation, _, rest = line.strip().partition("  ")
+            current = invocation.split(",")[0].split(" ")[0]
+            entries[current] = [invocation, rest.strip()]
+        elif current and line.startswith("      ") and line.strip():
+            entries[current][1] = f"{entries[current][1]} {line.strip()}".strip()
+        else:
+            current = None
+    return {name: (invocation, meaning) for name, (invocation, meaning) in entries.items()}
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_help_lists_every_option_with_type_and_meaning(name, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    assert ENTRY_POINTS[name](["--help"]) == 0
+    entries = help_entries(capsys.readouterr().out)
+    entries.pop("-h")
+    assert len(entries) >= 2
+    for option_name, (invocation, meaning) in entries.items():
+        assert TYPES.search(invocation), f"{name} {option_name}: no type in {invocation!r}"
+        assert len(meaning) > 8, f"{name} {option_name}: no meaning"
+
+
+def _walk(obj, prefix: str = ""):
+    """(dotted key, default) of every field of a config instance, sections flattened."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _shown(value) -> str:
+    return str(value).lower() if value is None or isinstance(value, bool) else str(value)
+
+
+def test_train_help_is_the_schema_with_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    assert train_scst.main(["--help"]) == 0
+    entries = help_entries(capsys.readouterr().out)
+    leaves = dict(_walk(Config()))
+    assert len(leaves) == len(SCHEMA.leaves) == 73
+    assert set(entries) == {f"--{key}" for key in leaves} | {"-h", "--config", "--print_config"}
+    for key, value in leaves.items():
+        assert f"(default: {_shown(value)})" in entries[f"--{key}"][1], key
+    assert entries["--train.batch_size"][0] == "--train.batch_size, --batch_size, --bs INT"
+    assert entries["--train.lr"][1] == "peak learning rate (AdamW) (default: 2e-05)"
+    assert entries["--model.mapping_type"][0].endswith("{mlp,transformer}")
+    assert entries["--encoder.checkpoint"][0] == "--encoder.checkpoint PATH"  # no short name: --checkpoint is taken
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [(["--no_progress"], True), (["--no_progress=True"], True), (["--no_progress", "False"], False),
+     (["--no-progress", "no"], False), (["--no_progress", "--batch_size", "3"], True), ([], False)],
+)  # fmt: skip
+def test_booleans_of_every_entry_point_take_every_spelling(argv, expected):
+    args = predict.build_parser().parse_args(["--checkpoint", "c.pt", "--images", "x.jpg", *argv])
+    assert args.no_progress is expected
+
+
+def test_reference_spellings_short_names_and_dotted_names_agree():
+    reference = parse_overrides(["--bs", "7", "--lamda", "0.3", "--use_sparce_mask", "False", "--out_dir", "o"])
+    short = parse_overrides(["--batch_size=7", "--aux_weight", "0.3", "--use_sparse_mask=no", "--output_dir", "o"])
+    dotted = parse_overrides(["--train.batch_size", "7", "--train.aux_weight=0.3", "--model.use_sparse_mask=false",
+                              "--output_dir", "o"])  # fmt: skip
+    assert reference == short == dotted
+    cfg = build_config([], dotted)
+    assert (cfg.train.batch_size, cfg.train.aux_weight, cfg.model.use_sparse_mask) == (7, 0.3, False)
+
+
+def test_unknown_flags_and_abbreviations_are_errors_naming_candidates(capsys):
+    assert train_scst.main(["--thresh", "0.2"]) == 2  # argparse would take a unique prefix; we do not
+    assert "unknown option --thresh (did you mean --threshold or --model.threshold" in capsys.readouterr().err
+    assert train_scst.main(["--train.sed", "3"]) == 2
+    assert "did you mean --train.seed" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="unexpected argument '0.1'"):
+        parse_overrides(["0.1"])
+
+
+@dataclass
+class _Part:
+    """a part"""
+
+    seed: int = option(0, "the part's seed")
+
+
+@dataclass
+class _QuietPart:
+    """a part whose seed has no short name"""
+
+    seed: int = option(0, "the part's seed", short=False)
+
+
+@dataclass
+class _Clash:
+    first: _Part = section(_Part)
+    second: _Part = section(_Part)
+
+
+@dataclass
+class _Resolved:
+    first: _Part = section(_Part)
+    second: _QuietPart = section(_QuietPart)
+
+
+@dataclass
+class _Neither:
+    first: _QuietPart = section(_QuietPart)
+    second: _QuietPart = section(_QuietPart)
+
+
+def test_a_short_name_shared_by_two_fields_is_refused_where_declared():
+    with pytest.raises(TypeError, match="'seed' would mean both first.seed and second.seed"):
+        Schema(_Clash)
+    schema = Schema(_Resolved)
+    parser = ArgumentParser(prog="t")
+    add_schema_options(parser, schema)
+    assert schema_overrides(parser.parse_args(["--seed", "4"]), schema) == {"first.seed": "4"}
+    assert schema_overrides(parser.parse_args(["--second.seed", "5"]), schema) == {"second.seed": "5"}
+    parser = ArgumentParser(prog="t")
+    add_schema_options(parser, Schema(_Neither))
+    with pytest.raises(UsageError, match=r"unknown option --seed \(did you mean --first.seed or --second.seed\?\)"):
+        parser.parse_args(["--seed", "1"])
+
+
+def test_flag_spellings_on_a_plain_parser():
+    parser = ArgumentParser(prog="t")
+    add_flag(parser, "--force", "do it")
+    parser.add_argument("paths", nargs="*")
+    assert parser.parse_args(["--force", "a", "b"]).paths == ["a", "b"]  # a path is not taken as the value
+    assert parser.parse_args(["--force", "off", "a"]).force is False
+    with pytest.raises(UsageError, match="expected true or false, got 'maybe'"):
+        parser.parse_args(["--force=maybe"])
+
+
+def test_plain_lines_instead_of_bar_frames_when_not_a_terminal():
+    stream = io.StringIO()
+    for _ in progress(range(95), desc="work", unit="img", stream=stream):
+        pass
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    assert len(lines) == 10 and lines[0].startswith("work: 10/95 img (11%), ") and lines[-1].startswith("work: 95/95")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    for _ in progress(range(5), desc="work", stream=terminal):
+        pass
+    assert "\r" in terminal.getvalue()  # tqdm's bar, as before, on a terminal
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = build_config([], {"encoder.vision_config": "swin_demo", "model.gpt2_config": dict(TINY_GPT2),
+                            "decode.max_len": 6})  # fmt: skip
+    from models.build import architecture, build_captioner
+
+    model = build_captioner(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    return path
+
+
+def test_predict_writes_plain_progress_lines_to_a_log_file(tiny_checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        Image.new("RGB", (40, 30), (20 * i, 90, 200 - 10 * i)).save(images / f"{i:02d}.png")
+    log = tmp_path / "stderr.log"
+    command = [sys.executable, str(REPO / "predict.py"), "--checkpoint", str(tiny_checkpoint), "--images",
+               str(images), "--batch_size", "2", "--num_workers", "0", "--output", str(tmp_path / "o.json")]
+    with log.open("w") as stderr:
+        done = subprocess.run(command, stderr=stderr, stdout=subprocess.DEVNULL, env=subprocess_env(), timeout=300)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text
+    progress_lines = [line for line in text.splitlines() if line.startswith("captioning: ")]
+    assert [line.split(" img")[0] for line in progress_lines] == [f"captioning: {n}/12" for n in range(2, 13, 2)]
+
+
+def test_unexpected_error_keeps_its_traceback_in_train_log(tmp_path, capsys, monkeypatch):
+    data = synthetic.generate_dataset(tmp_path / "data", num_train=16, num_val=4, num_test=4, image_size=64).root
+    out = tmp_path / "run"
+
+    def broken_test(self):
+        raise KeyError("a bug in testing")
+
+    monkeypatch.setattr("engine.runner.Run._final_test", broken_test)  # after an epoch and its validation
+    argv = train_command(data, out, "--num_workers", "0", "--epochs", "1", "--max_steps_per_epoch", "2")[2:]
+    assert train_scst.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"train_scst.py: error: KeyError: 'a bug in testing' (traceback in {out / 'train.log'})"
+    )
+    assert "Traceback" not in err and "\r" not in err and "epoch 1" in err  # plain progress lines, no bar frames
+    log = (out / "train.log").read_text()
+    assert "Traceback (most recent call last)" in log and "in broken_test" in log
+    assert "KeyError: 'a bug in testing'" in log
