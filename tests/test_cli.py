@@ -235,7 +235,7 @@ def test_unexpected_error_keeps_its_traceback_in_train_log(tmp_path, capsys, mon
     data = synthetic.generate_dataset(tmp_path / "data", num_train=16, num_val=4, num_test=4, image_size=64).root
     out = tmp_path / "run"
 
-    def broken_test(self):
+    def broken_test(self, *args, **kwargs):
         raise KeyError("a bug in testing")
 
     monkeypatch.setattr("engine.runner.Run._final_test", broken_test)  # after an epoch and its validation

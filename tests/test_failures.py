@@ -137,58 +137,11 @@ def test_sigterm_full_disk_java_loss_and_kill_9_then_resume_equals_the_uninterru
     out, logs = tmp_path / "run", tmp_path / "logs"
     start = _command(data, features, out)
     resume = [*start, "--resume"]
-
-    # 1. The scheduler's SIGTERM reaches the whole process group (DataLoader worker included) mid-epoch.
-    job = Job(start, logs, "1_sigterm")
-    assert job.wait_until(lambda: len(_train_steps(out)) >= 1)
-    job.signal_group(signal.SIGTERM)
-    assert job.wait(120) == 75, job.error_text()[-3000:]
-    assert "stopped by SIGTERM" in _last_line(job)
-    steps = _train_steps(out)
-    assert _counters(out)["global_step"] == steps[-1] < 8 and _temporaries(out) == []
-
-    # 2. The disk "fills up" (a real EFBIG from the kernel): the next save fails with one clear line and
-    #    leaves the previous last.pt byte for byte, with no temporary file.
-    before = _sha256(out / "last.pt")
-    limit = (out / "last.pt").stat().st_size // 2
-    job = Job(resume, logs, "2_full_disk", preexec_fn=limit_file_size(limit))
-    assert job.wait() == 1, job.error_text()[-3000:]
-    line = _last_line(job)
-    assert f"cannot write checkpoint {out / 'last.pt'}" in line and "File too large" in line, line
-    assert "previous last.pt is unchanged" in line and "Traceback" not in job.error_text()
-    assert _sha256(out / "last.pt") == before and _temporaries(out) == []
-
-    # 3. kill -9 while last.pt is being written: last.pt is the old or the new one, never a partial file.
-    job = Job(resume, logs, "3_kill_in_save")
-    assert job.wait_until(lambda: bool(_temporaries(out)), poll=0.002), job.error_text()[-3000:]
-    job.signal_group(signal.SIGKILL)
-    job.wait(60)
-    assert _counters(out)["global_step"] in (steps[-1], steps[-1] + 1)
-
-    # 4. Java disappears: the first validation fails; the epoch's training is in last.pt, marked as
-    #    awaiting its validation. The stale temporary file of step 3 is gone.
-    java_dir, gone = _java_that_vanished(tmp_path)
-    env = subprocess_env(PATH=f"{java_dir}{os.pathsep}{os.environ['PATH']}")
-    job = Job(resume, logs, "4_java_gone", env=env)
-    assert job.wait() == 1, job.error_text()[-3000:]
-    line = _last_line(job)
-    assert line.startswith("train_scst.py: error: validating epoch 1 failed") and "PTB tokenizer (Java)" in line, line
-    assert "last.pt holds the training so far" in line and "--resume" in line
-    counters = _counters(out)
-    assert (counters["epoch"], counters["epoch_step"], counters["global_step"]) == (1, 0, 4)
-    assert counters["validation_pending"] and _temporaries(out) == []
-    gone.unlink()
-
-    # 5. kill -9 at random moments of the resumed run (validation, steps or saves).
-    rng = random.Random(17)
-    for leg in range(2):
-        seen = _metrics_lines(out)
-        job = Job(resume, logs, f"5_random_kill_{leg}", env=env)
-        assert job.wait_until(lambda seen=seen: _metrics_lines(out) > seen), job.error_text()[-3000:]
-        time.sleep(rng.uniform(0.0, 1.5))
-        job.signal_group(signal.SIGKILL)
-        job.wait(60)
-        read_checkpoint(out / "last.pt")
+    steps = _sigterm_mid_epoch(start, out, logs)
+    _full_disk_keeps_last_checkpoint(resume, out, logs)
+    _kill_during_save(resume, out, logs, steps[-1])
+    env = _java_vanishes_before_validation(resume, out, logs, tmp_path)
+    _kill_at_random_moments(resume, out, logs, env)
 
     # 6. Resumed to the end: the same weights, counters, best checkpoint and test captions as never stopped.
     job = Job(resume, logs, "6_finish", env=env)
@@ -200,6 +153,70 @@ def test_sigterm_full_disk_java_loss_and_kill_9_then_resume_equals_the_uninterru
         (reference / "test_predictions.json").read_text()
     )
     assert _temporaries(out) == []
+
+
+def _sigterm_mid_epoch(start: list[str], out: Path, logs: Path) -> list[int]:
+    """1. The scheduler's SIGTERM reaches the whole process group (DataLoader worker included) mid-epoch."""
+    job = Job(start, logs, "1_sigterm")
+    assert job.wait_until(lambda: len(_train_steps(out)) >= 1)
+    job.signal_group(signal.SIGTERM)
+    assert job.wait(120) == 75, job.error_text()[-3000:]
+    assert "stopped by SIGTERM" in _last_line(job)
+    steps = _train_steps(out)
+    assert _counters(out)["global_step"] == steps[-1] < 8 and _temporaries(out) == []
+    return steps
+
+
+def _full_disk_keeps_last_checkpoint(resume: list[str], out: Path, logs: Path) -> None:
+    """2. The disk "fills up" (a real EFBIG from the kernel): the next save fails with one clear line and
+    leaves the previous last.pt byte for byte, with no temporary file."""
+    before = _sha256(out / "last.pt")
+    limit = (out / "last.pt").stat().st_size // 2
+    job = Job(resume, logs, "2_full_disk", preexec_fn=limit_file_size(limit))
+    assert job.wait() == 1, job.error_text()[-3000:]
+    line = _last_line(job)
+    assert f"cannot write checkpoint {out / 'last.pt'}" in line and "File too large" in line, line
+    assert "previous last.pt is unchanged" in line and "Traceback" not in job.error_text()
+    assert _sha256(out / "last.pt") == before and _temporaries(out) == []
+
+
+def _kill_during_save(resume: list[str], out: Path, logs: Path, last_step: int) -> None:
+    """3. kill -9 while last.pt is being written: last.pt is the old or the new one, never a partial file."""
+    job = Job(resume, logs, "3_kill_in_save")
+    assert job.wait_until(lambda: bool(_temporaries(out)), poll=0.002), job.error_text()[-3000:]
+    job.signal_group(signal.SIGKILL)
+    job.wait(60)
+    assert _counters(out)["global_step"] in (last_step, last_step + 1)
+
+
+def _java_vanishes_before_validation(resume: list[str], out: Path, logs: Path, tmp_path: Path) -> dict[str, str]:
+    """4. Java disappears: the first validation fails; the epoch's training is in last.pt, marked as awaiting
+    its validation. The stale temporary file of step 3 is gone. Returns the environment with Java back."""
+    java_dir, gone = _java_that_vanished(tmp_path)
+    env = subprocess_env(PATH=f"{java_dir}{os.pathsep}{os.environ['PATH']}")
+    job = Job(resume, logs, "4_java_gone", env=env)
+    assert job.wait() == 1, job.error_text()[-3000:]
+    line = _last_line(job)
+    assert line.startswith("train_scst.py: error: validating epoch 1 failed") and "PTB tokenizer (Java)" in line, line
+    assert "last.pt holds the training so far" in line and "--resume" in line
+    counters = _counters(out)
+    assert (counters["epoch"], counters["epoch_step"], counters["global_step"]) == (1, 0, 4)
+    assert counters["validation_pending"] and _temporaries(out) == []
+    gone.unlink()
+    return env
+
+
+def _kill_at_random_moments(resume: list[str], out: Path, logs: Path, env: dict[str, str]) -> None:
+    """5. kill -9 at random moments of the resumed run (validation, steps or saves); last.pt stays readable."""
+    rng = random.Random(17)
+    for leg in range(2):
+        seen = _metrics_lines(out)
+        job = Job(resume, logs, f"5_random_kill_{leg}", env=env)
+        assert job.wait_until(lambda seen=seen: _metrics_lines(out) > seen), job.error_text()[-3000:]
+        time.sleep(rng.uniform(0.0, 1.5))
+        job.signal_group(signal.SIGKILL)
+        job.wait(60)
+        read_checkpoint(out / "last.pt")
 
 
 def _poison_one_image(features: Path, poisoned: Path, data: Path, seed: int) -> int:
