@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from data.transforms import CLIP_MEAN, CLIP_STD
 from models.build import architecture, rebuild_captioner
@@ -26,7 +26,7 @@ from models.config import DecodeConfig, EncoderConfig, ModelConfig, SavedCaption
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
 from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint
 from utils.config import ConfigError, section_from_dict
-from utils.io import DataFileError, read_json, write_json
+from utils.io import DataFileError, read_json, write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def save_folder(model: OPGCaptioner, cfg: SavedCaptionerConfig, tokenizer: Any, 
     write_json(out / CONFIG_NAME, folder_config(model, cfg), indent=2)
     write_json(out / GENERATION_NAME, generation_config(cfg.decode), indent=2)
     state, aliases = _untied_state(model)
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
-    (out / WEIGHTS_NAME).chmod((out / CONFIG_NAME).stat().st_mode & 0o777)  # safetensors writes it 0600
+    metadata = {"format": "pt", _ALIASES_KEY: json.dumps(aliases)}
+    write_bytes(out / WEIGHTS_NAME, save(state, metadata=metadata), what="weights")
     tokenizer.save_pretrained(str(out))
 
 

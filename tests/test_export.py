@@ -81,6 +81,10 @@ def test_folder_holds_the_hub_files(folder: Path) -> None:
     assert (generation.num_beams, generation.max_new_tokens, generation.min_new_tokens) == (2, 8, 1)
     assert generation.eos_token_id == [13, 50256]
     assert len(load_tokenizer(folder)) == GPT2_VOCAB_SIZE
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors", "generation_config.json", "README.md"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # readable by the group
 
 
 def test_round_trip_gives_identical_weights_and_captions(run_dir: Path, folder: Path, photos: list[Path]) -> None:
