@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Config, build_config
+from models.build import architecture
+from utils.checkpoint import save_checkpoint
+from utils.config import to_dict
 
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
 
@@ -41,3 +44,9 @@ def tiny_config(data_dir: Path | None = None, output_dir: Path | None = None, **
         values["output_dir"] = str(output_dir)
     values.update(overrides)
     return build_config([], values)
+
+
+def save_model(path: Path, model: Any, cfg: Config) -> Path:
+    """``model`` saved at ``path`` as training saves its checkpoints (config and architecture included)."""
+    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    return path

@@ -7,18 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import save_model, tiny_config
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_tensor
 
 from data.image_io import load_image
 from data.transforms import build_transform
 from models import ScoredCaption, load_captioner
-from models.build import architecture, build_captioner
+from models.build import build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode
 from models.tokenizer import load_tokenizer
-from utils.checkpoint import save_checkpoint
-from utils.config import to_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,7 +32,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = tiny_config(**{"decode.beams": 2, "decode.max_len": 8, "decode.min_len": 1, "model.threshold": 0.5})
     model = build_captioner(cfg)
     path = tmp_path_factory.mktemp("api") / "tiny.pt"
-    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    save_model(path, model, cfg)
     return path
 
 

@@ -17,13 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import urllib3
-from helpers import tiny_config
+from helpers import save_model, tiny_config
 
 import app
 from models import load_captioner
-from models.build import architecture, build_captioner
-from utils.checkpoint import save_checkpoint
-from utils.config import to_dict
+from models.build import build_captioner
 from webapp.forms import FormError, parse_form
 from webapp.server import CaptionServer
 from webapp.service import BusyError, CaptionService, RequestQueue
@@ -40,7 +38,7 @@ def make_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     cfg = tiny_config(**{"decode.beams": 2, "decode.max_len": 8, "decode.min_len": 1, "model.threshold": 0.5})
     model = build_captioner(cfg)
-    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    save_model(path, model, cfg)
     return path
 
 

@@ -4,18 +4,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import save_model, tiny_config
 
-from models.build import architecture, build_captioner
+from models.build import build_captioner
 from models.pretrained import load_model
-from utils.checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint, save_checkpoint
+from utils.checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
 from utils.config import to_dict
 
 
 def _save_tiny(path: Path, **overrides):
     cfg = tiny_config(**overrides)
     model = build_captioner(cfg).eval()
-    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    save_model(path, model, cfg)
     return model, cfg
 
 
@@ -40,7 +40,7 @@ def test_round_trip_keeps_the_output_vocabulary(tmp_path):
     cfg = tiny_config()
     vocab = torch.tensor([13, 64, 257, 2266, 4171, 50256])
     model = build_captioner(cfg, output_ids=vocab).eval()
-    save_checkpoint(tmp_path / "m.pt", model, to_dict(cfg), architecture(model))
+    save_model(tmp_path / "m.pt", model, cfg)
     loaded, _ = load_model(tmp_path / "m.pt")
     assert torch.equal(loaded.output_ids, vocab)
     visual, ids = torch.randn(2, 17, 256), torch.tensor([[64, 2266, 13], [257, 4171, 13]])

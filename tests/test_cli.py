@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from faults import subprocess_env, train_command
-from helpers import TINY_GPT2
+from helpers import TINY_GPT2, save_model
 from PIL import Image
 
 import app
@@ -26,9 +26,8 @@ import train_scst
 from data import prepare_coco, prepare_custom, synthetic
 from engine.config import SCHEMA, Config, build_config, parse_overrides
 from utils import plot
-from utils.checkpoint import save_checkpoint
 from utils.cli import ArgumentParser, UsageError, add_flag, add_schema_options, schema_overrides
-from utils.config import Schema, option, section, to_dict
+from utils.config import Schema, option, section
 from utils.progress import progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,11 +205,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = build_config([], {"encoder.vision_config": "swin_demo", "model.gpt2_config": dict(TINY_GPT2),
                             "decode.max_len": 6})  # fmt: skip
-    from models.build import architecture, build_captioner
+    from models.build import build_captioner
 
     model = build_captioner(cfg)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    save_model(path, model, cfg)
     return path
 
 

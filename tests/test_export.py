@@ -14,18 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_config
+from helpers import save_model, tiny_config
 from PIL import Image
 from transformers import GenerationConfig
 
 import export
 import predict
 from models import load_captioner
-from models.build import architecture, build_captioner
+from models.build import build_captioner
 from models.pretrained import load_model
 from models.tokenizer import GPT2_VOCAB_SIZE, load_tokenizer
-from utils.checkpoint import CheckpointError, save_checkpoint
-from utils.config import to_dict
+from utils.checkpoint import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_IMAGES = Path(os.environ.get("OPG_SHARED_DIR", REPO_ROOT.parent / "shared")) / "real_images"
@@ -48,7 +47,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = tiny_config(**overrides, **{"data.test_file": "/somewhere/flickr30k/annotations/test.json"})
     model = build_captioner(cfg, output_ids=OUTPUT_IDS)
     run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "best.pt", model, to_dict(cfg), architecture(model))
+    save_model(run / "best.pt", model, cfg)
     (run / "test_metrics.json").write_text(json.dumps(TEST_REPORT))
     return run
 

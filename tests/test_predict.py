@@ -12,18 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_model
 from PIL import Image
 
 import predict
 from data.image_io import load_image
 from data.transforms import build_transform
 from engine.config import Config
-from models.build import architecture, build_captioner
+from models.build import build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
-from utils.checkpoint import save_checkpoint
-from utils.config import to_dict
 from utils.io import assign_image_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +58,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg.decode.max_len = 8
     model = build_captioner(cfg)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, model, to_dict(cfg), architecture(model))
+    save_model(path, model, cfg)
     return path
 
 
