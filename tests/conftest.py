@@ -19,6 +19,12 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Hugging Face Hub lookups: loading resolves local files and the bundled tokenizer only."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from models.tokenizer import load_tokenizer

@@ -18,12 +18,7 @@ from models.build import build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode
 from models.tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("single_thread", "hub_offline")
 
 
 @pytest.fixture(scope="module")

@@ -219,8 +219,20 @@ def test_predict_writes_plain_progress_lines_to_a_log_file(tiny_checkpoint, tmp_
     for i in range(12):
         Image.new("RGB", (40, 30), (20 * i, 90, 200 - 10 * i)).save(images / f"{i:02d}.png")
     log = tmp_path / "stderr.log"
-    command = [sys.executable, str(REPO / "predict.py"), "--checkpoint", str(tiny_checkpoint), "--images",
-               str(images), "--batch_size", "2", "--num_workers", "0", "--output", str(tmp_path / "o.json")]
+    command = [
+        sys.executable,
+        str(REPO / "predict.py"),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--images",
+        str(images),
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--output",
+        str(tmp_path / "o.json"),
+    ]
     with log.open("w") as stderr:
         done = subprocess.run(command, stderr=stderr, stdout=subprocess.DEVNULL, env=subprocess_env(), timeout=300)
     text = log.read_text()

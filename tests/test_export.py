@@ -30,12 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_IMAGES = Path(os.environ.get("OPG_SHARED_DIR", REPO_ROOT.parent / "shared")) / "real_images"
 OUTPUT_IDS = sorted({*range(0, 3000, 7), 13, 50256})
 TEST_REPORT = {"metrics": {"BLEU-4": 0.312, "METEOR": 0.251, "CIDEr": 1.047}, "unavailable": {"SPICE": "no jars"}}
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("single_thread", "hub_offline")
 
 
 @pytest.fixture(scope="module")

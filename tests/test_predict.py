@@ -41,12 +41,7 @@ def shared_dir() -> Path:
     return Path(os.environ.get("OPG_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "hub_offline")
 
 
 @pytest.fixture(scope="module")
