@@ -23,11 +23,11 @@ from data.datasets import read_annotations
 from data.synthetic import grounding_accuracy
 from data.text import clean_caption, strip_stop
 from engine.config import CONFIG_DIR, SCHEMA, Config, build_config
+from metrics.coco_eval import CaptionScorer, load_ground_truth
+from metrics.java import java_missing
 from utils.cli import ArgumentParser, add_schema_options, schema_overrides
-from utils.coco_eval import CaptionScorer, load_ground_truth
 from utils.config import ConfigError
 from utils.io import ImageId, write_json
-from utils.java import java_missing
 
 if TYPE_CHECKING:
     from engine.runner import RunResult

@@ -13,8 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, add_flag
-from utils.coco_eval import (
+from metrics.coco_eval import (
     CaptionScorer,
     EvalReport,
     evaluate_results,
@@ -22,8 +21,9 @@ from utils.coco_eval import (
     load_image_domains,
     load_results,
 )
+from metrics.java import java_missing
+from utils.cli import ArgumentParser, add_flag
 from utils.io import DataFileError, ImageId, write_json
-from utils.java import java_missing
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace | int:

@@ -16,12 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
+from models.model_card import model_card
 from models.pretrained import folder_config, load_model, save_folder
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_flag
 from utils.io import write_text
-from utils.model_card import model_card
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace | int:

@@ -29,6 +29,7 @@ from data.caption_output import FORMATS, CaptionRecord, format_for, match_annota
 from data.datasets import ImageFiles, ImageReader, collate_images
 from data.image_io import collect_images
 from data.transforms import build_transform
+from metrics.coco_eval import load_image_entries
 from models.api import PRECISIONS, decode_options, resolve_run_precision
 from models.captioning import ScoredCaption, caption_batches
 from models.decoding import METHODS, DecodeOptions
@@ -36,7 +37,6 @@ from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_flag
-from utils.coco_eval import load_image_entries
 from utils.distributed import resolve_device
 from utils.io import DataFileError, ImageId, assign_image_ids
 from utils.progress import progress

@@ -16,9 +16,9 @@ import os
 import sys
 
 from engine.config import CONFIG_DIR, SCHEMA, Config, add_config_options, build_config
+from metrics.java import java_missing
 from utils.cli import ArgumentParser, add_flag, schema_overrides
 from utils.config import ConfigError, to_yaml
-from utils.java import java_missing
 from utils.logs import report_failure
 
 PROG = "train_scst.py"

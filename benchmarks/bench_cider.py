@@ -1,4 +1,4 @@
-"""Benchmark the CIDEr-D reward: utils.cider.CiderD against a plain per-step scorer.
+"""Benchmark the CIDEr-D reward: metrics.cider.CiderD against a plain per-step scorer.
 
 The workload is one SCST step: B images x (S samples + 1 greedy) candidates, each image with R references,
 built from the real captions in the shared predictions file. The baseline is the usual SCST code path: a
@@ -30,8 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from utils.cider import CiderD  # noqa: E402
-from utils.cider_df import DocumentFrequency  # noqa: E402
+from metrics.cider import CiderD  # noqa: E402
+from metrics.cider_df import DocumentFrequency  # noqa: E402
 
 COCO_TRAIN_IMAGES = 113_287
 PREDICTIONS_NAME = "opg_karpathy_test_predictions.json"

@@ -13,10 +13,10 @@ from data.datasets import CaptionCollator, CaptionTrainDataset
 from data.transforms import build_transform
 from engine.config import CONFIG_DIR, build_config
 from engine.steps import ScstStep
+from metrics.cider import CiderD
+from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
 from models.tokenizer import load_tokenizer
-from utils.cider import CiderD
-from utils.cider_df import DocumentFrequency
 from utils.precision import autocast, resolve_precision
 
 REFERENCES = (

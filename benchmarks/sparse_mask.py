@@ -29,8 +29,8 @@ from data.synthetic import grounding_accuracy  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
 from engine.config import CONFIG_DIR, build_config  # noqa: E402
 from engine.runner import Run  # noqa: E402
+from metrics.coco_eval import CaptionScorer  # noqa: E402
 from models.captioner import OPGCaptioner  # noqa: E402
-from utils.coco_eval import CaptionScorer  # noqa: E402
 
 
 @torch.no_grad()

@@ -158,7 +158,7 @@ def write_splits(records: list[ImageRecord], out: Path) -> None:
 def write_df_cache(train_records: list[ImageRecord], path: Path) -> None:
     """CIDEr-D document frequencies of the training references, tokenised as the SCST reward sees them."""
     from data.text import clean_caption, strip_stop
-    from utils.cider_df import DocumentFrequency
+    from metrics.cider_df import DocumentFrequency
 
     if not train_records:
         raise PreparationError("no training images: cannot compute CIDEr-D document frequencies")

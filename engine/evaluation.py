@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
 from engine.preemption import LoaderBatches, ignore_stop_signals
+from metrics.coco_eval import CaptionScorer, EvalReport, evaluate_results
 from models.captioner import OPGCaptioner
 from models.captioning import caption_batches
 from models.decoding import DecodeOptions
-from utils.coco_eval import CaptionScorer, EvalReport, evaluate_results
 from utils.distributed import DistInfo, gather_objects
 from utils.io import ImageId
 from utils.progress import progress

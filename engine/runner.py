@@ -25,15 +25,15 @@ from engine.loop import EpochEnd, Optimization, Trainer, TrainState, run_epoch
 from engine.optim import build_optimizer, linear_schedule, trainable_parameters
 from engine.preemption import LoaderBatches, ignore_stop_signals
 from engine.steps import ScstStep, XEStep
+from metrics.cider import CiderD
+from metrics.cider_df import DocumentFrequency
+from metrics.coco_eval import CaptionScorer, EvalReport
 from models.build import architecture, build_captioner, rebuild_captioner
 from models.captioner import OPGCaptioner
 from models.decoding import DecodeOptions
 from models.tokenizer import caption_vocabulary, load_tokenizer
 from utils import distributed
 from utils.checkpoint import CheckpointError, load_state_strict, read_checkpoint, resume_checkpoint, save_checkpoint
-from utils.cider import CiderD
-from utils.cider_df import DocumentFrequency
-from utils.coco_eval import CaptionScorer, EvalReport
 from utils.config import to_dict, to_yaml
 from utils.io import ImageId, remove_stale_temporaries, write_json, write_text
 from utils.logs import MetricsLog, setup_logging

@@ -14,12 +14,12 @@ from torch import nn
 from data.datasets import batch_inputs
 from data.text import IGNORE_INDEX
 from engine.config import ScstConfig, TrainConfig
+from metrics.cider import CiderD
 from models.captioner import OPGCaptioner
 from models.captioning import caption_batches
 from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off
 from models.losses import scst_loss
 from models.static_decode import FastDecode
-from utils.cider import CiderD
 from utils.distributed import all_reduce_mean
 
 

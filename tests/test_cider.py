@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.cider import CiderD
-from utils.cider_df import DocumentFrequency
+from metrics.cider import CiderD
+from metrics.cider_df import DocumentFrequency
 
 PREDICTIONS_NAME = "opg_karpathy_test_predictions.json"
 TOLERANCE = 1e-9

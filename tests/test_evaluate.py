@@ -14,7 +14,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 import evaluate
-from utils.coco_eval import (
+from metrics.coco_eval import (
     CORENLP_JARS,
     CaptionDataError,
     CaptionScorer,
@@ -264,7 +264,7 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys, reference_metrics, scorer, mo
     assert metrics["metrics"]["CIDEr"] == pytest.approx(reference_metrics["CIDEr"])
     assert metrics["coverage"]["n_evaluated"] == len(GTS)
     rows = json.loads(per_image.read_text())
-    # CIDEr comes from utils.cider.CiderD (corpus mode), pycocoevalcap's formula to the last bits of a float64
+    # CIDEr comes from metrics.cider.CiderD (corpus mode), pycocoevalcap's formula to the last bits of a float64
     expected = sorted(reference_metrics["per_image"].values())
     assert [row["CIDEr"] for row in rows] == pytest.approx(expected, rel=1e-12, abs=1e-12)
 

@@ -39,8 +39,8 @@ from data.sampler import ShardedSampler
 from data.synthetic import generate_dataset
 from engine.features import FeatureStore
 from engine.runner import Run
+from metrics.coco_eval import CaptionScorer
 from utils.checkpoint import read_checkpoint
-from utils.coco_eval import CaptionScorer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

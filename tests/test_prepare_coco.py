@@ -13,8 +13,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from data.prepare_coco import DF_CACHE_NAME, main
-from utils.cider_df import DocumentFrequency
-from utils.coco_eval import load_ground_truth
+from metrics.cider_df import DocumentFrequency
+from metrics.coco_eval import load_ground_truth
 
 # (cocoid, split, folder, captions)
 COCO_IMAGES = [

@@ -16,8 +16,8 @@ import train_scst
 from data.prepare_coco import DF_CACHE_NAME
 from data.prepare_custom import main
 from data.text import clean_caption, strip_stop
-from utils.cider_df import DocumentFrequency
-from utils.coco_eval import load_ground_truth
+from metrics.cider_df import DocumentFrequency
+from metrics.coco_eval import load_ground_truth
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 WORDS = ["red", "blue", "cat", "dog", "tree", "boat", "sky", "road"]

@@ -7,10 +7,10 @@ from helpers import tiny_config
 
 from data.text import IGNORE_INDEX, clean_caption
 from engine.steps import ScstStep
+from metrics.cider import CiderD
+from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
-from utils.cider import CiderD
-from utils.cider_df import DocumentFrequency
 
 GOOD, BAD = "a red circle on the left", "a shape"
 

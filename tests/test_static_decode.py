@@ -12,11 +12,11 @@ from helpers import tiny_config
 from test_decoding import NUM_TOKENS, STOP_IDS, VISUAL_DIM, check_well_formed, make_model, make_prefix
 
 from engine.steps import ScstStep
+from metrics.cider import CiderD
+from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
 from models.decoding import DecodeOptions, decode, dropout_off
 from models.static_decode import FastDecode
-from utils.cider import CiderD
-from utils.cider_df import DocumentFrequency
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -20,7 +20,7 @@ from data.synthetic import (
     grounding_accuracy,
     parse_caption,
 )
-from utils.cider import CiderD
+from metrics.cider import CiderD
 
 SMALL = {"num_train": 20, "num_val": 5, "num_test": 5, "image_size": 64, "seed": 1}
 

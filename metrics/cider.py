@@ -30,7 +30,7 @@ from itertools import chain, repeat
 
 import numpy as np
 
-from utils.cider_df import EOS, DocumentFrequency, Ngram, ngram_counts, wrap_eos
+from metrics.cider_df import EOS, DocumentFrequency, Ngram, ngram_counts, wrap_eos
 
 logger = logging.getLogger(__name__)
 

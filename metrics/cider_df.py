@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 Ngram = tuple[str, ...]
 
-EOS = "<eos>"  # the end token of the reference SCST reward's sentences (see ``utils.cider.wrap_eos``)
+EOS = "<eos>"  # the end token of the reference SCST reward's sentences (see ``metrics.cider.wrap_eos``)
 
 _FORMAT_NAME = "cider-document-frequency"
 _FORMAT_VERSION = 1

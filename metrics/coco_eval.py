@@ -26,9 +26,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from utils.cider import CiderD
+from metrics.cider import CiderD
+from metrics.java import java_missing
 from utils.io import DataFileError, ImageId, image_id_from_path, normalise_image_id, read_json
-from utils.java import java_missing
 
 logger = logging.getLogger(__name__)
 
