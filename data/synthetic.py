@@ -18,8 +18,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from data.prepare_coco import ImageRecord, ground_truth_json
 from utils.cli import ArgumentParser, add_flag
-from utils.io import DataFileError, read_json, write_json
+from utils.io import DataFileError, install_folder, read_json, staged_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -359,19 +357,17 @@ def generate_dataset(
     out = Path(out_dir).absolute()
     if out.exists() and not _replaceable(out):
         raise FileExistsError(f"{out} exists and is not a generated synthetic data set; not overwriting it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         paths = DatasetPaths.under(tmp)
         sizes = {"train": num_train, "val": num_val, "test": num_test}
         records = {split: _generate_split(tmp, split, sizes[split], params) for split in SPLITS}
         _write_annotations(paths, records)
         write_json(paths.manifest, params, indent=1)
-        _install(tmp, out, params)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if not install_folder(tmp, out, replace=True):
+            if not _is_complete(out, params):
+                raise FileExistsError(f"{out} appeared while generating it and is not the same data set")
+            logger.info("another process generated %s concurrently; keeping its copy", out)
     elapsed = time.perf_counter() - started
     logger.info("generated %d images into %s in %.1f s", sum(sizes.values()), out, elapsed)
     return DatasetPaths.under(out)
@@ -424,22 +420,6 @@ def _is_complete(root: Path, params: dict) -> bool:
 
 def _replaceable(out: Path) -> bool:
     return out.is_dir() and (_read_manifest(out) is not None or not any(out.iterdir()))
-
-
-def _install(tmp: Path, out: Path, params: dict) -> None:
-    """Swap the finished folder into place; tolerate a concurrent writer that produced the same set."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if not _is_complete(out, params):
-            raise
-        logger.info("another process generated %s concurrently; keeping its copy", out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_caption(caption: str) -> dict[str, str | int | None]:

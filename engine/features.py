@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from data.datasets import ImageFiles, ImageReader, collate_images
 from engine.config import FEATURE_CACHE_DTYPES
 from utils import distributed
-from utils.io import read_json, write_json
+from utils.io import install_folder, read_json, staged_folder, write_json
 from utils.precision import autocast
 from utils.progress import progress
 
@@ -115,20 +115,15 @@ def create_store(directory: Path, paths: Sequence[str], shape: tuple[int, int], 
     creators (e.g. nodes sharing a file system) cannot clobber each other."""
     if directory.exists():
         return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     meta = {"version": 1, "paths": list(paths), "shape": list(shape), "dtype": dtype}
-    write_json(staging / _META, meta)
-    with open(staging / _DATA, "wb") as file:
-        file.truncate(len(paths) * shape[0] * shape[1] * np.dtype(dtype).itemsize)
-    with open(staging / _STATUS, "wb") as file:
-        file.truncate(len(paths))
-    try:
-        os.rename(staging, directory)
-    except OSError:
-        if not (directory / _META).is_file():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)  # another process created it first
+    with staged_folder(directory) as staging:
+        write_json(staging / _META, meta)
+        with open(staging / _DATA, "wb") as file:
+            file.truncate(len(paths) * shape[0] * shape[1] * np.dtype(dtype).itemsize)
+        with open(staging / _STATUS, "wb") as file:
+            file.truncate(len(paths))
+        if not install_folder(staging, directory) and not (directory / _META).is_file():
+            raise FileExistsError(f"{directory} appeared while laying out a feature store and is not one")
 
 
 def pending_batches(status: np.ndarray, batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -194,7 +189,12 @@ def encode_into_store(
 
 
 def _write_rows(
-    encoder: nn.Module, batch: dict[str, Any], data_fd: int, row_bytes: int, dtype: np.dtype, device: torch.device,
+    encoder: nn.Module,
+    batch: dict[str, Any],
+    data_fd: int,
+    row_bytes: int,
+    dtype: np.dtype,
+    device: torch.device,
     precision: str,
 ) -> None:
     """Encode the batch's images (B x 3 x R x R) and write each one's features (N x C) at its row."""

@@ -18,9 +18,11 @@ from utils.io import (
     WriteError,
     append_jsonl,
     atomic_write,
+    install_folder,
     read_json,
     remove_stale_temporaries,
     split_unreadable,
+    staged_folder,
     write_json,
     write_text,
 )
@@ -113,3 +115,59 @@ def test_a_write_that_cannot_start_names_the_file(tmp_path) -> None:
     expected = f"cannot write checkpoint {target} .*no last.pt was written"
     with pytest.raises(WriteError, match=expected), atomic_write(target, binary=True, what="checkpoint") as handle:
         handle.write(b"never")
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_install_folder_replaces_a_folder_whole_and_leaves_nothing_beside_it(tmp_path: Path) -> None:
+    target = tmp_path / "set"
+    (target / "old").mkdir(parents=True)
+    (target / "old" / "a.txt").write_text("old")
+    with staged_folder(target) as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".set.") and not any(staging.iterdir())
+        (staging / "b.txt").write_text("new")
+        assert install_folder(staging, target, replace=True)
+    assert _tree(target) == {"b.txt": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_install_folder_without_replace_keeps_a_folder_another_process_made(tmp_path: Path) -> None:
+    target = tmp_path / "store"
+    with staged_folder(target) as staging:
+        (staging / "mine.txt").write_text("mine")
+        target.mkdir()
+        (target / "theirs.txt").write_text("theirs")
+        assert not install_folder(staging, target)
+    assert _tree(target) == {"theirs.txt": "theirs"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_a_failed_build_leaves_the_old_folder_and_no_staging(tmp_path: Path) -> None:
+    target = tmp_path / "set"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="generator broke"), staged_folder(target) as staging:
+        (staging / "half.txt").write_text("half")
+        raise RuntimeError("generator broke")
+    assert _tree(target) == {"a.txt": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_a_failed_rename_puts_the_replaced_folder_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "set"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if Path(dst) == target:
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with staged_folder(target) as staging, pytest.raises(OSError, match="No space"):
+        install_folder(staging, target, replace=True)
+    assert _tree(target) == {"a.txt": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]

@@ -4,7 +4,9 @@ Every file a run, ``predict.py``, ``evaluate.py`` or ``data.prepare_*`` writes g
 (or a helper built on it): a temporary file beside the target, flushed to disk, then renamed over it, so a
 reader, a crash or a kill never sees half a file, and the file gets the permissions the umask allows
 (0644 under umask 022), as ``open()`` would give it. A failed write removes its temporary file and raises
-:class:`WriteError` naming the file; a kill leaves it for :func:`remove_stale_temporaries`.
+:class:`WriteError` naming the file; a kill leaves it for :func:`remove_stale_temporaries`. Whole folders (a
+generated data set, a feature store's layout) are built in a :func:`staged_folder` and renamed into place by
+:func:`install_folder`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -160,6 +164,48 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return sorted(removed)
+
+
+@contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """An empty hidden folder beside ``target`` (same file system, so it can be renamed there) to build a
+    folder's contents in; it is deleted when the block ends, unless :func:`install_folder` moved it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def install_folder(staging: Path, target: str | os.PathLike, replace: bool = False) -> bool:
+    """Rename the finished folder ``staging`` to ``target``: a reader sees no folder or a whole one, never half.
+
+    With ``replace`` a folder already at ``target`` is moved aside first and deleted once the new one is in
+    place (put back if the rename fails). Returns False when another process put a folder at ``target``
+    first: that folder is kept and ``staging`` is left to the caller's :func:`staged_folder` to delete.
+    """
+    target = Path(target)
+    old = None
+    if replace and target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if target.exists():
+            installed = False
+        else:
+            if old is not None:
+                os.replace(old, target)
+            raise
+    else:
+        installed = True
+        _fsync_directory(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return installed
 
 
 # ----- reading ----------------------------------------------------------------------------------------------
