@@ -152,7 +152,7 @@ class Captioner:
 
     @property
     def has_sparse_mask(self) -> bool:
-        return self.model.sparse_mask is not None
+        return self.model.masks_prefix
 
     @property
     def spatial_grid(self) -> int | None:

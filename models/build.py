@@ -52,7 +52,15 @@ def build_captioner(
     if cfg.model.use_sparse_mask:
         mask = SparsePrefixMask(mapper.prefix_length, dim, cfg.model.threshold, cfg.model.sparse_mask_mode)
     ids = None if output_ids is None else torch.as_tensor(output_ids, dtype=torch.long)
-    return OPGCaptioner(encoder, mapper, gpt, mask, only_prefix=cfg.model.only_prefix, output_ids=ids)
+    return OPGCaptioner(
+        encoder,
+        mapper,
+        gpt,
+        mask,
+        only_prefix=cfg.model.only_prefix,
+        output_ids=ids,
+        apply_sparse_mask=cfg.model.apply_sparse_mask,
+    )
 
 
 def architecture(model: OPGCaptioner) -> dict[str, Any]:

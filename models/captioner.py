@@ -58,18 +58,26 @@ class OPGCaptioner(nn.Module):
         sparse_mask: SparsePrefixMask | None = None,
         only_prefix: bool = False,
         output_ids: torch.Tensor | None = None,
+        apply_sparse_mask: bool = True,
     ) -> None:
-        """``output_ids``: sorted GPT-2 ids the model may produce (its output vocabulary); None for all."""
+        """``output_ids``: sorted GPT-2 ids the model may produce (its output vocabulary); None for all.
+        ``apply_sparse_mask`` False keeps ``sparse_mask``'s weights but lets GPT-2 read every position."""
         super().__init__()
         self.encoder = encoder
         self.mapper = mapper
         self.gpt = gpt
         self.sparse_mask = sparse_mask
+        self.apply_sparse_mask = apply_sparse_mask
         self.only_prefix = only_prefix
         self.register_buffer("output_ids", None if output_ids is None else output_ids.long())
         if only_prefix:
             self.gpt.requires_grad_(False)
             self.gpt.eval()
+
+    @property
+    def masks_prefix(self) -> bool:
+        """Whether the sparse mask decides which prefix positions GPT-2 reads."""
+        return self.sparse_mask is not None and self.apply_sparse_mask
 
     @property
     def prefix_length(self) -> int:
@@ -96,7 +104,7 @@ class OPGCaptioner(nn.Module):
     def prefix_from_visual(self, visual: torch.Tensor) -> Prefix:
         """Visual tokens B x N x C -> prefix (B x P x D embeddings and the keep mask)."""
         embeds = self.mapper(visual)
-        if self.sparse_mask is None:
+        if not self.masks_prefix:
             keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
             return Prefix(embeds, keep)
         gate, keep = self.sparse_mask(embeds)

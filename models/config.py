@@ -47,6 +47,10 @@ class ModelConfig:
     use_sparse_mask: bool = option(True, "learned sparse mask over prefix positions")
     sparse_mask_mode: str = option("hard", "hard: fixed threshold (reference); ste: learns", choices=SPARSE_MASK_MODES)
     threshold: float = option(0.1, "sparse mask: keep a position when its score exceeds this")
+    # The reference's SCST stage samples, validates and tests without the mask its XE stage trained with
+    apply_sparse_mask: bool = option(
+        True, "let the sparse mask hide prefix positions; false keeps its weights but reads every position"
+    )
     # train makes the output layer cheaper; checkpoints trained with it keep it
     output_vocab: str = option(
         "full", "softmax over all GPT-2 tokens (full) or the training captions' tokens only (train)",

@@ -74,7 +74,12 @@ def _summary(config: dict[str, Any], folder_config: dict[str, Any]) -> str:
     arch = folder_config["architecture"]
     gpt2, vision = arch["gpt2_config"], arch["vision_config"]
     vocab = folder_config["output_vocabulary"]
-    mask = "a learned sparse mask over the prefix positions" if arch["sparse_mask"] else "no sparse mask"
+    if not arch["sparse_mask"]:
+        mask = "no sparse mask"
+    elif arch.get("sparse_mask_applied", True):
+        mask = "a learned sparse mask over the prefix positions"
+    else:
+        mask = "a sparse mask that it was trained with in cross-entropy but does not apply (as after SCST)"
     return (
         "An OPG image captioner (one-stage prefix-based generator): a frozen X-VLM Swin image encoder "
         f"({vision['image_res']} px, embed {vision['embed_dim']}, depths {vision['depths']}) gives "

@@ -115,6 +115,7 @@ def folder_config(model: OPGCaptioner, cfg: SavedCaptionerConfig) -> dict[str, A
             "mapping_type": cfg.model.mapping_type,
             "prefix_length": model.prefix_length,
             "sparse_mask": model.sparse_mask is not None,
+            "sparse_mask_applied": model.masks_prefix,
         },
         "output_vocabulary": {"size": model.gpt.config.vocab_size if ids is None else len(ids), "gpt2_ids": ids},
         "decoding": asdict(cfg.decode),

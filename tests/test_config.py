@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 import train_scst
 from engine.config import CONFIG_DIR, build_config, from_dict, parse_overrides
@@ -91,3 +92,17 @@ def test_unknown_yaml_key_names_the_file(tmp_path: Path):
 def test_dict_round_trip():
     cfg = build_config([CONFIG_DIR / "demo.yaml"])
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_the_scst_stage_runs_without_the_sparse_mask_and_keeps_its_weights(capsys):
+    """As the reference's SCST stage: its sampling, baseline and evaluation pass no mask to generate."""
+    xe = build_config([CONFIG_DIR / "xe.yaml"])
+    scst = build_config([CONFIG_DIR / "scst.yaml"])
+    assert xe.model.use_sparse_mask and xe.model.apply_sparse_mask
+    assert scst.model.use_sparse_mask and not scst.model.apply_sparse_mask  # built (loaded), not applied
+    kept = build_config([CONFIG_DIR / "scst.yaml"], parse_overrides(["--apply_sparse_mask"]))
+    assert kept.model.apply_sparse_mask
+    for argv, applied in (([], True), (["--scst=True", "--checkpoint", "x.pt"], False)):
+        capsys.readouterr()
+        assert train_scst.main([*argv, "--print_config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["model"]["apply_sparse_mask"] is applied

@@ -310,31 +310,57 @@ def test_n_best_lists_in_json_and_jsonl(checkpoint, image_dir, tmp_path) -> None
     assert run_predict(checkpoint, paths, "--output", str(tmp_path / "nbest.csv"), "--num_captions", "3") == 2
 
 
-def test_predict_on_a_runs_best_checkpoint_reproduces_its_test_predictions(tmp_path) -> None:
-    """A tiny run (JPEGs large enough for the test transform's reduced decode, features cached in float16
-    for training and validation), then predict.py as a user runs it on best.pt and the run's test split."""
-    from helpers import tiny_config
+def _predict_split(best: Path, data: Path, out: Path) -> dict:
+    command = [sys.executable, str(REPO_ROOT / "predict.py"), "--checkpoint", str(best), "--images", str(data),
+               "--annotations", str(data / "test.json"), "--output", str(out), "--num_workers", "0",
+               "--no_progress"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {r["image_id"]: r["caption"] for r in json.loads(out.read_text())}
 
-    from data.synthetic import generate_dataset
+
+def _train(cfg: Config) -> dict:
     from engine.runner import Run
 
-    data = tmp_path / "data"
-    generate_dataset(data, num_train=16, num_val=4, num_test=8, image_size=300, seed=5)
-    cache = {"data.cache_features": True, "data.feature_cache_dir": str(tmp_path / "features")}
-    run = Run(tiny_config(data, tmp_path / "run", **cache))
+    run = Run(cfg)
     try:
         run.train()
     finally:
         run.close()
-    test_predictions = json.loads((tmp_path / "run" / "test_predictions.json").read_text())
-    expected = {r["image_id"]: r["caption"] for r in test_predictions}
-    out = tmp_path / "predicted.json"
-    command = [sys.executable, str(REPO_ROOT / "predict.py"), "--checkpoint", str(tmp_path / "run" / "best.pt"),
-               "--images", str(data), "--annotations", str(data / "test.json"), "--output", str(out),
-               "--num_workers", "0", "--no_progress"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    predicted = {r["image_id"]: r["caption"] for r in json.loads(out.read_text())}
-    assert len(expected) == 8 and len(set(expected.values())) > 1  # captions that depend on the image
-    assert predicted == expected
+    predictions = json.loads((Path(cfg.output_dir) / "test_predictions.json").read_text())
+    return {r["image_id"]: r["caption"] for r in predictions}
+
+
+def test_predict_on_each_stages_best_checkpoint_reproduces_its_test_predictions(tmp_path) -> None:
+    """A tiny XE run with a sparse mask that drops positions, then SCST from it without the mask (as
+    configs/scst.yaml sets it); predict.py as a user runs it on each run's best.pt and test split gives the
+    run's own test captions, so each checkpoint records the mask setting its run decoded with. JPEGs are
+    large enough for the test transform's reduced decode; training and validation use float16 cached
+    features, the test split the images."""
+    from helpers import tiny_config
+
+    from data.synthetic import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(data, num_train=16, num_val=4, num_test=8, image_size=300, seed=5)
+    common = {"data.cache_features": True, "data.feature_cache_dir": str(tmp_path / "features"),
+              "model.threshold": 0.5}  # fmt: skip
+    xe = tiny_config(data, tmp_path / "xe", **common)
+    scst = tiny_config(data, tmp_path / "scst", **common, scst=True, checkpoint=str(tmp_path / "xe" / "best.pt"),
+                       **{"model.apply_sparse_mask": False, "train.max_steps_per_epoch": 2,
+                          "scst_opts.num_samples": 2, "train.lr": 1e-4})  # fmt: skip
+    for cfg in (xe, scst):
+        expected = _train(cfg)
+        run_dir = Path(cfg.output_dir)
+        assert len(expected) == 8 and len(set(expected.values())) > 1  # captions that depend on the image
+        assert _predict_split(run_dir / "best.pt", data, tmp_path / f"{run_dir.name}.json") == expected
+
+    xe_model, xe_cfg = load_model(tmp_path / "xe" / "best.pt")
+    scst_model, scst_cfg = load_model(tmp_path / "scst" / "best.pt")
+    assert (xe_cfg.model.apply_sparse_mask, scst_cfg.model.apply_sparse_mask) == (True, False)
+    transform = build_transform(xe_model.encoder.image_res, train=False)
+    images = torch.stack([transform(load_image(p)) for p in sorted(data.glob("images/test/*"))])
+    with torch.no_grad():
+        xe_keep, scst_keep = xe_model.encode(images).keep, scst_model.encode(images).keep
+    assert not xe_keep.all() and scst_keep.all()  # same mask weights; only the XE model applies them
