@@ -89,7 +89,7 @@ class ScstConfig:
     temperature: float = option(1.0, "sampling temperature")
     length_norm: bool = option(True, "average log-probabilities over each sample's tokens")
     dropout: bool = option(True, "sample with dropout on, as the reference does")
-    # Same tokens for the same draws either way (README: SCST decoding speed)
+    # Same tokens for the same draws either way (docs/gpu.md)
     fast_decode: str = option(
         "auto", "auto: sampling and greedy baseline on a static KV cache (CUDA graphs on CUDA); off: dynamic cache",
         choices=FAST_DECODE_MODES,

@@ -1,4 +1,4 @@
-"""The README's multi-node torchrun command, with two local "nodes" of one process each."""
+"""The multi-node torchrun command of docs/training.md, with two local "nodes" of one process each."""
 
 import json
 import os
