@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import SCHEMA
 from utils.cli import bool_arg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,6 +277,49 @@ def test_the_link_check_sees_files_anchors_and_images(tmp_path: Path) -> None:
     assert list(links(page)) == ["b.md#step-1", "img.png", "c.png"]
 
 
+PACKAGES = ("benchmarks", "configs", "data", "engine", "models", "scripts", "tests", "utils", "webapp")
+# files of X-VLM's and self-critical.pytorch's repositories that the pages name where they tell their story
+OTHER_REPOSITORIES = {"configs/config_swinB_224.json", "scripts/prepro_ngrams.py"}
+
+
+def named_sources(page: Path) -> Iterator[str]:
+    """The project files and modules a page's inline code names: ``models/decoding.py``, ``utils.cider.CiderD``."""
+    prose = re.sub(r"^ *```.*?^ *```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for code in re.findall(r"`([^`\n]+)`", prose):
+        for word in code.split():
+            word = word.strip("(),;:")
+            path = re.fullmatch(rf"({'|'.join(PACKAGES)})/[\w./-]*\w", word)
+            module = re.fullmatch(rf"({'|'.join(PACKAGES)})(\.\w+)+", word) and not re.search(
+                r"\.(py|json|ya?ml|gz|txt|csv|md|png|pt)$", word
+            )
+            if (path and word not in OTHER_REPOSITORIES) or (module and word not in SCHEMA.leaves):
+                yield word
+
+
+def source_exists(name: str) -> bool:
+    """A path of the tree, or a dotted name whose first two parts are a module or package of it."""
+    if "/" in name:
+        return (REPO / name).exists()
+    parts = name.split(".")
+    base = REPO.joinpath(*parts[:2])
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def test_every_named_source_file_and_module_exists() -> None:
+    missing = [f"{page.name}: {name}" for page in PAGES for name in named_sources(page) if not source_exists(name)]
+    assert not missing, "files or modules the pages name that the tree lacks:\n" + "\n".join(missing)
+
+
+def test_the_source_check_sees_paths_and_modules(tmp_path: Path) -> None:
+    page = tmp_path / "a.md"
+    page.write_text(
+        "See `models/decoding.py`, `utils.cider.CiderD`, `data.augment`, (`data/gone.py`), `models.nothing`.\n"
+    )
+    names = list(named_sources(page))
+    assert names == ["models/decoding.py", "utils.cider.CiderD", "data/gone.py", "models.nothing"]
+    assert [source_exists(n) for n in names] == [True, True, False, False]
+
+
 def test_every_docs_page_is_linked_from_the_readme() -> None:
     linked = {(REPO / link.partition("#")[0]).resolve() for link in links(REPO / "README.md")}
     missing = [page.name for page in PAGES[1:] if page.resolve() not in linked]
@@ -289,8 +333,6 @@ def test_the_readme_stays_a_front_door() -> None:
 
 
 def test_the_configuration_page_names_every_config_key() -> None:
-    from engine.config import SCHEMA
-
     page = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\| `?(top level|\w+)`? \| (.+) \|$", page, flags=re.M))
     named = {
