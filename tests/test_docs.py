@@ -28,13 +28,14 @@ from utils.cli import bool_arg
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
-# Runnable scripts (repository-relative) and ``python -m`` modules -> the module whose ``main`` parses them.
+# Runnable files of the tree (repository-relative) -> the module whose ``main`` parses their command line;
+# the packages' ones run as ``python -m data.prepare_coco`` too.
 SCRIPTS = {
     path.relative_to(REPO).as_posix(): ".".join(path.relative_to(REPO).with_suffix("").parts)
-    for path in [*REPO.glob("*.py"), *REPO.glob("benchmarks/*.py")]
-    if '__name__ == "__main__"' in path.read_text(encoding="utf-8")
+    for path in [*REPO.glob("*.py"), *REPO.glob("*/*.py")]
+    if '__name__ == "__main__"' in path.read_text(encoding="utf-8") and path.parent.name != "tests"
 }
-MODULES = {"data.prepare_coco", "data.prepare_custom", "data.synthetic", "utils.plot"}
+MODULES = {module for path, module in SCRIPTS.items() if "/" in path}
 FORWARDERS = {"scripts/slurm_train.sbatch": "train_scst"}  # scripts that hand their options to an entry point
 KINDS = {int: "an integer", float: "a number", bool_arg: "true or false"}  # values checked by type
 LAUNCHERS = re.compile(r"^(\S*/)?(python3?|torchrun|srun|sbatch|make)$")  # words that start one of our commands
@@ -100,7 +101,7 @@ def words_of(command: str) -> list[str]:
 
 
 def inline_commands(text: str) -> Iterator[str]:
-    """Commands quoted in the prose as inline code (```python -m utils.plot RUN --out curves.png```)."""
+    """Commands quoted in the prose as inline code, such as ``python -m utils.plot RUN --out curves.png``."""
     prose = re.sub(r"^ *```.*?^ *```", "", text, flags=re.S | re.M)
     for code in re.findall(r"`([^`]+)`", prose):
         yield from command_lines(code.replace("\n", " "))
