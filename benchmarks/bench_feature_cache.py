@@ -103,7 +103,7 @@ def epoch(args: argparse.Namespace, data: Path, annotations: Path, out: Path, ca
     steps = items // args.batch
     shutil.rmtree(out, ignore_errors=True)
     cfg = coco_config(annotations, data, out, scst=False, **SIZES[args.size], **{
-        "device": args.device, "data.augment": False, "data.num_workers": args.workers,
+        "device": args.device, "data.augment": False, "encoder.drop_path": 0.0, "data.num_workers": args.workers,
         "data.cache_features": cached, "data.feature_cache_dir": str(cache_dir),
         "train.batch_size": args.batch, "train.eval_batch_size": args.batch, "train.epochs": 1,
         "train.stop_after_steps": steps, "train.save_every_steps": 0,
