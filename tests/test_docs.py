@@ -279,8 +279,13 @@ def test_the_link_check_sees_files_anchors_and_images(tmp_path: Path) -> None:
 
 
 PACKAGES = ("benchmarks", "configs", "data", "engine", "metrics", "models", "scripts", "tests", "utils", "webapp")
-# files of X-VLM's and self-critical.pytorch's repositories that the pages name where they tell their story
-OTHER_REPOSITORIES = {"configs/config_swinB_224.json", "scripts/prepro_ngrams.py"}
+# files of the paper's, X-VLM's and self-critical.pytorch's repositories that the pages name
+OTHER_REPOSITORIES = {
+    "configs/Captioning.yaml",
+    "configs/Captioning_scst.yaml",
+    "configs/config_swinB_224.json",
+    "scripts/prepro_ngrams.py",
+}
 
 
 def named_sources(page: Path) -> Iterator[str]:
