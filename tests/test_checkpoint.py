@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import save_model, tiny_config
 
-from models.build import build_captioner
+from models.build import architecture, build_captioner
 from models.pretrained import load_model
-from utils.checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
+from utils.checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint, save_checkpoint
 from utils.config import to_dict
 
 
@@ -93,3 +93,22 @@ def test_failed_serialisation_keeps_the_previous_checkpoint(tmp_path):
         atomic_save({"value": Unpicklable()}, path)
     assert torch.load(path, weights_only=True)["value"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("saved", [True, False, None], ids=["applied", "not applied", "saved before the option"])
+def test_a_checkpoint_decodes_with_the_mask_setting_it_was_saved_with(tmp_path, saved):
+    """An SCST checkpoint (``apply_sparse_mask: false``) keeps its mask weights but reads every position;
+    one saved before the option existed applies its mask, as it was trained."""
+    cfg = tiny_config(**{"model.threshold": 0.5})
+    model = build_captioner(cfg)
+    config = to_dict(cfg)
+    if saved is None:
+        del config["model"]["apply_sparse_mask"]
+    else:
+        config["model"]["apply_sparse_mask"] = saved
+    save_checkpoint(tmp_path / "m.pt", model, config, architecture(model))
+    loaded, loaded_cfg = load_model(tmp_path / "m.pt")
+    assert loaded.sparse_mask is not None and loaded_cfg.model.apply_sparse_mask is (saved is not False)
+    with torch.no_grad():
+        keep = loaded.prefix_from_visual(torch.randn(4, 17, 256, generator=torch.Generator().manual_seed(0))).keep
+    assert bool(keep.all()) is (saved is False)
