@@ -18,9 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FEATURE_CACHE_DTYPES = ("float16", "float32")
 EVAL_SPLITS = ("val", "test")
 SCST_BASELINES = ("greedy", "mean")
-# static: sampling and greedy baseline on a static KV cache; auto: that, with CUDA-graph replay of its steps
-# on CUDA (off by default until tests/test_cuda.py has passed on a GPU); off: Hugging Face's dynamic cache
-FAST_DECODE_MODES = ("static", "auto", "off")
+FAST_DECODE_MODES = ("auto", "off")
 
 
 @dataclass
@@ -93,9 +91,7 @@ class ScstConfig:
     dropout: bool = option(True, "sample with dropout on, as the reference does")
     # Same tokens for the same draws either way (docs/gpu.md)
     fast_decode: str = option(
-        "static",
-        "static: sampling and greedy baseline on a static KV cache; auto: the same with CUDA graphs on CUDA; "
-        "off: dynamic cache",
+        "auto", "auto: sampling and greedy baseline on a static KV cache (CUDA graphs on CUDA); off: dynamic cache",
         choices=FAST_DECODE_MODES,
     )  # fmt: skip
     # The reference's coco-train-words.p counts <eos>, so the reward sees whether a caption ended

@@ -17,7 +17,7 @@ from engine.config import ScstConfig, TrainConfig
 from metrics.cider import CiderD
 from models.captioner import OPGCaptioner
 from models.captioning import caption_batches
-from models.decoding import DecodeOptions, DecodeResult, captions_from_tokens, decode, dropout_off
+from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off
 from models.losses import scst_loss
 from models.static_decode import FastDecode
 from utils.distributed import all_reduce_mean
@@ -85,8 +85,8 @@ class ScstStep:
             temperature=opts.temperature,
         )
         self.greedy_options = DecodeOptions(method="greedy", max_len=opts.sample_max_len, min_len=opts.sample_min_len)
-        # One per step object: it keeps the recorded CUDA graphs of the no-grad decodes.
-        self.fast = None if opts.fast_decode == "off" else FastDecode(cuda_graphs=opts.fast_decode == "auto")
+        # One per step object: it keeps the recorded CUDA graphs of the greedy baseline.
+        self.fast = None if opts.fast_decode == "off" else FastDecode()
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the coming steps' samples with ``epoch`` (each image is visited once per epoch)."""
@@ -94,7 +94,10 @@ class ScstStep:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = self.opts.num_samples
-        samples = self._draw(batch)
+        with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
+            prefix = self.model.encode(**batch_inputs(batch, self.device))
+            uniforms = self._uniforms(batch["indices"])
+            samples = decode(self.model, prefix, self.sample_options, True, uniforms=uniforms, fast=self.fast)
         refs = [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)
@@ -112,22 +115,6 @@ class ScstStep:
             "sample_len": samples.lengths.float().mean(),
             "entropy": entropy,
         }
-
-    def _draw(self, batch: dict[str, Any]) -> DecodeResult:
-        """The batch's samples, with token log-probabilities that carry gradients."""
-        with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
-            prefix = self.model.encode(**batch_inputs(batch, self.device))
-            uniforms = self._uniforms(batch["indices"])
-            if self.opts.dropout:  # a second pass would draw other dropout masks: keep the sampling pass's
-                return decode(self.model, prefix, self.sample_options, True, uniforms=uniforms, fast=self.fast)
-            # Drawn without gradients (a CUDA graph can replay the steps), then scored in one teacher-forced pass
-            with torch.no_grad():
-                samples = decode(self.model, prefix.detach(), self.sample_options, uniforms=uniforms, fast=self.fast)
-            rows = prefix.repeat_interleave(self.opts.num_samples)
-            samples.token_logprobs = self.model.caption_logprobs(
-                rows, samples.tokens, samples.lengths, self.opts.temperature
-            )
-            return samples
 
     def _uniforms(self, indices: Sequence[int]) -> torch.Tensor:
         """(len(indices) * num_samples) x sample_max_len uniform draws, image-major."""

@@ -15,10 +15,6 @@ from models.losses import caption_xe_loss, npair_loss
 from models.sparse_mask import SparsePrefixMask
 from utils.distributed import gather_with_grad
 
-# GPT-2 attention implementations that apply an arbitrary 4D mask: SDPA takes it boolean, eager adds it to
-# the scores (so it gets it additive: a boolean would be added as 0/1 and mask nothing)
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-
 
 @dataclass
 class Prefix:
@@ -26,10 +22,6 @@ class Prefix:
 
     embeds: torch.Tensor
     keep: torch.Tensor
-
-    def detach(self) -> Prefix:
-        """The same prefix cut from the autograd graph."""
-        return Prefix(self.embeds.detach(), self.keep)
 
     def repeat_interleave(self, n: int) -> Prefix:
         """Each image's prefix ``n`` times in a row (B*n rows), for beams and samples."""
@@ -54,17 +46,6 @@ def attention_mask(key_keep: torch.Tensor, query_start: int, num_queries: int) -
     return allowed[:, None]
 
 
-def check_attention(gpt: GPT2LMHeadModel) -> str:
-    """GPT-2's attention implementation; ValueError for one that cannot apply the prefix's 4D mask."""
-    implementation = gpt.config._attn_implementation
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"GPT-2's attention implementation {implementation!r} cannot apply the prefix's 4D attention mask "
-            f"(sparse mask, training's positions); use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
-    return implementation
-
-
 class OPGCaptioner(nn.Module):
     """Image -> caption model. ``forward`` returns the training losses; decoding lives in
     ``models.decoding`` and drives :meth:`encode` and :meth:`gpt` with the same masks and positions."""
@@ -84,7 +65,6 @@ class OPGCaptioner(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.mapper = mapper
-        check_attention(gpt)
         self.gpt = gpt
         self.sparse_mask = sparse_mask
         self.apply_sparse_mask = apply_sparse_mask
@@ -130,17 +110,6 @@ class OPGCaptioner(nn.Module):
         gate, keep = self.sparse_mask(embeds)
         return Prefix(embeds * gate.unsqueeze(-1).to(embeds.dtype), keep)
 
-    def attention_mask(self, key_keep: torch.Tensor, query_start: int, num_queries: int) -> torch.Tensor:
-        """:func:`attention_mask` in the form GPT-2's attention implementation applies: boolean for SDPA,
-        additive (0 or the dtype's lowest value) for eager."""
-        allowed = attention_mask(key_keep, query_start, num_queries)
-        if check_attention(self.gpt) == "sdpa":
-            return allowed
-        dtype = self.gpt.transformer.wte.weight.dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-
     def token_hidden(self, prefix: Prefix, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced GPT-2 states B x T x D; state ``t`` predicts ``input_ids[:, t]``.
 
@@ -155,24 +124,11 @@ class OPGCaptioner(nn.Module):
         length = embeds.shape[1]
         out = self.gpt.transformer(
             inputs_embeds=embeds,
-            attention_mask=self.attention_mask(keep, 0, length),
+            attention_mask=attention_mask(keep, 0, length),
             position_ids=torch.arange(length, device=embeds.device).unsqueeze(0),
             use_cache=False,
         )
         return out.last_hidden_state[:, self.prefix_length - 1 :]
-
-    def caption_logprobs(
-        self, prefix: Prefix, tokens: torch.Tensor, lengths: torch.Tensor, temperature: float = 1.0
-    ) -> torch.Tensor:
-        """Teacher-forced log-probabilities M x T of the GPT-2 ids ``tokens`` (M x T, ``lengths`` M, padding
-        after) under the distribution at ``temperature``, 0 after each caption: in one forward pass, what
-        ``models.decoding.decode`` computes token by token for the captions it draws."""
-        caption = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
-        tokens = torch.where(caption, tokens, tokens[:, :1])  # padding may lie outside the output vocabulary
-        logits = self.output_logits(self.token_hidden(prefix, tokens)).float() / temperature
-        targets = self.output_index(tokens).unsqueeze(-1)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
-        return logprobs.masked_fill(~caption, 0.0)
 
     def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight V' x D and bias (V' or None) of the output layer over the output vocabulary."""

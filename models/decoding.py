@@ -32,7 +32,7 @@ from typing import Self
 
 import torch
 
-from models.captioner import OPGCaptioner, Prefix
+from models.captioner import OPGCaptioner, Prefix, attention_mask
 from models.config import DecodeConfig
 from models.gpt2 import forward_with_cache
 from models.static_decode import FastDecode, StaticPrefixLM, dropout_active, supports_static_cache
@@ -121,7 +121,6 @@ class CachedPrefixLM:
 
     def __init__(self, model: OPGCaptioner, prefix: Prefix) -> None:
         self.gpt = model.gpt
-        self.attention_mask = model.attention_mask
         # Gathered once per decode: per-step gathers would each scatter a full-vocabulary gradient.
         self.head = model.output_layer()
         self.embeddings = model.output_embeddings()
@@ -160,7 +159,7 @@ class CachedPrefixLM:
             self.gpt.transformer,
             self.cache,
             inputs_embeds=embeds,
-            attention_mask=self.attention_mask(self.key_keep, start, count),
+            attention_mask=attention_mask(self.key_keep, start, count),
             position_ids=torch.arange(start, start + count, device=embeds.device).unsqueeze(0),
         )
         # The vocabulary projection dominates small models: apply it to the last position only.
@@ -394,8 +393,7 @@ def _decode_static(
     """:func:`_decode_rows` on a static cache: every row runs every step (finished rows produce padding
     at log-probability 0), and whether all rows have finished is read every ``fast.check_every`` steps."""
     rows, device, max_len = logits.shape[0], logits.device, options.max_len
-    p = prefilled
-    lm = StaticPrefixLM.from_cache(p.gpt.transformer, p.cache, p.key_keep, max_len - 1, p.head, p.embeddings)
+    lm = StaticPrefixLM.from_prefilled(prefilled, max_len - 1)
     step = lm.step
     # A graph replays fixed kernels: no autograd graph to build, no dropout draws (kept simple).
     if fast.cuda_graphs and device.type == "cuda" and not (torch.is_grad_enabled() or dropout_active(lm.transformer)):
