@@ -34,7 +34,7 @@ import torch
 
 from models.captioner import OPGCaptioner, Prefix, attention_mask
 from models.config import DecodeConfig
-from models.gpt2 import forward_with_cache
+from models.gpt2 import forward_with_cache, gpt2_attention_mask
 from models.static_decode import FastDecode, StaticPrefixLM, dropout_active, supports_static_cache
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
 
@@ -152,6 +152,10 @@ class CachedPrefixLM:
         self.cache.batch_select_indices(rows)
         self.key_keep = self.key_keep[rows]
 
+    def static_parts(self) -> tuple:
+        """What :meth:`StaticPrefixLM.from_prefilled` copies: transformer, cache, keep mask, head, embeddings."""
+        return self.gpt.transformer, self.cache, self.key_keep, self.head, self.embeddings
+
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
         count = embeds.shape[1]
         start = self.key_keep.shape[1] - count
@@ -159,7 +163,7 @@ class CachedPrefixLM:
             self.gpt.transformer,
             self.cache,
             inputs_embeds=embeds,
-            attention_mask=attention_mask(self.key_keep, start, count),
+            attention_mask=gpt2_attention_mask(self.gpt, attention_mask(self.key_keep, start, count)),
             position_ids=torch.arange(start, start + count, device=embeds.device).unsqueeze(0),
         )
         # The vocabulary projection dominates small models: apply it to the last position only.
@@ -393,7 +397,7 @@ def _decode_static(
     """:func:`_decode_rows` on a static cache: every row runs every step (finished rows produce padding
     at log-probability 0), and whether all rows have finished is read every ``fast.check_every`` steps."""
     rows, device, max_len = logits.shape[0], logits.device, options.max_len
-    lm = StaticPrefixLM.from_prefilled(prefilled, max_len - 1)
+    lm = StaticPrefixLM.from_prefilled(*prefilled.static_parts(), max_len - 1)
     step = lm.step
     # A graph replays fixed kernels: no autograd graph to build, no dropout draws (kept simple).
     if fast.cuda_graphs and device.type == "cuda" and not (torch.is_grad_enabled() or dropout_active(lm.transformer)):

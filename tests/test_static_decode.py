@@ -40,19 +40,14 @@ def dropout_mode(model, mode: str, monkeypatch):
     ``scst_opts.dropout: false``.
 
     The attention-probability dropout goes through :func:`fixed_dropout` only in Hugging Face's eager
-    attention, which adds a boolean 4D mask to the scores instead of masking with it (it ignores the
-    sparse mask); with the sparse mask that site stays at 0 and the default SDPA attention runs."""
+    attention (SDPA draws its own), so ``on`` runs the eager one, which applies the sparse mask too."""
     if mode == "off":
         yield
         return
     model.gpt.train()
     if mode == "on":
         monkeypatch.setattr(torch.nn.functional, "dropout", fixed_dropout)
-        if model.sparse_mask is None:
-            model.gpt.set_attn_implementation("eager")
-        else:
-            for block in model.gpt.transformer.h:
-                monkeypatch.setattr(block.attn.attn_dropout, "p", 0.0)
+        model.gpt.set_attn_implementation("eager")
         yield
     else:
         with dropout_off(model):
