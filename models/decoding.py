@@ -222,6 +222,26 @@ def _in_output_vocabulary(model: OPGCaptioner, options: DecodeOptions) -> Decode
     return replace(options, stop_ids=tuple(model.output_index(stop_ids).tolist()), pad_id=0)
 
 
+def teacher_forced_logprobs(
+    model: OPGCaptioner, prefix: Prefix, result: DecodeResult, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probabilities M x T of the captions of ``result`` (GPT-2 ids, the same number of captions for each image of
+    ``prefix``, image-major) from one teacher-forced pass, with gradients when grad mode is on; 0 after
+    each caption. With dropout off they equal the ``token_logprobs`` of the decode that drew the captions
+    (sampling at ``temperature``; 1 for greedy), so captions can be drawn without gradients (on a static
+    cache, replayed as a CUDA graph) and scored in one pass."""
+    rows = result.tokens.shape[0] // prefix.embeds.shape[0]
+    if rows > 1:
+        prefix = prefix.repeat_interleave(rows)
+    positions = torch.arange(result.tokens.shape[1], device=result.tokens.device)
+    caption = positions[None] < result.lengths[:, None]
+    hidden = model.token_hidden(prefix, result.tokens)  # M x T x D; state t predicts token t
+    logits = model.output_logits(hidden[caption]).float() / temperature
+    targets = model.output_index(result.tokens[caption])
+    chosen = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    return chosen.new_zeros(caption.shape).masked_scatter(caption, chosen)
+
+
 def captions_from_tokens(tokenizer, result: DecodeResult) -> list[str]:
     """Caption texts of a decode result, without their stop token, stripped."""
     ends = result.lengths - result.stopped.long()

@@ -35,11 +35,12 @@ class FastDecode:
     """Decode greedy and sampled captions with :class:`StaticPrefixLM`; beam search is unaffected.
 
     ``check_every``: test whether every row has finished every this many steps (each test waits for the
-    device). ``cuda_graphs``: replay steps without gradients as CUDA graphs on CUDA. Keep one instance per
-    model and reuse it: it holds the recorded graphs."""
+    device). ``cuda_graphs``: replay steps without gradients as CUDA graphs on CUDA (off by default until
+    ``tests/test_cuda.py`` has passed on a GPU). Keep one instance per model and reuse it: it holds the
+    recorded graphs."""
 
     check_every: int = 4
-    cuda_graphs: bool = True
+    cuda_graphs: bool = False
     graphs: StepGraphs = field(default_factory=lambda: StepGraphs(), repr=False)
 
 
