@@ -17,7 +17,14 @@ from engine.config import ScstConfig, TrainConfig
 from metrics.cider import CiderD
 from models.captioner import OPGCaptioner
 from models.captioning import caption_batches
-from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off
+from models.decoding import (
+    DecodeOptions,
+    DecodeResult,
+    captions_from_tokens,
+    decode,
+    dropout_off,
+    teacher_forced_logprobs,
+)
 from models.losses import scst_loss
 from models.static_decode import FastDecode
 from utils.distributed import all_reduce_mean
@@ -85,8 +92,11 @@ class ScstStep:
             temperature=opts.temperature,
         )
         self.greedy_options = DecodeOptions(method="greedy", max_len=opts.sample_max_len, min_len=opts.sample_min_len)
-        # One per step object: it keeps the recorded CUDA graphs of the greedy baseline.
-        self.fast = None if opts.fast_decode == "off" else FastDecode()
+        # One per step object: it keeps the recorded CUDA graphs.
+        self.fast = None if opts.fast_decode == "off" else FastDecode(cuda_graphs=opts.fast_decode == "graphs")
+        # Without dropout: sample without gradients, then one teacher-forced pass (False: the decode keeps
+        # the gradients, as with dropout on; benchmarks compare the two).
+        self.teacher_forced = True
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the coming steps' samples with ``epoch`` (each image is visited once per epoch)."""
@@ -94,16 +104,12 @@ class ScstStep:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = self.opts.num_samples
-        with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
-            prefix = self.model.encode(**batch_inputs(batch, self.device))
-            uniforms = self._uniforms(batch["indices"])
-            samples = decode(self.model, prefix, self.sample_options, True, uniforms=uniforms, fast=self.fast)
+        samples, logprobs = self._sample(batch)
         refs = [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)
         baselines = self._baselines(batch, refs, rewards.reshape(-1, n)).reshape(-1)
         token_mask = torch.arange(samples.tokens.shape[1], device=self.device)[None] < samples.lengths[:, None]
-        logprobs = samples.token_logprobs
         rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=self.device)
         baselines_t = torch.as_tensor(baselines, dtype=torch.float32, device=self.device)
         loss = scst_loss(logprobs, token_mask, rewards_t, baselines_t, self.opts.length_norm)
@@ -115,6 +121,25 @@ class ScstStep:
             "sample_len": samples.lengths.float().mean(),
             "entropy": entropy,
         }
+
+    def _sample(self, batch: dict[str, Any]) -> tuple[DecodeResult, torch.Tensor]:
+        """The batch's samples and their log-probabilities (M x T, with gradients).
+
+        With dropout off they are drawn without gradients (on the static cache, replayed as a CUDA graph on
+        CUDA when ``fast_decode`` says so) and scored in one teacher-forced pass: the same tokens,
+        log-probabilities and gradients as decoding with gradients. With dropout on, a second pass would
+        draw other dropout masks than the sampling did, so the decode itself keeps the gradients."""
+        inputs, uniforms = batch_inputs(batch, self.device), self._uniforms(batch["indices"])
+        if self.opts.dropout or not self.teacher_forced:
+            with contextlib.nullcontext() if self.opts.dropout else dropout_off(self.model):
+                prefix = self.model.encode(**inputs)
+                samples = decode(self.model, prefix, self.sample_options, True, uniforms=uniforms, fast=self.fast)
+            return samples, samples.token_logprobs
+        with dropout_off(self.model):
+            prefix = self.model.encode(**inputs)
+            with torch.no_grad():
+                samples = decode(self.model, prefix, self.sample_options, uniforms=uniforms, fast=self.fast)
+            return samples, teacher_forced_logprobs(self.model, prefix, samples, self.opts.temperature)
 
     def _uniforms(self, indices: Sequence[int]) -> torch.Tensor:
         """(len(indices) * num_samples) x sample_max_len uniform draws, image-major."""

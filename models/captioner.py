@@ -11,6 +11,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from data.text import IGNORE_INDEX
+from models.gpt2 import gpt2_attention_mask
 from models.losses import caption_xe_loss, npair_loss
 from models.sparse_mask import SparsePrefixMask
 from utils.distributed import gather_with_grad
@@ -124,7 +125,7 @@ class OPGCaptioner(nn.Module):
         length = embeds.shape[1]
         out = self.gpt.transformer(
             inputs_embeds=embeds,
-            attention_mask=attention_mask(keep, 0, length),
+            attention_mask=gpt2_attention_mask(self.gpt, attention_mask(keep, 0, length)),
             position_ids=torch.arange(length, device=embeds.device).unsqueeze(0),
             use_cache=False,
         )

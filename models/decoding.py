@@ -34,7 +34,7 @@ import torch
 
 from models.captioner import OPGCaptioner, Prefix, attention_mask
 from models.config import DecodeConfig
-from models.gpt2 import forward_with_cache
+from models.gpt2 import forward_with_cache, gpt2_attention_mask
 from models.static_decode import FastDecode, StaticPrefixLM, dropout_active, supports_static_cache
 from models.tokenizer import GPT2_END_OF_TEXT_ID, GPT2_PERIOD_ID
 
@@ -152,6 +152,10 @@ class CachedPrefixLM:
         self.cache.batch_select_indices(rows)
         self.key_keep = self.key_keep[rows]
 
+    def static_parts(self) -> tuple:
+        """What :meth:`StaticPrefixLM.from_prefilled` copies: transformer, cache, keep mask, head, embeddings."""
+        return self.gpt.transformer, self.cache, self.key_keep, self.head, self.embeddings
+
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
         count = embeds.shape[1]
         start = self.key_keep.shape[1] - count
@@ -159,7 +163,7 @@ class CachedPrefixLM:
             self.gpt.transformer,
             self.cache,
             inputs_embeds=embeds,
-            attention_mask=attention_mask(self.key_keep, start, count),
+            attention_mask=gpt2_attention_mask(self.gpt, attention_mask(self.key_keep, start, count)),
             position_ids=torch.arange(start, start + count, device=embeds.device).unsqueeze(0),
         )
         # The vocabulary projection dominates small models: apply it to the last position only.
@@ -216,6 +220,26 @@ def _in_output_vocabulary(model: OPGCaptioner, options: DecodeOptions) -> Decode
     stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=model.output_ids.device)
     stop_ids = stop_ids[torch.isin(stop_ids, model.output_ids)]
     return replace(options, stop_ids=tuple(model.output_index(stop_ids).tolist()), pad_id=0)
+
+
+def teacher_forced_logprobs(
+    model: OPGCaptioner, prefix: Prefix, result: DecodeResult, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probabilities M x T of the captions of ``result`` (GPT-2 ids, the same number of captions for each image of
+    ``prefix``, image-major) from one teacher-forced pass, with gradients when grad mode is on; 0 after
+    each caption. With dropout off they equal the ``token_logprobs`` of the decode that drew the captions
+    (sampling at ``temperature``; 1 for greedy), so captions can be drawn without gradients (on a static
+    cache, replayed as a CUDA graph) and scored in one pass."""
+    rows = result.tokens.shape[0] // prefix.embeds.shape[0]
+    if rows > 1:
+        prefix = prefix.repeat_interleave(rows)
+    positions = torch.arange(result.tokens.shape[1], device=result.tokens.device)
+    caption = positions[None] < result.lengths[:, None]
+    hidden = model.token_hidden(prefix, result.tokens)  # M x T x D; state t predicts token t
+    logits = model.output_logits(hidden[caption]).float() / temperature
+    targets = model.output_index(result.tokens[caption])
+    chosen = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    return chosen.new_zeros(caption.shape).masked_scatter(caption, chosen)
 
 
 def captions_from_tokens(tokenizer, result: DecodeResult) -> list[str]:
@@ -393,7 +417,7 @@ def _decode_static(
     """:func:`_decode_rows` on a static cache: every row runs every step (finished rows produce padding
     at log-probability 0), and whether all rows have finished is read every ``fast.check_every`` steps."""
     rows, device, max_len = logits.shape[0], logits.device, options.max_len
-    lm = StaticPrefixLM.from_prefilled(prefilled, max_len - 1)
+    lm = StaticPrefixLM.from_prefilled(*prefilled.static_parts(), max_len - 1)
     step = lm.step
     # A graph replays fixed kernels: no autograd graph to build, no dropout draws (kept simple).
     if fast.cuda_graphs and device.type == "cuda" and not (torch.is_grad_enabled() or dropout_active(lm.transformer)):

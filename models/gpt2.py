@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
 from models.hub import hub_reachable
@@ -47,3 +48,24 @@ def forward_with_cache(transformer: GPT2Model, cache: Any, **kwargs: Any) -> tup
     returns its output and the updated cache."""
     out = transformer(**{_CACHE_FIELD: cache}, use_cache=True, **kwargs)
     return out, getattr(out, _CACHE_FIELD)
+
+
+# Attention implementations that apply a 4D mask given as it is: SDPA reads a boolean one, eager adds it to the
+# scores (a boolean mask added as 0/1 would leave every position visible, so eager gets an additive one).
+# Flash and flex attention take no such mask, so they could not apply the sparse prefix mask.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def gpt2_attention_mask(gpt: GPT2Model | GPT2LMHeadModel, allowed: torch.Tensor) -> torch.Tensor:
+    """The boolean B x 1 x Q x K mask ``allowed`` (True: may attend) in the form ``gpt``'s attention
+    implementation applies; ValueError for an implementation that cannot apply it."""
+    implementation = gpt.config._attn_implementation
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        blocked = torch.finfo(torch.float32).min
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, blocked)
+    raise ValueError(
+        f"GPT-2 attention implementation {implementation!r} is not supported: the sparse prefix mask and "
+        f"training's positions need a 4D attention mask, which only {ATTENTION_IMPLEMENTATIONS} apply"
+    )

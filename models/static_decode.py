@@ -19,14 +19,11 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Model
-
-if TYPE_CHECKING:
-    from models.decoding import CachedPrefixLM
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +35,12 @@ class FastDecode:
     """Decode greedy and sampled captions with :class:`StaticPrefixLM`; beam search is unaffected.
 
     ``check_every``: test whether every row has finished every this many steps (each test waits for the
-    device). ``cuda_graphs``: replay steps without gradients as CUDA graphs on CUDA. Keep one instance per
-    model and reuse it: it holds the recorded graphs."""
+    device). ``cuda_graphs``: replay steps without gradients as CUDA graphs on CUDA (off by default until
+    ``tests/test_cuda.py`` has passed on a GPU). Keep one instance per model and reuse it: it holds the
+    recorded graphs."""
 
     check_every: int = 4
-    cuda_graphs: bool = True
+    cuda_graphs: bool = False
     graphs: StepGraphs = field(default_factory=lambda: StepGraphs(), repr=False)
 
 
@@ -76,15 +74,24 @@ class StaticPrefixLM:
         self.head, self.embeddings = head, embeddings
 
     @classmethod
-    def from_prefilled(cls, lm: CachedPrefixLM, steps: int) -> StaticPrefixLM:
-        """Copy a prefilled :class:`models.decoding.CachedPrefixLM` into buffers with ``steps`` empty
-        slots after the prefix (out of place, so gradients reach the prefix through its keys)."""
-        layers = lm.cache.layers
+    def from_prefilled(
+        cls,
+        transformer: GPT2Model,
+        cache: Any,
+        keep: torch.Tensor,
+        head: tuple[torch.Tensor, torch.Tensor | None],
+        embeddings: torch.Tensor,
+        steps: int,
+    ) -> StaticPrefixLM:
+        """Copy a Hugging Face cache filled by the prefix pass (``cache.layers``, keys R x H x P x d) and its
+        keep mask ``keep`` (R x P) into buffers with ``steps`` empty slots after the prefix (out of place,
+        so gradients reach the prefix through its keys)."""
+        layers = cache.layers
         empty = layers[0].keys.new_zeros(*layers[0].keys.shape[:2], steps, layers[0].keys.shape[3])
         keys = [torch.cat([layer.keys, empty], dim=2) for layer in layers]
         values = [torch.cat([layer.values, empty], dim=2) for layer in layers]
-        keep = torch.cat([lm.key_keep, lm.key_keep.new_zeros(lm.key_keep.shape[0], steps)], dim=1)
-        return cls(lm.gpt.transformer, keys, values, keep, lm.head, lm.embeddings)
+        keep = torch.cat([keep, keep.new_zeros(keep.shape[0], steps)], dim=1)
+        return cls(transformer, keys, values, keep, head, embeddings)
 
     def signature(self) -> tuple:
         """What a recorded step depends on besides the buffers' contents."""

@@ -14,7 +14,7 @@ from models.captioner import OPGCaptioner, Prefix
 from models.captioning import caption_batches
 from models.config import DecodeConfig
 from models.decoding import DecodeOptions, DecodeResult, captions_from_tokens, decode
-from models.gpt2 import build_gpt2
+from models.gpt2 import ATTENTION_IMPLEMENTATIONS, build_gpt2
 from models.mapper import MLPMapper
 from models.sparse_mask import SparsePrefixMask
 
@@ -445,3 +445,40 @@ def test_beam_search_finds_a_better_sequence_than_greedy() -> None:
     assert all(math.isfinite(s) for s in beam.scores.tolist())
     assert beam.scores.mean() > greedy.scores.mean()
     assert (beam.scores > greedy.scores + 1e-3).any()
+
+
+@pytest.mark.parametrize("implementation", ATTENTION_IMPLEMENTATIONS)
+@torch.no_grad()
+def test_sparse_mask_acts_under_every_accepted_attention_implementation(implementation: str) -> None:
+    """Under each accepted implementation the mask equals removing the dropped prefix positions from the
+    input (kept positions at their training position ids), and decoding matches the default SDPA's."""
+    model = make_model(sparse=True)
+    prefix = make_prefix(model, 4)
+    assert (~prefix.keep).any() and prefix.keep.any(dim=1).all(), "the mask must drop some positions"
+    ids = torch.randint(0, 1000, (4, 7), generator=torch.Generator().manual_seed(4))
+    sdpa_greedy = decode(model, prefix, DecodeOptions(max_len=10), with_logprobs=True)
+    model.gpt.set_attn_implementation(implementation)
+    hidden = model.token_hidden(prefix, ids)
+    unmasked = model.token_hidden(Prefix(prefix.embeds, torch.ones_like(prefix.keep)), ids)
+    assert not torch.allclose(hidden, unmasked, atol=1e-3)
+    for row in range(4):
+        kept = prefix.keep[row].nonzero().squeeze(1)
+        captions = torch.arange(NUM_TOKENS, NUM_TOKENS + ids.shape[1] - 1)
+        embeds = torch.cat([prefix.embeds[row, kept], model.gpt.transformer.wte(ids[row, :-1])]).unsqueeze(0)
+        alone = model.gpt.transformer(inputs_embeds=embeds, position_ids=torch.cat([kept, captions])[None])
+        first = 0 if prefix.keep[row, -1] else 1  # a dropped last prefix position has no counterpart
+        expected = alone.last_hidden_state[0, kept.numel() - 1 + first :]
+        torch.testing.assert_close(hidden[row, first:], expected, atol=1e-5, rtol=1e-5)
+    greedy = decode(model, prefix, DecodeOptions(max_len=10), with_logprobs=True)
+    assert torch.equal(greedy.tokens, sdpa_greedy.tokens)
+    torch.testing.assert_close(greedy.token_logprobs, sdpa_greedy.token_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_an_attention_implementation_without_4d_masks_is_refused() -> None:
+    """Flash attention cannot apply the sparse mask: the model says so instead of training without it."""
+    model = make_model(sparse=True)
+    model.gpt.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="'flash_attention_2' is not supported"):
+        model.token_hidden(make_prefix(model, 2), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="only \\('sdpa', 'eager'\\) apply"):
+        decode(model, make_prefix(model, 2), DecodeOptions(max_len=3))

@@ -15,7 +15,7 @@ from engine.steps import ScstStep
 from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
-from models.decoding import DecodeOptions, decode, dropout_off
+from models.decoding import DecodeOptions, decode, dropout_off, teacher_forced_logprobs
 from models.static_decode import FastDecode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -40,19 +40,14 @@ def dropout_mode(model, mode: str, monkeypatch):
     ``scst_opts.dropout: false``.
 
     The attention-probability dropout goes through :func:`fixed_dropout` only in Hugging Face's eager
-    attention, which adds a boolean 4D mask to the scores instead of masking with it (it ignores the
-    sparse mask); with the sparse mask that site stays at 0 and the default SDPA attention runs."""
+    attention (SDPA draws its own), so ``on`` runs the eager one, which applies the sparse mask too."""
     if mode == "off":
         yield
         return
     model.gpt.train()
     if mode == "on":
         monkeypatch.setattr(torch.nn.functional, "dropout", fixed_dropout)
-        if model.sparse_mask is None:
-            model.gpt.set_attn_implementation("eager")
-        else:
-            for block in model.gpt.transformer.h:
-                monkeypatch.setattr(block.attn.attn_dropout, "p", 0.0)
+        model.gpt.set_attn_implementation("eager")
         yield
     else:
         with dropout_off(model):
@@ -152,3 +147,74 @@ def test_scst_step_is_the_same_with_and_without_the_static_cache(tokenizer) -> N
         assert torch.equal(fast[key], eager[key]), key
     for key in ("loss", "entropy", "grad"):
         torch.testing.assert_close(fast[key], eager[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("sparse, restricted", [(True, False), (False, True)])
+@pytest.mark.parametrize("fast", [None, FastDecode()], ids=["dynamic", "static"])
+def test_teacher_forced_scoring_equals_sampling_with_gradients(sparse: bool, restricted: bool, fast, monkeypatch):
+    """SCST without dropout samples without gradients and scores the samples in one teacher-forced pass:
+    the same tokens, log-probabilities and parameter gradients as sampling with gradients (today's path)."""
+    model = make_model(sparse=sparse, output_ids=restricted_vocabulary() if restricted else None)
+    visual = torch.randn(4, NUM_TOKENS, VISUAL_DIM, generator=torch.Generator().manual_seed(3))
+    uniforms = torch.rand(12, SAMPLE.max_len, generator=torch.Generator().manual_seed(6))
+    weights = torch.randn(12, SAMPLE.max_len, generator=torch.Generator().manual_seed(8))  # stands in for rewards
+    runs = []
+    with dropout_mode(model, "disabled", monkeypatch):
+        for teacher_forced in (False, True):
+            model.zero_grad()
+            prefix = model.prefix_from_visual(visual)
+            with torch.set_grad_enabled(not teacher_forced):
+                result = decode(model, prefix, SAMPLE, True, uniforms=uniforms, fast=fast)
+            logprobs = result.token_logprobs
+            if teacher_forced:
+                assert not logprobs.requires_grad
+                logprobs = teacher_forced_logprobs(model, prefix, result, SAMPLE.temperature)
+            (logprobs * weights[:, : logprobs.shape[1]]).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            runs.append((result, logprobs.detach(), grads))
+    (today, today_logprobs, today_grads), (new, new_logprobs, new_grads) = runs
+    assert len(set(today.lengths.tolist())) > 2, "rows must finish at varied steps"
+    assert torch.equal(new.tokens, today.tokens) and torch.equal(new.lengths, today.lengths)
+    torch.testing.assert_close(new_logprobs, today_logprobs, atol=1e-5, rtol=0)
+    assert new_grads.keys() == today_grads.keys() and "gpt.transformer.h.1.mlp.c_fc.weight" in today_grads
+    assert ("sparse_mask.key.weight" in today_grads) == sparse
+    for name, grad in today_grads.items():
+        torch.testing.assert_close(new_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_scst_step_without_dropout_scores_its_samples_in_one_pass(tokenizer, monkeypatch) -> None:
+    """The whole SCST step, dropout off: teacher-forced scoring gives the loss and gradients of the step
+    that keeps the decode's gradients (``teacher_forced = False``), on the static cache as on the dynamic."""
+    refs = [["a red circle on the left"] * 5, ["two green stars"] * 5]
+    cider = CiderD(DocumentFrequency.from_references(refs))
+    batch = {"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(1)), "indices": [0, 1]}
+    cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10, "scst_opts.temperature": 0.7})
+    torch.manual_seed(0)
+    model = build_captioner(cfg).train()
+    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr("engine.steps.teacher_forced_logprobs", _counting(teacher_forced_logprobs, calls))
+    outputs = []
+    for teacher_forced in (False, True):
+        step.teacher_forced = teacher_forced
+        model.zero_grad()
+        out = step(batch)
+        out["loss"].backward()
+        out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outputs.append(out)
+    assert len(calls) == 1, "the teacher-forced path must be the one taken"
+    today, new = outputs
+    for key in ("reward", "baseline", "sample_len"):
+        assert torch.equal(new[key], today[key]), key
+    torch.testing.assert_close(new["loss"], today["loss"], atol=1e-6, rtol=1e-5)
+    assert new["grads"].keys() == today["grads"].keys() and "mapper.net.0.weight" in today["grads"]
+    for name, grad in today["grads"].items():
+        torch.testing.assert_close(new["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _counting(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
