@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes of the page
     source = args.checkpoint or default_checkpoint()
     if source is None:
         print(no_model_message(), file=sys.stderr)

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from harness import REPO_ROOT  # noqa: F401  (puts the repository on sys.path)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -200,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no photos in {REAL_IMAGES} (set OPG_SHARED_DIR)")
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "gradio": _version("gradio"),
-                     "gradio_client": _version("gradio_client")},  # fmt: skip
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "gradio": _version("gradio"),
+            "gradio_client": _version("gradio_client"),
+        },  # fmt: skip
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "runs": [],
     }

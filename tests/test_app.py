@@ -5,6 +5,7 @@ test_app_browser.py (Chromium), test_app_malformed.py (hostile requests) and tes
 
 from __future__ import annotations
 
+import socket
 import struct
 import zlib
 from html.parser import HTMLParser
@@ -148,3 +149,14 @@ def test_default_model_is_the_demo_s_best_and_its_absence_is_explained(tmp_path,
     assert "no --checkpoint given and no demo model" in message and "python demo.py" in message
     assert app.main(["--checkpoint", str(tmp_path / "xe" / "best.pt"), "--port", "0"]) == 2
     assert "error: cannot load the model" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_explained(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = make_checkpoint(tmp_path / "tiny.pt")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app.main(["--checkpoint", str(checkpoint), "--port", str(port), "--device", "cpu"]) == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}: the address is in use" in capsys.readouterr().err
