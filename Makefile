@@ -20,7 +20,7 @@ lint: setup
 setup: $(STAMP)
 
 # Reinstalls only when a requirements file changed since the last installation.
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-app.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_FLAGS) $(TORCH)
 	$(BIN)/python -m pip install $(PIP_FLAGS) -r requirements-dev.txt

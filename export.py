@@ -1,11 +1,14 @@
 """Export a trained checkpoint as a folder in the Hugging Face Hub's conventions.
 
     python export.py --checkpoint runs/scst/best.pt --out exported/opg-coco [--license mit] [--repo_id me/opg-coco]
+                     [--space [--space_model me/opg-coco] [--space_examples DIR]]
 
 Writes ``config.json``, ``model.safetensors``, ``generation_config.json``, the tokenizer files and a
 ``README.md`` model card (the run's ``test_metrics.json`` beside the checkpoint supplies the test metrics).
 ``load_captioner`` and ``predict.py --checkpoint`` read the folder; ``huggingface-cli upload`` publishes it.
-Exit status 2 on unusable input.
+With --space the folder is a Hugging Face Space instead: the captioning page's ``app.py``, ``requirements.txt``,
+a README with the Space's header, the project's inference code, and the model in ``model/`` (or, with
+--space_model, the Hub id it loads). Exit status 2 on unusable input.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
     parser.add_argument("--repo_id", help="Hub repository the folder will be published as (for the card)")
     parser.add_argument("--name", help="model name in the card (default: the --out folder's name)")
     add_flag(parser, "--overwrite", "write into a non-empty --out folder")
+    add_flag(parser, "--space", "write a Hugging Face Space (the web page over the model) instead")
+    parser.add_argument("--space_model", help="with --space: load this published Hub id instead of copying the model")
+    parser.add_argument("--space_examples", type=Path, help="with --space: example photos (.jpg/.png) for the page")
     return parser.parse(argv)
 
 
@@ -53,15 +59,22 @@ def export(args: argparse.Namespace) -> Path:
         raise CheckpointError(f"{out} is not empty: choose another --out or pass --overwrite")
     if args.checkpoint.is_dir():
         raise CheckpointError(f"{args.checkpoint} is a folder: export takes a training checkpoint (.pt)")
-    model, cfg = load_model(args.checkpoint)
+    if (args.space_model or args.space_examples) and not args.space:
+        raise ValueError("--space_model and --space_examples only go with --space")
+    name = args.name or out.resolve().name
+    model, cfg = load_model(args.checkpoint)  # checked before anything is written, also for --space_model
+    if args.space:
+        from webapp.space import MODEL_DIR, write_space
+
+        write_space(out, name, args.license, args.space_model, args.space_examples)
+        if args.space_model:
+            return out
+        out = out / MODEL_DIR
     report = read_test_report(args.metrics or args.checkpoint.parent / "test_metrics.json")
     save_folder(model, cfg, load_tokenizer(cfg.model.tokenizer), out)
-    card = model_card(
-        cfg.training, folder_config(model, cfg), report, args.name or out.resolve().name, args.license,
-        args.repo_id or str(out),
-    )  # fmt: skip
+    card = model_card(cfg.training, folder_config(model, cfg), report, name, args.license, args.repo_id or str(out))
     write_text(out / "README.md", card)
-    return out
+    return args.out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,45 +1,24 @@
-"""Tests for the web page's server (app.py, webapp/): form parsing, captions against the Python API, bad
-uploads and bad requests answered with messages while the server keeps serving, the request queue, and the
-choice of model. test_app_browser.py drives the same page in a real browser."""
+"""Tests for the web page's own logic (webapp/service.py, webapp/render.py, app.py's choice of model):
+captions against the Python API, bad uploads answered with a message each while the others are captioned,
+bad settings refused with a message. The Gradio page itself is exercised by test_app_client.py (scripts),
+test_app_browser.py (Chromium), test_app_malformed.py (hostile requests) and test_space.py (the Space)."""
 
 from __future__ import annotations
 
-import json
-import os
+import socket
 import struct
-import threading
-import time
-import urllib.error
-import urllib.request
 import zlib
-from pathlib import Path
+from html.parser import HTMLParser
 
 import pytest
-import torch
-import urllib3
-from helpers import save_model, tiny_config
+from app_server import PHOTO, make_checkpoint
 
 import app
 from models import load_captioner
-from models.build import build_captioner
-from webapp.forms import FormError, parse_form
-from webapp.server import CaptionServer
-from webapp.service import BusyError, CaptionService, RequestQueue
-
-SHARED = Path(os.environ.get("OPG_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
-PHOTO = SHARED / "real_images" / "COCO_val2014_000000060623.jpg"
-MAX_UPLOAD = 1_000_000
+from webapp.render import captions_html, mask_html
+from webapp.service import CaptionService, RequestError, Settings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def make_checkpoint(path: Path) -> Path:
-    """A tiny random model with a sparse mask that drops some positions (threshold 0.5)."""
-    torch.manual_seed(0)
-    cfg = tiny_config(**{"decode.beams": 2, "decode.max_len": 8, "decode.min_len": 1, "model.threshold": 0.5})
-    model = build_captioner(cfg)
-    save_model(path, model, cfg)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +27,8 @@ def captioner(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def url(captioner) -> str:
-    service = CaptionService(captioner, "tiny.pt", max_images=5, max_waiting=2)
-    server = CaptionServer(("127.0.0.1", 0), service, MAX_UPLOAD)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.url
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
-
-
-def post(url: str, fields: dict, content_type: str | None = None, body: bytes | None = None) -> tuple[int, dict]:
-    """POST a form (fields: name -> text or (filename, bytes)) to /api/caption: (status, JSON reply)."""
-    if body is None:
-        body, content_type = urllib3.encode_multipart_formdata(list(fields.items()))
-    request = urllib.request.Request(url + "api/caption", data=body, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+def service(captioner) -> CaptionService:
+    return CaptionService(captioner, "tiny.pt", max_images=5)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -81,125 +41,99 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
-def test_form_parsing_matches_the_urllib3_encoder() -> None:
-    binary = bytes(range(256)) * 50 + b"\r\n--\r\n\r\n--x"
-    fields = [("method", "beam"), ("images", ("a b.jpg", binary)), ("seed", "7"), ("images", ("ü.txt", b""))]
-    body, content_type = urllib3.encode_multipart_formdata(fields)
-    uploads, form = parse_form(content_type, body)
-    assert uploads == [("a b.jpg", binary), ("ü.txt", b"")]
-    assert form == {"method": "beam", "seed": "7"}
-    with pytest.raises(FormError, match="no closing boundary"):
-        parse_form(content_type, body[: len(body) // 2])
-    with pytest.raises(FormError, match="multipart/form-data"):
-        parse_form("application/json", b"{}")
+class _Texts(HTMLParser):
+    """Text of the elements with a given class, in document order."""
+
+    def __init__(self, css_class: str) -> None:
+        super().__init__()
+        self.css_class, self.texts, self._open = css_class, [], False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self._open = self.css_class in (dict(attrs).get("class") or "").split()
+        if self._open:
+            self.texts.append("")
+
+    def handle_data(self, data: str) -> None:
+        if self._open:
+            self.texts[-1] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        self._open = False
 
 
-def test_captions_and_kept_positions_equal_the_python_api(url, captioner) -> None:
-    status, reply = post(url, {"images": (PHOTO.name, PHOTO.read_bytes()), "method": "beam", "beams": "3",
-                               "num_captions": "2"})  # fmt: skip
-    assert status == 200
-    (result,) = reply["results"]
+def texts(html: str, css_class: str) -> list[str]:
+    parser = _Texts(css_class)
+    parser.feed(html)
+    return parser.texts
+
+
+def test_captions_and_kept_positions_equal_the_python_api(service, captioner) -> None:
+    (result,) = service.caption([PHOTO], Settings("beam", beams=3, num_captions=2))
     expected = captioner.caption(PHOTO, beams=3, num_captions=2)[0]
-    assert [c["text"] for c in result["captions"]] == [c.text for c in expected]
-    assert [c["score"] for c in result["captions"]] == pytest.approx([c.score for c in expected], abs=1e-4)
-    assert result["kept"] == captioner.kept_positions(PHOTO)[0].tolist()
-    assert 0 < sum(result["kept"]) < len(result["kept"])
+    assert [c.text for c in result.captions] == [c.text for c in expected]
+    assert [c.score for c in result.captions] == pytest.approx([c.score for c in expected], abs=1e-5)
+    assert result.kept == captioner.kept_positions(PHOTO)[0].tolist()
+    assert 0 < sum(result.kept) < len(result.kept)
+    reply = result.to_json()
+    assert reply["name"] == PHOTO.name and [c["text"] for c in reply["captions"]] == [c.text for c in expected]
 
-    sampling = {"images": (PHOTO.name, PHOTO.read_bytes()), "method": "sample", "num_captions": "3",
-                "temperature": "0.8", "top_p": "0.9", "seed": "5"}  # fmt: skip
+    sampling = Settings("sample", num_captions=3, temperature=0.8, top_p=0.9, seed=5)
     expected = captioner.caption(PHOTO, method="sample", num_captions=3, temperature=0.8, top_p=0.9, seed=5)[0]
-    assert [c["text"] for c in post(url, sampling)[1]["results"][0]["captions"]] == [c.text for c in expected]
+    assert [c.text for c in service.caption([PHOTO], sampling)[0].captions] == [c.text for c in expected]
+    greedy = service.caption([PHOTO], Settings("greedy"))[0].captions
+    assert [c.text for c in greedy] == captioner.caption(PHOTO, method="greedy")
 
-    status, reply = post(url, {"images": (PHOTO.name, PHOTO.read_bytes()), "method": "greedy"})
-    assert [c["text"] for c in reply["results"][0]["captions"]] == captioner.caption(PHOTO, method="greedy")
+
+def test_the_page_shows_each_caption_with_its_score_and_the_kept_grid(service, captioner) -> None:
+    results = service.caption([PHOTO], Settings("beam", beams=2, num_captions=2))
+    html = captions_html(results)
+    expected = captioner.caption(PHOTO, beams=2, num_captions=2)[0]
+    assert texts(html, "caption") == [c.text for c in expected]
+    assert [float(s) for s in texts(html, "score")] == pytest.approx([c.score for c in expected], abs=1e-4)
+    kept = captioner.kept_positions(PHOTO)[0].tolist()
+    mask = mask_html(results, captioner.spatial_grid, 32)
+    assert mask.count('class="cell kept"') == sum(kept[1:]) and mask.count('class="cell dropped"') == 16 - sum(kept[1:])
+    assert texts(mask, "kept-count") == [f"GPT-2 reads {sum(kept)} of {len(kept)} prefix positions."]
+    assert "http" not in html + mask  # images are inlined: the page fetches nothing for them
 
 
-def test_bad_uploads_get_a_message_each_and_good_ones_still_get_captions(url, captioner) -> None:
+def test_bad_uploads_get_a_message_each_and_good_ones_still_get_captions(service, captioner, tmp_path) -> None:
     photo = PHOTO.read_bytes()
-    files = [("notes.txt", b"not an image\n"), ("cut.jpg", photo[: len(photo) // 2]), ("empty.png", b""),
-             ("huge.png", png_header_only(12_000, 12_000)), (PHOTO.name, photo)]  # fmt: skip
-    body, content_type = urllib3.encode_multipart_formdata([("images", f) for f in files] + [("method", "greedy")])
-    status, reply = post(url, {}, content_type, body)
-    assert status == 200
-    errors = [result.get("error") for result in reply["results"]]
+    files = {"notes.txt": b"not an image\n", "cut.jpg": photo[: len(photo) // 2], "empty.png": b"",
+             "huge.png": png_header_only(12_000, 12_000), PHOTO.name: photo}  # fmt: skip
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    results = service.caption([tmp_path / name for name in files], Settings("greedy"))
+    errors = [result.error for result in results]
     assert errors[0] == "notes.txt: not a recognised image format (supported: JPEG, PNG, WEBP, BMP, DIB, GIF, TIFF)"
     assert errors[1].startswith("cut.jpg: corrupt or truncated image data")
     assert errors[2] == "empty.png: empty file (0 bytes)"
     assert errors[3].startswith("huge.png: 12000x12000 = 144000000 pixels exceeds the decode limit")
-    assert errors[4] is None
-    assert reply["results"][4]["captions"][0]["text"] == captioner.caption(PHOTO, method="greedy")[0]
+    assert errors[4] is None and results[4].captions[0].text == captioner.caption(PHOTO, method="greedy")[0]
+    assert texts(captions_html(results), "error") == errors[:4]
 
 
-def test_bad_requests_get_a_message_and_the_server_keeps_serving(url) -> None:
-    photo = (PHOTO.name, PHOTO.read_bytes())
-    status, reply = post(url, {"images": ("big.jpg", b"\xff" * (MAX_UPLOAD + 1))})
-    assert status == 413 and "the limit is 1.0 MB per request (app.py --max_upload_mb)" in reply["error"]
-    assert post(url, {}, "application/json", b"{}") == (400, {
-        "error": "expected a multipart/form-data upload, got Content-Type 'application/json'"})  # fmt: skip
-    assert post(url, {"method": "greedy", "num_captions": "3", "images": photo})[1] == {
-        "error": "greedy decoding gives one caption per image: choose beam search or sampling"}  # fmt: skip
-    assert post(url, {"method": "beam", "beams": "2", "num_captions": "3", "images": photo})[0] == 400
-    assert post(url, {"beams": "many", "images": photo})[1] == {
-        "error": "beams must be a whole number from 1 to 10, got 'many'"}  # fmt: skip
-    assert post(url, {"method": "sample", "top_p": "0", "images": photo})[0] == 400
-    assert post(url, {"method": "greedy"})[1] == {"error": "no image in the request: choose one or more photos"}
-    body, content_type = urllib3.encode_multipart_formdata([("images", photo)] * 6)
-    assert post(url, {}, content_type, body) == (400, {
-        "error": "6 images in one request: at most 5 (app.py --max_images)"})  # fmt: skip
-    for path in ("../README.md", "static/../../app.py", "static/..%2F..%2Fapp.py", "examples/x.jpg", "static/x.js"):
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(url + path, timeout=10)
-        assert err.value.code == 404
-    status, reply = post(url, {"images": photo})
-    assert status == 200 and reply["results"][0]["captions"]
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(method="greedy", num_captions=3), "greedy decoding gives one caption per image"),
+        (dict(method="beam", beams=2, num_captions=3), "3 captions need a beam size of at least 3, got 2"),
+        (dict(method="beam", beams=2.5), "beams must be a whole number from 1 to 10, got 2.5"),
+        (dict(method="sample", top_p=0), "top_p must be a number from 0.01 to 1.0, got 0"),
+        (dict(method="nucleus"), "method must be one of"),
+        (dict(method="sample", seed=-1), "seed must be a whole number"),
+    ],
+)
+def test_contradictory_or_out_of_range_settings_are_refused_with_a_message(settings, message) -> None:
+    with pytest.raises(RequestError, match=message):
+        Settings(**settings)
 
 
-def test_page_script_style_and_examples_are_served(url) -> None:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        page = response.read().decode()
-        assert "default-src 'self'" in response.headers["Content-Security-Policy"]
-    assert '<script src="/static/app.js"' in page and 'href="/static/style.css"' in page
-    examples = json.loads(urllib.request.urlopen(url + "api/examples", timeout=10).read())["examples"]
-    on_disk = sorted(p.name for p in (Path(app.ROOT) / "assets" / "examples").glob("*.jpg"))
-    assert examples == on_disk and len(examples) >= 2
-    with urllib.request.urlopen(url + "examples/" + examples[0], timeout=10) as response:
-        assert response.headers["Content-Type"] == "image/jpeg"
-        assert response.read() == (Path(app.ROOT) / "assets" / "examples" / examples[0]).read_bytes()
-    info = json.loads(urllib.request.urlopen(url + "api/info", timeout=10).read())
-    assert (info["sparse_mask"], info["grid"], info["prefix_length"], info["default_beams"]) == (True, 4, 17, 2)
-
-
-def test_queue_runs_one_request_at_a_time_and_refuses_overflow() -> None:
-    queue = RequestQueue(max_waiting=1)
-    events: list[str] = []
-    release = threading.Event()
-
-    def first() -> None:
-        with queue.slot():
-            events.append("first starts")
-            release.wait(10)
-            events.append("first ends")
-
-    def second() -> None:
-        with queue.slot():
-            events.append("second starts")
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    threads[0].start()
-    while not events:
-        time.sleep(0.01)
-    threads[1].start()
-    deadline = time.monotonic() + 10
-    while queue._pending < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with pytest.raises(BusyError, match="at most 1 may wait"), queue.slot():
-        pass
-    release.set()
-    for thread in threads:
-        thread.join(10)
-    assert events == ["first starts", "first ends", "second starts"]
-    with queue.slot():  # free again
-        pass
+def test_no_images_or_too_many_are_refused(service) -> None:
+    with pytest.raises(RequestError, match="no image in the request"):
+        service.caption([], Settings("greedy"))
+    with pytest.raises(RequestError, match=r"6 images in one request: at most 5 \(app.py --max_images\)"):
+        service.caption([PHOTO] * 6, Settings("greedy"))
 
 
 def test_default_model_is_the_demo_s_best_and_its_absence_is_explained(tmp_path, monkeypatch, capsys) -> None:
@@ -215,3 +149,14 @@ def test_default_model_is_the_demo_s_best_and_its_absence_is_explained(tmp_path,
     assert "no --checkpoint given and no demo model" in message and "python demo.py" in message
     assert app.main(["--checkpoint", str(tmp_path / "xe" / "best.pt"), "--port", "0"]) == 2
     assert "error: cannot load the model" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_explained(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = make_checkpoint(tmp_path / "tiny.pt")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app.main(["--checkpoint", str(checkpoint), "--port", str(port), "--device", "cpu"]) == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}: the address is in use" in capsys.readouterr().err

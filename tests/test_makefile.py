@@ -23,7 +23,7 @@ def planned(folder: Path, target: str) -> str:
 
 
 def test_setup_installs_once_and_again_only_when_requirements_change(tmp_path: Path) -> None:
-    for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
+    for name in ("Makefile", "requirements.txt", "requirements-dev.txt", "requirements-app.txt"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
     fresh = planned(tmp_path, "test")
     assert "python3 -m venv .venv" in fresh

@@ -1,1 +1,3 @@
-"""The captioning web page of ``app.py``: a small HTTP server (standard library) over :mod:`models.api`."""
+"""The captioning web page of ``app.py`` and of the exported Hugging Face Space: a Gradio app over
+:mod:`models.api` (``service``: requests to captions; ``render``: results to HTML; ``ui``: the Gradio page;
+``space``: the Space folder)."""

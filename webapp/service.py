@@ -1,20 +1,16 @@
-"""What the web page asks of the model: decoding settings read from form fields, uploaded files turned into
-captions with scores and the sparse mask's kept prefix positions, one request at a time.
+"""What the web page asks of the model: decoding settings checked, uploaded files turned into captions with
+scores and the sparse mask's kept prefix positions.
 
 Captions come from :func:`models.captioning.caption_batches`, the routine behind ``Captioner.caption``, so that
 a single caption has its score too; images are read by :func:`data.image_io.load_image`, whose checks (format,
-truncation, decode size) name what is wrong with a file.
+truncation, decode size) name what is wrong with a file. Nothing here knows about Gradio.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
-import threading
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,49 +32,33 @@ class RequestError(ValueError):
     """A request the page can explain to its user (bad settings, no or too many images)."""
 
 
-class BusyError(RuntimeError):
-    """More requests are waiting than the queue holds."""
-
-
-class RequestQueue:
-    """Runs requests one at a time (they share one model, and torch already uses every core); up to
-    ``max_waiting`` more wait their turn in arrival order of the lock, later ones are refused."""
-
-    def __init__(self, max_waiting: int = 8) -> None:
-        if max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
-        self.max_waiting = max_waiting
-        self._model_lock = threading.Lock()
-        self._count_lock = threading.Lock()
-        self._pending = 0  # running + waiting
-
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold the model for the duration of the block; BusyError when the queue is full."""
-        with self._count_lock:
-            if self._pending > self.max_waiting:
-                raise BusyError(f"busy: {self._pending} requests are running or waiting (at most "
-                                f"{self.max_waiting} may wait); try again in a moment")  # fmt: skip
-            self._pending += 1
-        try:
-            with self._model_lock:
-                yield
-        finally:
-            with self._count_lock:
-                self._pending -= 1
-
-
 @dataclass(frozen=True)
 class Settings:
     """Decoding chosen in the page: ``beams`` only counts for beam search, ``temperature``, ``top_p`` and
     ``seed`` only for sampling."""
 
     method: str
-    beams: int
-    num_captions: int
-    temperature: float
-    top_p: float
-    seed: int | None
+    beams: int = 1
+    num_captions: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RequestError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _check_range("beams", self.beams, 1, MAX_BEAMS, whole=True)
+        _check_range("num_captions", self.num_captions, 1, MAX_CAPTIONS, whole=True)
+        _check_range("temperature", self.temperature, 0.01, 10.0)
+        _check_range("top_p", self.top_p, 0.01, 1.0)
+        if self.seed is not None:
+            _check_range("seed", self.seed, 0, 2**63 - 1, whole=True)
+        if self.method == "greedy" and self.num_captions > 1:
+            raise RequestError("greedy decoding gives one caption per image: choose beam search or sampling")
+        if self.method == "beam" and self.num_captions > self.beams:
+            count = self.num_captions
+            raise RequestError(f"beam search returns one caption per beam: {count} captions need a beam size of "
+                               f"at least {count}, got {self.beams}")  # fmt: skip
 
     def overrides(self) -> dict[str, Any]:
         """Keyword arguments of :func:`models.api.decode_options`."""
@@ -89,49 +69,41 @@ class Settings:
         return {"method": "greedy"}
 
 
-def parse_settings(form: Mapping[str, str], default_beams: int) -> Settings:
-    """Settings from text fields; missing ones take the model's saved beam size and no truncation."""
-    method = form.get("method", "beam" if default_beams > 1 else "greedy").strip()
-    if method not in METHODS:
-        raise RequestError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    seed_text = form.get("seed", "").strip()
-    settings = Settings(
-        method=method,
-        beams=_number(form, "beams", int, default_beams, 1, MAX_BEAMS),
-        num_captions=_number(form, "num_captions", int, 1, 1, MAX_CAPTIONS),
-        temperature=_number(form, "temperature", float, 1.0, 0.01, 10.0),
-        top_p=_number(form, "top_p", float, 1.0, 0.01, 1.0),
-        seed=_number(form, "seed", int, 0, 0, 2**63 - 1) if seed_text else None,
-    )
-    if method == "greedy" and settings.num_captions > 1:
-        raise RequestError("greedy decoding gives one caption per image: choose beam search or sampling")
-    if method == "beam" and settings.num_captions > settings.beams:
-        count = settings.num_captions
-        raise RequestError(f"beam search returns one caption per beam: {count} captions need a beam size of at "
-                           f"least {count}, got {settings.beams}")  # fmt: skip
-    return settings
-
-
-def _number(form: Mapping[str, str], name: str, kind: type, default: float, low: float, high: float) -> Any:
-    text = form.get(name, "").strip()
-    if not text:
-        return default
-    what = "a whole number" if kind is int else "a number"
-    try:
-        value = kind(text)
-    except ValueError:
-        raise RequestError(f"{name} must be {what} from {low} to {high}, got {text!r}") from None
+def _check_range(name: str, value: float, low: float, high: float, whole: bool = False) -> None:
+    what = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or (whole and value != int(value)):
+        raise RequestError(f"{name} must be {what} from {low} to {high}, got {value!r}")
     if not low <= value <= high:
-        raise RequestError(f"{name} must be {what} from {low} to {high}, got {text!r}")
-    return value
+        raise RequestError(f"{name} must be {what} from {low} to {high}, got {value!r}")
+
+
+@dataclass
+class ImageResult:
+    """One uploaded file: ``captions`` (best first) and, with a sparse mask, ``kept`` (P bools), or ``error``."""
+
+    name: str
+    path: Path
+    captions: list[ScoredCaption] = field(default_factory=list)
+    kept: list[bool] | None = None
+    error: str | None = None
+    image: Image.Image | None = field(default=None, repr=False)  # the decoded photo, for the page's previews
+
+    def to_json(self) -> dict[str, Any]:
+        """What a script calling the app receives for this file."""
+        if self.error is not None:
+            return {"name": self.name, "error": self.error}
+        reply: dict[str, Any] = {"name": self.name, "captions": [
+            {"text": c.text, "score": round(c.score, 4)} for c in self.captions]}  # fmt: skip
+        if self.kept is not None:
+            reply["kept"] = self.kept
+        return reply
 
 
 class CaptionService:
-    """Captions uploads with one :class:`Captioner`, through a :class:`RequestQueue`."""
+    """Captions uploaded files with one :class:`Captioner`; requests run one at a time (Gradio's queue)."""
 
-    def __init__(self, captioner: Captioner, source: str, max_images: int = 16, max_waiting: int = 8) -> None:
+    def __init__(self, captioner: Captioner, source: str, max_images: int = 16) -> None:
         self.captioner, self.source, self.max_images = captioner, source, max_images
-        self.queue = RequestQueue(max_waiting)
 
     def info(self) -> dict[str, Any]:
         """What the page shows about the model and the defaults it starts from."""
@@ -146,40 +118,34 @@ class CaptionService:
             "grid": self.captioner.spatial_grid,
             "image_size": model.encoder.image_res,
             "max_images": self.max_images,
-            "max_beams": MAX_BEAMS,
-            "max_captions": MAX_CAPTIONS,
         }
 
-    def caption(self, uploads: list[tuple[str, bytes]], form: Mapping[str, str]) -> dict[str, Any]:
-        """``{"results": [...], "seconds": s}``: per upload, in order, its name and either ``captions``
-        (``[{"text", "score"}]``, best first, plus ``kept``, the kept prefix positions, with a sparse mask)
-        or ``error``, why the file could not be read."""
-        settings = parse_settings(form, self.captioner.decode_defaults.beams)
-        if not uploads:
+    def default_settings(self) -> Settings:
+        """The model's saved decoding: beam search with its beam size, or greedy for one beam."""
+        beams = self.captioner.decode_defaults.beams
+        return Settings("beam" if beams > 1 else "greedy", beams=beams, num_captions=1)
+
+    def caption(self, paths: Sequence[str | Path], settings: Settings) -> list[ImageResult]:
+        """Per file, in order, its captions (and kept positions) or why it could not be read."""
+        if not paths:
             raise RequestError("no image in the request: choose one or more photos")
-        if len(uploads) > self.max_images:
-            raise RequestError(f"{len(uploads)} images in one request: at most {self.max_images} (app.py --max_images)")
-        results: list[dict[str, Any]] = []
+        if len(paths) > self.max_images:
+            raise RequestError(f"{len(paths)} images in one request: at most {self.max_images} (app.py --max_images)")
+        results = [ImageResult(Path(path).name, Path(path)) for path in paths]
         images: list[Image.Image] = []
-        with tempfile.TemporaryDirectory(prefix="opg-app-") as folder:
-            for index, (name, data) in enumerate(uploads):
-                image, error = read_upload(name, data, Path(folder) / f"upload{index}", self.captioner.draft_size)
-                if image is None:
-                    results.append({"name": name, "error": error})
-                else:
-                    results.append({"name": name})
-                    images.append(image)
-        started = time.perf_counter()
+        readable: list[ImageResult] = []
+        for result in results:
+            result.image, result.error = read_upload(result.path, result.name, self.captioner.draft_size)
+            if result.image is not None:
+                images.append(result.image)
+                readable.append(result)
         if images:
-            with self.queue.slot():
-                captions = self._caption(images, settings)
-                kept = self.captioner.kept_positions(images) if self.captioner.has_sparse_mask else None
-            readable = [result for result in results if "error" not in result]
+            captions = self._caption(images, settings)
+            kept = self.captioner.kept_positions(images) if self.captioner.has_sparse_mask else None
             for i, result in enumerate(readable):
-                result["captions"] = [{"text": c.text, "score": round(c.score, 4)} for c in captions[i]]
-                if kept is not None:
-                    result["kept"] = kept[i].tolist()
-        return {"results": results, "seconds": round(time.perf_counter() - started, 3)}
+                result.captions = captions[i]
+                result.kept = None if kept is None else kept[i].tolist()
+        return results
 
     def _caption(self, images: list[Image.Image], settings: Settings) -> list[list[ScoredCaption]]:
         captioner = self.captioner
@@ -198,10 +164,9 @@ class CaptionService:
 
 
 def read_upload(
-    name: str, data: bytes, path: Path, draft_size: tuple[int, int] | None = None
+    path: Path, name: str, draft_size: tuple[int, int] | None = None
 ) -> tuple[Image.Image | None, str | None]:
     """The uploaded file as an RGB image, or None and a one-line reason naming the file."""
-    path.write_bytes(data)
     try:
         return load_image(path, draft_size=draft_size), None
     except ImageLoadError as err:

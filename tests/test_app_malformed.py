@@ -1,0 +1,225 @@
+"""Hostile and broken requests to the running page: an upload cut off mid-way, a multipart body that ends
+early, the wrong content type, a 200 MB body, a zip-bomb image, a file named ``../../etc/passwd`` and a request
+naming a file of the server. Each gets a message (or, for a dropped connection, nothing at all), the server
+keeps serving, and nothing changes on disk outside Gradio's upload folder."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from app_server import PHOTO, app_command, app_env, make_checkpoint, running
+
+pytest.importorskip("gradio_client", reason="pip install -r requirements-app.txt")
+MAX_UPLOAD_MB = 2
+BOUNDARY = "opg-test-boundary"
+ETC_PASSWD = Path("/etc/passwd")
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folders the app may write to: its working folder, home, temporary files and Gradio's uploads."""
+    root = tmp_path_factory.mktemp("malformed")
+    for name in ("work", "home", "tmp", "uploads"):
+        (root / name).mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def app_url(sandbox: Path) -> Iterator[str]:
+    checkpoint = make_checkpoint(sandbox / "work" / "tiny.pt")
+    command = app_command(checkpoint, "--max_upload_mb", str(MAX_UPLOAD_MB))
+    command[1] = str(Path(__file__).resolve().parent.parent / "app.py")
+    env = app_env(HOME=str(sandbox / "home"), TMPDIR=str(sandbox / "tmp"), GRADIO_TEMP_DIR=str(sandbox / "uploads"))
+    with running(command, sandbox / "work", env) as url:
+        still_captions(url)  # the first request fills caches (fonts, compiled code): before any snapshot
+        yield url
+
+
+@pytest.fixture
+def unchanged_outside_uploads(sandbox: Path, app_url: str) -> Iterator[None]:
+    """Fails the test if any file outside ``uploads/`` was added, removed or changed, or /etc/passwd changed."""
+    before, passwd = snapshot(sandbox), fingerprint(ETC_PASSWD)
+    yield
+    after = snapshot(sandbox)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert [name for name in changed if not name.startswith("uploads/")] == []
+    assert fingerprint(ETC_PASSWD) == passwd
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def fingerprint(path: Path) -> tuple[str, int]:
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+def multipart(filename: str, content: bytes, closed: bool = True) -> bytes:
+    """A multipart/form-data body with one ``files`` part; ``closed=False`` leaves out the final boundary."""
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+    return head + content + (f"\r\n--{BOUNDARY}--\r\n".encode() if closed else b"")
+
+
+def post(url: str, path: str, body: bytes, content_type: str) -> tuple[int, str]:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("POST", path, body, {"Content-Type": content_type})
+        response = connection.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        connection.close()
+
+
+def upload(url: str, filename: str, content: bytes) -> tuple[int, str]:
+    return post(url, "/gradio_api/upload", multipart(filename, content), f"multipart/form-data; boundary={BOUNDARY}")
+
+
+def call_caption(url: str, files: list[str]) -> tuple[str, object]:
+    """The page's endpoint through Gradio's HTTP API: ("complete", outputs) or ("error", message)."""
+    data = [[{"path": f, "meta": {"_type": "gradio.FileData"}} for f in files], "greedy", 1, 1, 1.0, 1.0, None]
+    status, body = post(url, "/gradio_api/call/caption", json.dumps({"data": data}).encode(), "application/json")
+    assert status == 200, body
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        connection.request("GET", f"/gradio_api/call/caption/{json.loads(body)['event_id']}")
+        stream = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    events = [block.splitlines() for block in stream.strip().split("\n\n")]
+    event, data_line = events[-1][0], events[-1][1]
+    return event.removeprefix("event: "), json.loads(data_line.removeprefix("data: "))
+
+
+def still_captions(app_url: str) -> None:
+    from gradio_client import Client, handle_file
+
+    *_, results = Client(app_url, verbose=False).predict(
+        [handle_file(str(PHOTO))], "greedy", 1, 1, 1.0, 1.0, None, api_name="/caption"
+    )
+    assert results[0]["name"] == PHOTO.name and results[0]["captions"][0]["text"].strip()
+
+
+def zip_bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A black 1-bit PNG of width x height (112 MB of pixels) compressed into about 100 kB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    rows = 1000
+    idat = b"".join(compressor.compress(row * rows) for _ in range(height // rows)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.usefixtures("unchanged_outside_uploads")
+def test_an_upload_cut_off_mid_way_changes_nothing_and_the_server_serves(app_url: str, sandbox: Path) -> None:
+    parts = urlsplit(app_url)
+    body = multipart("photo.jpg", PHOTO.read_bytes())
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(
+            (f"POST /gradio_api/upload HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            + body[: len(body) // 2]
+        )  # fmt: skip
+    still_captions(app_url)
+
+
+@pytest.mark.usefixtures("unchanged_outside_uploads")
+def test_a_multipart_body_that_ends_early_stores_nothing_and_its_caption_is_a_message(app_url: str) -> None:
+    body = multipart("cut.jpg", PHOTO.read_bytes()[:2000], closed=False)
+    status, stored = post(app_url, "/gradio_api/upload", body, f"multipart/form-data; boundary={BOUNDARY}")
+    assert (status, json.loads(stored)) == (200, [])  # the unfinished part is dropped
+    event, outputs = call_caption(app_url, [])
+    assert (event, outputs["error"]) == ("error", "no image in the request: choose one or more photos")
+
+
+@pytest.mark.usefixtures("unchanged_outside_uploads")
+def test_the_wrong_content_type_gets_a_message(app_url: str) -> None:
+    status, message = post(app_url, "/gradio_api/upload", b'{"files": ["a.jpg"]}', "application/json")
+    assert 400 <= status < 500 and message.strip(), (status, message)
+    status, message = post(app_url, "/gradio_api/upload", PHOTO.read_bytes(), "image/jpeg")
+    assert 400 <= status < 500 and message.strip(), (status, message)
+    status, message = post(app_url, "/gradio_api/call/caption", b"these are not JSON", "application/json")
+    assert 400 <= status < 500 and message.strip(), (status, message)
+    still_captions(app_url)
+
+
+@pytest.mark.usefixtures("unchanged_outside_uploads")
+def test_a_200_mb_body_is_refused_with_the_size_limit(app_url: str, sandbox: Path) -> None:
+    parts = urlsplit(app_url)
+    head = multipart("huge.jpg", b"", closed=False)
+    tail = f"\r\n--{BOUNDARY}--\r\n".encode()
+    size = 200 * 1024 * 1024
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+        sock.sendall(
+            (f"POST /gradio_api/upload HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n"
+             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+             f"Content-Length: {len(head) + size + len(tail)}\r\n\r\n").encode() + head
+        )  # fmt: skip
+        block = b"\0" * (1024 * 1024)
+        try:
+            for _ in range(size // len(block)):
+                sock.sendall(block)
+            sock.sendall(tail)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may stop reading once it has answered
+        reply = sock.makefile("rb").read().decode("utf-8", "replace")
+    assert reply.startswith("HTTP/1.1 413"), reply[:300]
+    assert "maximum allowed size" in reply
+    grown = {name: size for name, (size, _) in snapshot(sandbox / "uploads").items() if size > MAX_UPLOAD_MB * 1e6}
+    assert grown == {}  # the body was not written out past the limit
+    still_captions(app_url)
+
+
+@pytest.mark.usefixtures("unchanged_outside_uploads")
+def test_a_zip_bomb_image_gets_a_message_beside_its_name(app_url: str, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(zip_bomb_png())
+    assert bomb.stat().st_size < MAX_UPLOAD_MB * 1e6 / 10
+    message, _, _, results = Client(app_url, verbose=False).predict(
+        [handle_file(str(bomb)), handle_file(str(PHOTO))], "greedy", 1, 1, 1.0, 1.0, None, api_name="/caption"
+    )
+    assert results[0]["name"] == "bomb.png" and "too large" in results[0]["error"]
+    assert results[1]["captions"][0]["text"].strip()
+    assert message == "1 of 2 files could not be read: see below."
+
+
+@pytest.mark.usefixtures("unchanged_outside_uploads")
+def test_a_file_named_etc_passwd_stays_in_the_upload_folder(app_url: str, sandbox: Path) -> None:
+    status, body = upload(app_url, "../../etc/passwd", b"root:x:0:0:pretend:/root:/bin/sh\n")
+    assert status == 200, body
+    [stored] = json.loads(body)
+    stored_path = Path(stored).resolve()
+    assert stored_path.is_relative_to((sandbox / "uploads").resolve()) and stored_path.name == "passwd"
+    event, outputs = call_caption(app_url, [stored])
+    assert event == "complete"
+    message, _, _, results = outputs
+    assert results == [{"name": "passwd", "error": "passwd: not a recognised image format (supported: JPEG, PNG, "
+                        "WEBP, BMP, DIB, GIF, TIFF)"}]  # fmt: skip
+    assert message == "1 of 1 file could not be read: see below."
+
+
+@pytest.mark.usefixtures("unchanged_outside_uploads")
+def test_a_request_naming_a_file_of_the_server_is_refused(app_url: str) -> None:
+    event, message = call_caption(app_url, [str(ETC_PASSWD)])
+    assert event == "error", message
+    event, message = call_caption(app_url, [os.path.join("..", "..", "..", "etc", "passwd")])
+    assert event == "error", message
+    still_captions(app_url)

@@ -1,0 +1,72 @@
+"""``export.py --space`` writes a complete Hugging Face Space: started from a copy of the folder, with no access
+to the repository (empty PYTHONPATH, another working folder), its app.py captions a real photo as the Python API
+does, for a script calling it with gradio_client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+from app_server import PHOTO, make_checkpoint, running
+
+import export
+from models import load_captioner
+from webapp.ui import free_port
+
+gradio_client = pytest.importorskip("gradio_client", reason="pip install -r requirements-app.txt")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("space") / "tiny.pt")
+
+
+def space_header(readme: Path) -> dict:
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_the_space_folder_runs_on_its_own_and_captions_a_real_photo(checkpoint, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "space"
+    examples = REPO / "assets" / "examples"
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(out), "--space", "--license", "mit",
+                        "--space_examples", str(examples)]) == 0  # fmt: skip
+    header = space_header(out / "README.md")
+    assert header["sdk"] == "gradio" and header["app_file"] == "app.py" and header["license"] == "mit"
+    assert header["sdk_version"] == metadata.version("gradio")  # the Space runs the Gradio tested here
+    requirements = (out / "requirements.txt").read_text()
+    assert "gradio>=" in requirements and "torch>=" in requirements and "transformers>=" in requirements
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    assert sorted(p.name for p in (out / "examples").iterdir()) == sorted(p.name for p in examples.glob("*.jpg"))
+
+    copy = shutil.copytree(out, tmp_path / "elsewhere" / "space")  # the folder as a Space would hold it
+    shutil.rmtree(out)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    port = free_port("127.0.0.1")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), OMP_NUM_THREADS="1", OPG_DEVICE="cpu")
+    command = [sys.executable, "-I", str(copy / "app.py")]  # -I: no user site, no script-relative repo access
+    with running(command, cwd, env) as url:
+        client = gradio_client.Client(url, verbose=False)
+        upload = [gradio_client.handle_file(str(PHOTO))]
+        *_, results = client.predict(upload, "beam", 2, 2, 1.0, 1.0, None, api_name="/caption")
+    expected = load_captioner(checkpoint, device="cpu").caption(PHOTO, beams=2, num_captions=2)[0]
+    assert [c["text"] for c in results[0]["captions"]] == [c.text for c in expected]
+
+
+def test_space_with_a_hub_model_holds_no_weights(checkpoint, tmp_path) -> None:
+    out = tmp_path / "space"
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(out), "--space", "--space_model", "me/opg"]) == 0
+    assert not (out / "model").exists()
+    assert space_header(out / "README.md")["models"] == ["me/opg"]
+    assert "MODEL = 'me/opg'" in (out / "app.py").read_text()
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--space_model", "me/opg"]) == 2
