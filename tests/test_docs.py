@@ -13,6 +13,7 @@ stop that hands back the parser, so the command's work never starts (each ``main
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import re
 import shlex
@@ -33,7 +34,7 @@ SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 SCRIPTS = {
     path.relative_to(REPO).as_posix(): ".".join(path.relative_to(REPO).with_suffix("").parts)
     for path in [*REPO.glob("*.py"), *REPO.glob("*/*.py")]
-    if '__name__ == "__main__"' in path.read_text(encoding="utf-8") and path.parent.name != "tests"
+    if re.search(r"^def main\(", path.read_text(encoding="utf-8"), flags=re.M) and path.parent.name != "tests"
 }
 MODULES = {module for path, module in SCRIPTS.items() if "/" in path}
 FORWARDERS = {"scripts/slurm_train.sbatch": "train_scst"}  # scripts that hand their options to an entry point
@@ -303,12 +304,35 @@ def named_sources(page: Path) -> Iterator[str]:
 
 
 def source_exists(name: str) -> bool:
-    """A path of the tree, or a dotted name whose first two parts are a module or package of it."""
+    """A path of the tree, or a dotted name: its longest module or package prefix exists and defines or
+    imports the next part (``models.load_captioner``, ``metrics.cider.CiderD``)."""
     if "/" in name:
         return (REPO / name).exists()
     parts = name.split(".")
-    base = REPO.joinpath(*parts[:2])
-    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+    for length in range(len(parts), 0, -1):
+        base = REPO.joinpath(*parts[:length])
+        source = base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__init__.py"
+        if source.exists():
+            rest = parts[length:]
+            return not rest or rest[0] in defined_names(source)
+    return False
+
+
+def defined_names(source: Path) -> set[str]:
+    """Names a module defines, imports or exports at its top level (functions, classes, assignments,
+    imports, ``__all__``)."""
+    names = set()
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+            if "__all__" in names and isinstance(node.value, ast.List):  # lazily exported names
+                names.update(e.value for e in node.value.elts if isinstance(e, ast.Constant))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    return names
 
 
 def test_every_named_source_file_and_module_exists() -> None:
