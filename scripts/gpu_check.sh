@@ -21,7 +21,7 @@
 #       find .gpu_assets/site/pycocoevalcap \( -name '*.jar' -o -name data -o -name __pycache__ \) -prune \
 #       -exec rm -rf {} +                      # predict.py imports the scorers' Python only (about 0.1 MB);
 #                                              # the wheel (100 MB, Java jars) exceeds what may travel
-#   echo /.gpu_assets/ >> .git/info/exclude    # /.whl/ is in .gitignore already
+#   (.gitignore already ignores /.whl/ and /.gpu_assets/, so they travel only when carry names them)
 # Then, through the device tool: run(command="bash scripts/gpu_check.sh $OUT", carry=[".whl", ".gpu_assets"],
 # timeout_s=540); the report comes back as $OUT/gpu_report.md (with gpu_check.log, the whole output).
 # The rehearsal runs train_scst.py, which needs Java for the COCO metrics; without java on PATH it is
