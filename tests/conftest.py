@@ -40,3 +40,23 @@ def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     generate_dataset(root, num_train=48, num_val=8, num_test=8, image_size=128, seed=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """One untrained tiny captioner saved as training saves it (demo encoder, 2-layer GPT-2, captions of at
+    most 8 tokens, the other settings at their defaults), for the tests whose weights need not be trained."""
+    import torch
+    from helpers import save_model
+
+    from engine.config import Config
+    from models.build import build_captioner
+
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.encoder.vision_config = "swin_demo"
+    cfg.model.gpt2_config = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+    cfg.decode.max_len = 8
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_model(path, build_captioner(cfg), cfg)
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from utils.checkpoint import save_checkpoint
 from utils.config import to_dict
 
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
+# The test material (real photos, the X-VLM vector, the paper's predictions): $OPG_SHARED_DIR or ../shared.
+SHARED = Path(os.environ.get("OPG_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def tiny_config(data_dir: Path | None = None, output_dir: Path | None = None, **overrides: Any) -> Config:

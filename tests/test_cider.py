@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SHARED
 
 from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
@@ -75,15 +76,10 @@ def plain_cider_d(candidate: str, refs: list[str], df: dict, log_n: float, n: in
 # Data from the shared predictions.
 
 
-def shared_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared"
-    return Path(os.environ.get("OPG_SHARED_DIR", default))
-
-
 @pytest.fixture(scope="module")
 def captions() -> list[str]:
     """Real captions, tokenized: lower case, punctuation removed, " ." appended as the project's text does."""
-    path = shared_dir() / PREDICTIONS_NAME
+    path = SHARED / PREDICTIONS_NAME
     if not path.is_file():
         pytest.fail(f"shared predictions file not found: {path} (set OPG_SHARED_DIR to the shared folder)")
     with open(path, encoding="utf-8") as f:

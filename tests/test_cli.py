@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from faults import subprocess_env, train_command
-from helpers import TINY_GPT2, save_model
 from PIL import Image
 
 import app
@@ -198,19 +196,6 @@ def test_plain_lines_instead_of_bar_frames_when_not_a_terminal():
     for _ in progress(range(5), desc="work", stream=terminal):
         pass
     assert "\r" in terminal.getvalue()  # tqdm's bar, as before, on a terminal
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = build_config([], {"encoder.vision_config": "swin_demo", "model.gpt2_config": dict(TINY_GPT2),
-                            "decode.max_len": 6})  # fmt: skip
-    from models.build import build_captioner
-
-    model = build_captioner(cfg)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_model(path, model, cfg)
-    return path
 
 
 def test_predict_writes_plain_progress_lines_to_a_log_file(tiny_checkpoint, tmp_path):

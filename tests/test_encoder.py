@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED
 from torch import nn
 
 from models.encoder import (
@@ -35,8 +35,7 @@ class NotAllowListed:
 
 @pytest.fixture(scope="module")
 def vector_dir() -> Path:
-    shared = Path(os.environ.get("OPG_SHARED_DIR", REPO.parent / "shared"))
-    vector = shared / "xvlm_vector"
+    vector = SHARED / "xvlm_vector"
     needed = ["xvlm_tiny_pretrain.th", "config_swin_tiny.json", "input.pt", "expected_output.pt"]
     absent = [name for name in needed if not (vector / name).is_file()]
     if absent:

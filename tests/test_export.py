@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import save_model, tiny_config
+from helpers import SHARED, save_model, tiny_config
 from PIL import Image
 from transformers import GenerationConfig
 
@@ -27,7 +27,7 @@ from models.tokenizer import GPT2_VOCAB_SIZE, load_tokenizer
 from utils.checkpoint import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REAL_IMAGES = Path(os.environ.get("OPG_SHARED_DIR", REPO_ROOT.parent / "shared")) / "real_images"
+REAL_IMAGES = SHARED / "real_images"
 OUTPUT_IDS = sorted({*range(0, 3000, 7), 13, 50256})
 TEST_REPORT = {"metrics": {"BLEU-4": 0.312, "METEOR": 0.251, "CIDEr": 1.047}, "unavailable": {"SPICE": "no jars"}}
 pytestmark = pytest.mark.usefixtures("single_thread", "hub_offline")

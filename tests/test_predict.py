@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_model
+from helpers import SHARED
 from PIL import Image
 
 import predict
 from data.image_io import load_image
 from data.transforms import build_transform
-from engine.config import Config
-from models.build import build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
@@ -37,24 +35,12 @@ GOOD = {
 BAD = ["truncated.jpg", "nested/notes.png", "empty.jpeg"]
 
 
-def shared_dir() -> Path:
-    return Path(os.environ.get("OPG_SHARED_DIR", REPO_ROOT.parent / "shared"))
-
-
 pytestmark = pytest.mark.usefixtures("single_thread", "hub_offline")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = Config()
-    cfg.encoder.vision_config = "swin_demo"
-    cfg.model.gpt2_config = {"n_layer": 2, "n_embd": 64, "n_head": 2}
-    cfg.decode.max_len = 8
-    model = build_captioner(cfg)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_model(path, model, cfg)
-    return path
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +176,7 @@ def test_unusable_checkpoint_or_no_images_exit_2(checkpoint, image_dir, tmp_path
 
 
 def test_real_photos_with_worker_processes(checkpoint, tmp_path) -> None:
-    photos = shared_dir() / "real_images"
+    photos = SHARED / "real_images"
     assert photos.is_dir(), f"shared real photos missing at {photos} (set OPG_SHARED_DIR)"
     expected = sorted(str(p) for p in photos.glob("*.jpg"))
     assert len(expected) >= 6
