@@ -117,20 +117,30 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset
         assert torch.equal(value, resumed["model"][key]), key
 
 
-def _one_and_two_processes(tmp_path: Path, name: str, *args: str) -> tuple[dict, dict, dict, Path]:
-    """Run ddp_worker.py in one process and with torchrun in two; their saved weights and the DDP folder."""
+def _worker(out: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    """ddp_worker.py writing into ``out``, in one process or with torchrun in ``processes``."""
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [*launch, str(TESTS / "ddp_worker.py"), args[0], str(out), *args[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single, double = tmp_path / f"{name}_single", tmp_path / f"{name}_ddp"
-    subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), args[0], str(single), *args[1:]],
-                   check=True, env=env, timeout=600)  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(TESTS / "ddp_worker.py"), args[0], str(double), *args[1:]],
-        env=env, timeout=600, capture_output=True, text=True,
-    )  # fmt: skip
+    return subprocess.run(command, env=env, timeout=600, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def xe_single(tiny_dataset, tmp_path_factory) -> Path:
+    """The worker's XE steps in one process: the DDP XE test's oracle and the SCST test's starting point."""
+    out = tmp_path_factory.mktemp("xe_single")
+    done = _worker(out, str(tiny_dataset), "xe")
     assert done.returncode == 0, done.stderr[-3000:]
-    one = torch.load(single / "rank0.pt")
-    return one, torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt"), double
+    return out
+
+
+def _two_processes(out: Path, *args: str) -> tuple[dict, dict]:
+    """The weights each of two torchrun processes saved."""
+    done = _worker(out, *args, processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
 
 
 def _assert_same_training(one: dict, rank0: dict, rank1: dict) -> None:
@@ -139,27 +149,27 @@ def _assert_same_training(one: dict, rank0: dict, rank1: dict) -> None:
         assert torch.allclose(rank0[key], value, atol=1e-5), f"DDP differs from one process at {key}"
 
 
-def test_two_process_ddp_matches_one_process(tiny_dataset, tmp_path):
+def test_two_process_ddp_matches_one_process(tiny_dataset, xe_single, tmp_path):
     """XE with the N-pair loss (weight 1): its negatives come from both processes, so the step is the same."""
-    one, rank0, rank1, double = _one_and_two_processes(tmp_path, "xe", str(tiny_dataset), "xe")
-    _assert_same_training(one, rank0, rank1)
-    steps = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+    rank0, rank1 = _two_processes(tmp_path / "xe_ddp", str(tiny_dataset), "xe")
+    _assert_same_training(torch.load(xe_single / "rank0.pt"), rank0, rank1)
+    steps = [json.loads(line) for line in (tmp_path / "xe_ddp" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in steps if r["event"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3] and all(r["aux"] > 0 for r in train)
 
 
-def test_two_process_scst_matches_one_process(tiny_dataset, tmp_path):
+def test_two_process_scst_matches_one_process(tiny_dataset, xe_single, tmp_path):
     """SCST averages gradients by hand; each image samples from its own seed, so both runs draw the same
     captions and take the same steps."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    xe = tmp_path / "xe"
-    subprocess.run([sys.executable, str(TESTS / "ddp_worker.py"), str(tiny_dataset), str(xe), "xe"],
-                   check=True, env=env, timeout=600)  # fmt: skip
-    one_xe, start = torch.load(xe / "rank0.pt"), str(xe / "last.pt")
-    one, rank0, rank1, double = _one_and_two_processes(tmp_path, "scst", str(tiny_dataset), "scst", start)
+    args = (str(tiny_dataset), "scst", str(xe_single / "last.pt"))
+    done = _worker(tmp_path / "scst_single", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = torch.load(tmp_path / "scst_single" / "rank0.pt")
+    rank0, rank1 = _two_processes(tmp_path / "scst_ddp", *args)
     _assert_same_training(one, rank0, rank1)
+    one_xe = torch.load(xe_single / "rank0.pt")
     assert any(not torch.equal(one[k], one_xe[k]) for k in one)
-    train = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (tmp_path / "scst_ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["event"] == "train"] == [1, 2]
 
 
