@@ -18,6 +18,7 @@ from PIL import Image
 import predict
 from data.image_io import load_image
 from data.transforms import build_transform
+from engine.config import Config
 from models.decoding import DecodeOptions, captions_from_tokens, decode
 from models.pretrained import load_model
 from models.tokenizer import load_tokenizer
