@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
+# pytest-xdist processes for make test (make test TEST_WORKERS=4 on a larger machine)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint setup java
 
@@ -12,7 +14,7 @@ demo: setup java
 	$(BIN)/python demo.py
 
 test: setup java
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: setup
 	$(BIN)/ruff check .

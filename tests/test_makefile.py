@@ -29,11 +29,11 @@ def test_setup_installs_once_and_again_only_when_requirements_change(tmp_path: P
     assert "python3 -m venv .venv" in fresh
     assert "pip install" in fresh and "torch==2.14.1 torchvision==0.29.1" in fresh
     assert "-r requirements-dev.txt" in fresh and "command -v java" in fresh
-    assert fresh.rstrip().endswith(".venv/bin/python -m pytest -q")
+    assert fresh.rstrip().endswith(".venv/bin/python -m pytest -q -n 2")
 
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / ".installed").touch()  # what a finished installation leaves
-    for target, command in (("test", ".venv/bin/python -m pytest -q"), ("demo", ".venv/bin/python demo.py")):
+    for target, command in (("test", ".venv/bin/python -m pytest -q -n 2"), ("demo", ".venv/bin/python demo.py")):
         again = planned(tmp_path, target)
         assert "pip install" not in again and "venv" not in again.replace(".venv/bin", "")
         assert again.strip().splitlines()[-1] == command
