@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import save_model, tiny_config
 from test_decoding import NUM_TOKENS, VISUAL_DIM, make_model
+from test_scst import GOOD, caption_batch
 
 from data.datasets import ImageReader
-from data.text import IGNORE_INDEX, clean_caption
 from data.transforms import build_transform
 from engine.features import FeatureStore, create_store, encode_into_store
 from engine.steps import ScstStep, XEStep
@@ -35,7 +35,6 @@ CUDA = torch.device("cuda")
 GREEDY = DecodeOptions(max_len=14, min_len=1)
 SAMPLE = DecodeOptions(method="sample", num_samples=3, max_len=14, min_len=1, temperature=0.8)
 REAL_IMAGES = Path(os.environ.get("OPG_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "real_images"
-GOOD, BAD = "a red circle on the left", "a shape"
 
 
 def cuda_prefix(model, images: int, seed: int = 1) -> Prefix:
@@ -108,17 +107,6 @@ def test_sampling_on_the_static_cache_equals_the_eager_path(caplog) -> None:
         torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def _caption_batch(tokenizer) -> dict:
-    """Two images, each captioned by one wording that the rewards favour and one they do not."""
-    ids = [tokenizer.encode(clean_caption(c)) for c in (GOOD, BAD)]
-    width = max(map(len, ids))
-    input_ids = torch.full((2, width), tokenizer.eos_token_id)
-    labels = torch.full((2, width), IGNORE_INDEX)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)], labels[row, : len(seq)] = torch.tensor(seq), torch.tensor(seq)
-    return {"input_ids": input_ids, "labels": labels}
-
-
 def _train(step, model, batches: list[dict], precision: str, lr: float) -> list[float]:
     """One optimizer step per batch (with the scaler for fp16); the losses, each checked finite."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -154,7 +142,7 @@ def test_xe_then_scst_steps_stay_finite_and_learn(precision: str, tokenizer) -> 
                          "scst_opts.dropout": False, "scst_opts.fast_decode": "graphs", "device": "cuda"})  # fmt: skip
     model = build_captioner(cfg).to(CUDA).train()
     visual = torch.randn(2, 17, 256).to(CUDA)
-    batch = _caption_batch(tokenizer)
+    batch = caption_batch(tokenizer)
     pairs = [{"features": visual[[image, image]], **batch} for image in (0, 1) * 40]
     losses = _train(XEStep(model, CUDA, cfg.train), model, pairs, precision, 3e-3)
     assert sum(losses[-10:]) < sum(losses[:10]), losses

@@ -15,6 +15,17 @@ from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mo
 GOOD, BAD = "a red circle on the left", "a shape"
 
 
+def caption_batch(tokenizer) -> dict:
+    """The two wordings GOOD (which the rewards favour) and BAD as one padded batch: input_ids and labels."""
+    ids = [tokenizer.encode(clean_caption(c)) for c in (GOOD, BAD)]
+    width = max(map(len, ids))
+    input_ids = torch.full((2, width), tokenizer.eos_token_id)
+    labels = torch.full((2, width), IGNORE_INDEX)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)], labels[row, : len(seq)] = torch.tensor(seq), torch.tensor(seq)
+    return {"input_ids": input_ids, "labels": labels}
+
+
 def _expected_reward(model, visual, tokenizer, cider, refs, seed=0) -> float:
     options = DecodeOptions(method="sample", num_samples=64, max_len=10)
     generator = torch.Generator().manual_seed(seed)
@@ -30,12 +41,7 @@ def test_scst_raises_the_reward_and_moves_only_trainable_weights(tokenizer):
     model = build_captioner(cfg)
     visual = torch.randn(2, 17, 256)
     # Cross-entropy on two wordings per image, so that the samples mix a rewarded and an unrewarded one.
-    ids = [tokenizer.encode(clean_caption(c)) for c in (GOOD, BAD)]
-    width = max(map(len, ids))
-    input_ids = torch.full((2, width), tokenizer.eos_token_id)
-    labels = torch.full((2, width), IGNORE_INDEX)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)], labels[row, : len(seq)] = torch.tensor(seq), torch.tensor(seq)
+    input_ids, labels = caption_batch(tokenizer).values()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(40):
         for image in range(2):
