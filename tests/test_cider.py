@@ -355,18 +355,20 @@ def test_load_refuses_malicious_pickle(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+_BAD_FREQUENCY_FILES = [
+    ("garbage.p", b"\x00\x01not a pickle", "not a readable document-frequency file"),
+    ("empty.json", b"", "not a readable"),
+    ("truncated.json.gz", gzip.compress(b'{"format": "cider-document-frequency"', mtime=0)[:-6], "not a readable"),
+    ("other.json", json.dumps({"format": "something else"}).encode(), "not a 'cider-document-frequency'"),
+    ("logged.p", pickle.dumps({"document_frequency": {("a",): 5.0}, "ref_len": 1.6}), "raw number"),
+    ("no_ref_len.p", pickle.dumps({"document_frequency": {("a",): 1.0}}), "'ref_len'"),
+    ("bad_key.p", pickle.dumps({"document_frequency": {"a": 1.0}, "ref_len": 3}), "n-gram key 'a'"),
+    ("bad_count.p", pickle.dumps({"document_frequency": {("a",): "x"}, "ref_len": 3}), "non-negative"),
+]
+
+
 @pytest.mark.parametrize(
-    ("name", "content", "message"),
-    [
-        ("garbage.p", b"\x00\x01not a pickle", "not a readable document-frequency file"),
-        ("empty.json", b"", "not a readable"),
-        ("truncated.json.gz", gzip.compress(b'{"format": "cider-document-frequency"')[:-6], "not a readable"),
-        ("other.json", json.dumps({"format": "something else"}).encode(), "not a 'cider-document-frequency'"),
-        ("logged.p", pickle.dumps({"document_frequency": {("a",): 5.0}, "ref_len": 1.6}), "raw number"),
-        ("no_ref_len.p", pickle.dumps({"document_frequency": {("a",): 1.0}}), "'ref_len'"),
-        ("bad_key.p", pickle.dumps({"document_frequency": {"a": 1.0}, "ref_len": 3}), "n-gram key 'a'"),
-        ("bad_count.p", pickle.dumps({"document_frequency": {("a",): "x"}, "ref_len": 3}), "non-negative"),
-    ],
+    ("name", "content", "message"), _BAD_FREQUENCY_FILES, ids=[case[0] for case in _BAD_FREQUENCY_FILES]
 )
 def test_load_errors_name_the_file(tmp_path: Path, name: str, content: bytes, message: str) -> None:
     path = tmp_path / name
