@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_model, tiny_config
+from helpers import SHARED, save_model, tiny_config
 
 from models.build import build_captioner
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("OPG_SHARED_DIR", REPO.parent / "shared"))
 PHOTO = SHARED / "real_images" / "COCO_val2014_000000060623.jpg"
 START_TIMEOUT_S = 180
 

@@ -6,12 +6,11 @@ on a GPU machine)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_model, tiny_config
+from helpers import SHARED, save_model, tiny_config
 from test_decoding import NUM_TOKENS, VISUAL_DIM, make_model
 from test_scst import GOOD, caption_batch
 
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 GREEDY = DecodeOptions(max_len=14, min_len=1)
 SAMPLE = DecodeOptions(method="sample", num_samples=3, max_len=14, min_len=1, temperature=0.8)
-REAL_IMAGES = Path(os.environ.get("OPG_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "real_images"
+REAL_IMAGES = SHARED / "real_images"
 
 
 def cuda_prefix(model, images: int, seed: int = 1) -> Prefix:

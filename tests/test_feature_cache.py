@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import SHARED, tiny_config
 from torch import nn
 
 from data.datasets import ImageReader
@@ -18,7 +18,7 @@ from engine.runner import Run
 from models.encoder import build_encoder
 from utils.io import Unreadable
 
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "real_images"
+SHARED_IMAGES = SHARED / "real_images"
 
 
 class CountingEncoder(nn.Module):
@@ -40,8 +40,10 @@ class CountingEncoder(nn.Module):
 def image_set(tmp_path_factory, tiny_dataset) -> tuple[Path, list[str]]:
     """Six real COCO photos, eight generated shapes and one corrupt file: 15 paths under one root."""
     root = tmp_path_factory.mktemp("images")
+    photos = sorted(SHARED_IMAGES.glob("*.jpg"))
+    assert len(photos) == 6, f"six real photos expected at {SHARED_IMAGES} (set OPG_SHARED_DIR)"
     names = []
-    for photo in sorted(SHARED_IMAGES.glob("*.jpg")):
+    for photo in photos:
         shutil.copy(photo, root / photo.name)
         names.append(photo.name)
     for entry in json.loads((tiny_dataset / "val.json").read_text())[:8]:
