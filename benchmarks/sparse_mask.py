@@ -4,9 +4,11 @@ test metrics of XE with no mask, the reference's ``hard`` mask and the learning 
 Each run is the demo's XE stage (``configs/demo.yaml``) with one encoder and one mask setting:
 ``swin_demo`` gives the demo's 17 prefix positions (4 x 4 grid + mean), ``swin_tiny_test`` at 224 px the
 paper's 50 (7 x 7 grid + mean). The dropped fraction is measured on the test split with the best
-checkpoint. About 5 minutes per run on 2 CPU cores.
+checkpoint. About 5 minutes per run on 2 CPU cores. With ``--scst`` every masked XE run is followed by
+the demo's SCST stage (``configs/demo_scst.yaml``) from its best checkpoint twice: without the mask (the
+reference's SCST stage) and with it (``model.apply_sparse_mask true``).
 
-    python benchmarks/sparse_mask.py [--encoders swin_demo,swin_tiny_test] [--masks none,hard,ste]
+    python benchmarks/sparse_mask.py [--encoders swin_demo,swin_tiny_test] [--masks none,hard,ste] [--scst]
 """
 
 from __future__ import annotations
@@ -45,17 +47,22 @@ def dropped_positions(model: OPGCaptioner, dataset: CaptionImageDataset) -> tupl
     return float((~kept).float().mean()), float((~kept).any(dim=1).float().mean())
 
 
-def measure(encoder: str, mask: str, out: Path, scorer: CaptionScorer) -> dict:
+def stage_overrides(encoder: str, mask: str) -> dict:
+    """The options of one encoder and mask setting, the same in both stages (SCST loads the XE weights)."""
     overrides = {
         "encoder.vision_config": encoder,
         "model.use_sparse_mask": mask != "none",
         "model.sparse_mask_mode": "hard" if mask == "none" else mask,
-        "output_dir": str(out / f"{encoder}_{mask}"),
     }
     if encoder != "swin_demo":  # GPT-2 must hold the prefix and the caption: 50 + 30 positions
         demo = build_config([CONFIG_DIR / "demo.yaml"])
         overrides["model.gpt2_config"] = {**demo.model.gpt2_config, "n_positions": 96}
-    cfg = build_config([CONFIG_DIR / "demo.yaml"], overrides)
+    return overrides
+
+
+def measure(config: str, overrides: dict, scorer: CaptionScorer) -> dict:
+    """Train one stage and measure its best checkpoint on the test split."""
+    cfg = build_config([CONFIG_DIR / config], overrides)
     run = Run(cfg, scorer)
     started = time.perf_counter()
     try:
@@ -63,14 +70,13 @@ def measure(encoder: str, mask: str, out: Path, scorer: CaptionScorer) -> dict:
         test = CaptionImageDataset(
             cfg.data.test_file, cfg.data.image_root, build_transform(run.model.encoder.image_res), "test"
         )
-        dropped, images = dropped_positions(run.model, test) if mask != "none" else (0.0, 0.0)
+        dropped, images = dropped_positions(run.model, test) if run.model.masks_prefix else (0.0, 0.0)
     finally:
         run.close()
     metadata = Path(cfg.data.image_root) / "metadata.json"
     return {
-        "encoder": encoder,
+        "encoder": cfg.encoder.vision_config,
         "positions": run.model.prefix_length,
-        "mask": mask,
         "dropped": dropped,
         "images_with_drops": images,
         "CIDEr": result.test["CIDEr"],
@@ -83,23 +89,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", default="swin_demo,swin_tiny_test")
     parser.add_argument("--masks", default="none,hard,ste")
+    parser.add_argument("--scst", action="store_true", help="SCST without and with the mask after masked XE runs")
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "runs" / "sparse_mask"))
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     rows = []
+
+    def record(row: dict, **labels: str) -> None:
+        rows.append({**labels, **row})
+        (out / "sparse_mask.json").write_text(json.dumps(rows, indent=2))
+
     with CaptionScorer() as scorer:
         for encoder in args.encoders.split(","):
             for mask in args.masks.split(","):
-                rows.append(measure(encoder, mask, out, scorer))
-                (out / "sparse_mask.json").write_text(json.dumps(rows, indent=2))
-    print("| encoder | positions | mask | dropped | images with drops | test CIDEr | count | shape | position |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+                overrides = stage_overrides(encoder, mask)
+                xe_dir = out / f"{encoder}_{mask}"
+                record(measure("demo.yaml", {**overrides, "output_dir": str(xe_dir)}, scorer), mask=mask, stage="XE")
+                if not args.scst or mask == "none":
+                    continue
+                for applied in (False, True):
+                    name = f"{encoder}_{mask}_scst_{'mask' if applied else 'nomask'}"
+                    scst = {**overrides, "model.apply_sparse_mask": applied, "checkpoint": str(xe_dir / "best.pt"),
+                            "output_dir": str(out / name)}  # fmt: skip
+                    stage = f"XE + SCST {'with' if applied else 'without'} the mask"
+                    record(measure("demo_scst.yaml", scst, scorer), mask=mask, stage=stage)
+    print("| encoder | positions | mask | stage | dropped | images with drops | CIDEr | count | shape | position |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        g = r["grounding"]
-        print(
-            f"| {r['encoder']} | {r['positions']} | {r['mask']} | {r['dropped']:.1%} | {r['images_with_drops']:.1%} "
-            f"| {100 * r['CIDEr']:.1f} | {100 * g['count']:.1f} | {100 * g['shape']:.1f} | {100 * g['position']:.1f} |"
-        )
+        scores = (r["CIDEr"], *(r["grounding"][key] for key in ("count", "shape", "position")))
+        cells = [r["encoder"], r["positions"], r["mask"], r["stage"], f"{r['dropped']:.1%}",
+                 f"{r['images_with_drops']:.1%}", *(f"{100 * v:.1f}" for v in scores)]  # fmt: skip
+        print("| " + " | ".join(map(str, cells)) + " |")
     return 0
 
 

@@ -52,13 +52,15 @@ def test_the_space_folder_runs_on_its_own_and_captions_a_real_photo(checkpoint, 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     port = free_port("127.0.0.1")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
     env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), OMP_NUM_THREADS="1", OPG_DEVICE="cpu")
     command = [sys.executable, "-I", str(copy / "app.py")]  # -I: no user site, no script-relative repo access
     with running(command, cwd, env) as url:
         client = gradio_client.Client(url, verbose=False)
         upload = [gradio_client.handle_file(str(PHOTO))]
         *_, results = client.predict(upload, "beam", 2, 2, 1.0, 1.0, None, api_name="/caption")
+    for package in ("models", "webapp"):  # the code ran from the copy: Python compiled it there
+        assert list((copy / package / "__pycache__").glob("*.pyc")), f"{package} was not imported from {copy}"
     expected = load_captioner(checkpoint, device="cpu").caption(PHOTO, beams=2, num_captions=2)[0]
     assert [c["text"] for c in results[0]["captions"]] == [c.text for c in expected]
 
