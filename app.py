@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
     parser.add_argument("--port", type=int, default=7860, help="port (0: any free one; the URL is printed)")
     add_flag(parser, "--share", "also publish a temporary public link through Gradio's share servers")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: the run's (bf16 on CUDA)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: the run's own train.precision")
     parser.add_argument("--max_images", type=int, default=16, help="images per request")
     parser.add_argument("--max_upload_mb", type=float, default=20.0, help="size of one uploaded file")
     parser.add_argument("--queue", type=int, default=8, help="requests that may wait while one is captioned")

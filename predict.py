@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loaders")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument(
-        "--precision", choices=PRECISIONS, help="default: the run's evaluation precision (auto: bf16 on CUDA)"
+        "--precision", choices=PRECISIONS, help="default (auto): the run's own train.precision, as its evaluation used"
     )
     parser.add_argument("--num_captions", type=int, default=1, help="n-best list per image (JSON/JSONL output)")
     add_flag(parser, "--no_progress", "hide the progress bar")

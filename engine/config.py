@@ -32,7 +32,9 @@ class DataConfig:
     val_file: str = option("datasets/coco/annotations/val.json", "validation split file", path=True)
     test_file: str = option("datasets/coco/annotations/test.json", "test split file", path=True)
     cider_df: str | None = option(
-        "datasets/coco/annotations/cider_df.json.gz", "CIDEr-D document frequencies (none: from train_file)", path=True
+        "datasets/coco/annotations/train_cider_df.json.gz",
+        "CIDEr-D document frequencies (none: from train_file)",
+        path=True,
     )
     synthetic: bool = option(False, "generate the built-in demo data set into image_root unless one is there")
     max_words: int = option(30, "words kept per caption")

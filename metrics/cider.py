@@ -93,7 +93,7 @@ class CiderD:
     Args:
         df: document frequencies: a ``DocumentFrequency``, a path to a file ``DocumentFrequency.load``
             reads (e.g. ``coco-train-words.p``), or None for "corpus" mode, where each call takes them from
-            the references it is given (one document per scored item), as CiderD(df="corpus") does.
+            the references it is given (one document per scored item), as pyciderevalcap's CiderD(df="corpus") does.
         n: longest n-gram order.
         sigma: standard deviation of the Gaussian length penalty.
         cache_size: reference sets kept in the LRU cache (precomputed df only). SCST visits every image

@@ -56,37 +56,44 @@ def app_url(checkpoint: Path) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def outside_requests() -> list[str]:
-    """URLs the page requested from any host but this machine (it must stay empty: the page works offline)."""
+    """URLs the test's page requested from any host but this machine (it must stay empty: the page works
+    offline)."""
     return []
 
 
 @pytest.fixture(scope="module")
-def page(app_url: str, outside_requests: list[str]):
+def browser():
     from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url: str, outside_requests: list[str]):
+    """A new page at the app with its default settings (the tests share the server and the browser only)."""
 
     def record(request) -> None:
         parts = urlsplit(request.url)
         if parts.scheme not in ("blob", "data") and parts.hostname not in LOCAL_HOSTS:
             outside_requests.append(request.url)
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(PAGE_TIMEOUT_MS)
-        page.on("request", record)
-        page.goto(app_url)
-        page.wait_for_selector("#caption")
-        yield page
-        browser.close()
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.on("request", record)
+    page.goto(app_url)
+    page.wait_for_selector("#caption")
+    yield page
+    context.close()
 
 
 def caption(page, *paths: Path) -> None:
-    """Upload ``paths`` (replacing earlier ones) and press Caption."""
-    clear = page.query_selector("#files button[aria-label='Clear']")
-    if clear is not None:
-        clear.click()
+    """Upload ``paths`` and press Caption."""
     page.set_input_files("#files input[type=file]", [str(p) for p in paths])
     for path in paths:
         page.wait_for_selector(f"#files >> text={path.stem}")  # the page splits name and suffix
@@ -97,7 +104,7 @@ def card(page, panel: str, name: str):
     return page.wait_for_selector(f'#{panel} .card[data-name="{name}"]', state="attached")
 
 
-def test_a_real_photo_gets_the_python_api_captions_and_its_mask(page, captioner) -> None:
+def test_a_real_photo_gets_the_python_api_captions_and_its_mask(page, captioner, outside_requests) -> None:
     caption(page, PHOTO)
     result = card(page, "captions", PHOTO.name)
     texts = [node.text_content() for node in result.query_selector_all(".caption")]
@@ -115,16 +122,17 @@ def test_a_real_photo_gets_the_python_api_captions_and_its_mask(page, captioner)
     assert mask.query_selector(".badge").text_content() == ("kept" if kept[0] else "dropped")
     count = mask.query_selector(".kept-count").text_content()
     assert count == f"GPT-2 reads {sum(kept)} of {len(kept)} prefix positions."
-    page.get_by_role("tab", name="Captions").click()
+    assert outside_requests == []
 
 
-def test_a_text_file_gets_an_error_message_in_the_page(page, tmp_path) -> None:
+def test_a_text_file_gets_an_error_message_in_the_page(page, tmp_path, outside_requests) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("these are not pixels\n")
     caption(page, notes)
     error = card(page, "captions", "notes.txt").query_selector(".error").text_content()
     assert error == "notes.txt: not a recognised image format (supported: JPEG, PNG, WEBP, BMP, DIB, GIF, TIFF)"
     page.wait_for_selector("#message >> text=1 of 1 file could not be read: see below.")
+    assert outside_requests == []
 
 
 def test_an_example_captioned_greedily_and_no_request_left_the_machine(page, captioner, outside_requests) -> None:

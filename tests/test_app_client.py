@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import gradio_client
 import pytest
 from app_server import PHOTO, app_command, app_env, make_checkpoint, running
 
 from models import load_captioner
 
-gradio_client = pytest.importorskip("gradio_client", reason="pip install -r requirements-app.txt")
 REPO = Path(__file__).resolve().parent.parent
 
 

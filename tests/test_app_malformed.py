@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 import pytest
 from app_server import PHOTO, app_command, app_env, make_checkpoint, running
 
-pytest.importorskip("gradio_client", reason="pip install -r requirements-app.txt")
 MAX_UPLOAD_MB = 2
 BOUNDARY = "opg-test-boundary"
 ETC_PASSWD = Path("/etc/passwd")

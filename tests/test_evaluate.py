@@ -264,9 +264,13 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys, reference_metrics, scorer, mo
     assert metrics["metrics"]["CIDEr"] == pytest.approx(reference_metrics["CIDEr"])
     assert metrics["coverage"]["n_evaluated"] == len(GTS)
     rows = json.loads(per_image.read_text())
-    # CIDEr comes from metrics.cider.CiderD (corpus mode), pycocoevalcap's formula to the last bits of a float64
-    expected = sorted(reference_metrics["per_image"].values())
-    assert [row["CIDEr"] for row in rows] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # each image's own caption and CIDEr, worst first; CIDEr comes from metrics.cider.CiderD (corpus mode),
+    # pycocoevalcap's formula to the last bits of a float64
+    assert sorted(row["image_id"] for row in rows) == sorted(GTS)
+    for row in rows:
+        assert row["caption"] == RES[row["image_id"]]
+        assert row["CIDEr"] == pytest.approx(reference_metrics["per_image"][row["image_id"]], rel=1e-12, abs=1e-12)
+    assert [row["CIDEr"] for row in rows] == sorted(row["CIDEr"] for row in rows)
 
 
 def test_evaluate_cli_input_errors_exit_2(tmp_path, capsys):

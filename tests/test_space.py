@@ -10,6 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import gradio_client
 import pytest
 import yaml
 from app_server import PHOTO, make_checkpoint, running
@@ -18,7 +19,6 @@ import export
 from models import load_captioner
 from webapp.ui import free_port
 
-gradio_client = pytest.importorskip("gradio_client", reason="pip install -r requirements-app.txt")
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import cmath
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -65,16 +68,25 @@ def test_translations_move_7_pixels_and_fill_grey(sign):
 
 @pytest.mark.parametrize(("op", "sign"), [("Rotate", 1.0), ("Rotate", -1.0), ("ShearX", 1.0), ("ShearY", -1.0)])
 def test_geometric_ops_follow_opencv_geometry(op, sign):
-    """A spot at p lands at M p, with M OpenCV's forward matrix at magnitude 7 (21 degrees, shear 0.21)."""
+    """A spot lands where OpenCV's warpAffine puts it at magnitude 7: rotated 21 degrees counter-clockwise on
+    screen about the image centre (32, 32), or sheared by 0.21 (x += 0.21 y, or y -= 0.21 x)."""
     source = (40.0, 22.0)
     moved = RandomAugment().apply(_blob(source), op, sign)
-    if op == "Rotate":
-        matrix = rotation_matrix((64, 64), sign * 21.0)
+    if op == "Rotate":  # on screen (y down) counter-clockwise is the complex rotation of (x - cx) - i (y - cy)
+        turned = complex(source[0] - 32, -(source[1] - 32)) * cmath.exp(1j * math.radians(sign * 21.0))
+        expected = (32 + turned.real, 32 - turned.imag)
+    elif op == "ShearX":
+        expected = (source[0] + sign * 0.21 * source[1], source[1])
     else:
-        shear = sign * 0.21
-        matrix = np.array([[1.0, shear, 0.0], [0.0, 1.0, 0.0]] if op == "ShearX" else [[1.0, 0, 0], [shear, 1, 0]])
-    expected = matrix @ np.array([*source, 1.0])
+        expected = (source[0], source[1] + sign * 0.21 * source[0])
     np.testing.assert_allclose(_centroid(moved), expected, atol=0.05)
+
+
+def test_rotation_matrix_is_opencvs():
+    """getRotationMatrix2D((32, 32), 21, 1) as OpenCV documents it: [[a, b, (1-a) cx - b cy], [-b, a, b cx + (1-a) cy]]
+    with a = cos 21 deg, b = sin 21 deg; values written out."""
+    expected = [[0.9335804, 0.3583679, -9.3423480], [-0.3583679, 0.9335804, 13.5932007]]
+    np.testing.assert_allclose(rotation_matrix((64, 64), 21.0), expected, atol=1e-6)
 
 
 def test_two_ops_each_applied_with_probability_one_half():
