@@ -49,6 +49,7 @@ def test_the_space_folder_runs_on_its_own_and_captions_a_real_photo(checkpoint, 
 
     copy = shutil.copytree(out, tmp_path / "elsewhere" / "space")  # the folder as a Space would hold it
     shutil.rmtree(out)
+    assert not list(copy.rglob("*.pyc"))  # so that compiled files found later come from this run
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     port = free_port("127.0.0.1")

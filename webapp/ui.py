@@ -11,16 +11,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import logging  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
 
 from webapp.render import captions_html, mask_html  # noqa: E402
 from webapp.service import MAX_BEAMS, MAX_CAPTIONS, CaptionService, RequestError, Settings  # noqa: E402
+from webapp.uploads import sweep_failed_uploads  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+FAILED_UPLOAD_MAX_AGE_S = 600.0
 API_NAME = "caption"  # gradio_client: Client(url).predict(files, method, ..., api_name="/caption")
 SYSTEM_FONTS = ["system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
@@ -155,13 +159,14 @@ def serve(
     max_upload_mb: float = 20.0, queue: int = 8, examples_dir: Path | None = None,
 ) -> None:  # fmt: skip
     """Serve the page until Ctrl+C or SIGTERM. Requests are captioned one at a time (they share one model
-    and torch already uses every core); up to ``queue`` more wait, later ones are told the server is busy."""
+    and torch already uses every core); up to ``queue`` more wait, later ones are told the server is busy.
+    What cut-off or refused uploads leave in Gradio's upload folder is deleted after 10 minutes."""
     demo = build_demo(service, examples_dir)
     demo.queue(max_size=queue, default_concurrency_limit=1)
     port = free_port(host) if port == 0 else port
     _, url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 1e6), quiet=True,
-        prevent_thread_lock=True, theme=theme(), css=CSS, ssr_mode=False, footer_links=["api"],
+        prevent_thread_lock=True, theme=theme(), css=CSS, ssr_mode=False, footer_links=["api"], show_error=True,
         allowed_paths=[str(examples_dir)] if examples_dir is not None else None,
     )  # fmt: skip
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -169,8 +174,11 @@ def serve(
     extra = f" and {share_url}" if share_url else ""
     print(f"Captioning with {service.source} on {service.captioner.device}: open {shown}{extra} (Ctrl+C stops)",
           flush=True)  # fmt: skip
+    stop_sweeping = threading.Event()
+    sweep_failed_uploads(Path(get_upload_folder()), FAILED_UPLOAD_MAX_AGE_S, stop_sweeping)
     try:
         demo.block_thread()
     finally:
+        stop_sweeping.set()
         demo.close()
     print("stopped", flush=True)
