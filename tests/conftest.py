@@ -8,6 +8,22 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Handlers that a test's run installed on the root logger (its console stream, its train.log) are
+    removed and closed after it, so that no later test logs into them; pytest's own capture handlers stay."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in list(root.handlers):
+        if type(handler) in (logging.StreamHandler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny models gain nothing from threads, and lose a lot when other processes share the cores."""

@@ -3,6 +3,7 @@ refused ambiguity, tracebacks of unexpected errors in train.log, and plain progr
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from faults import subprocess_env, train_command
@@ -22,7 +24,7 @@ import export
 import predict
 import train_scst
 from data import prepare_coco, prepare_custom, synthetic
-from engine.config import SCHEMA, Config, build_config, parse_overrides
+from engine.config import CONFIG_DIR, SCHEMA, Config, build_config, parse_overrides
 from utils import plot
 from utils.cli import ArgumentParser, UsageError, add_flag, add_schema_options, schema_overrides
 from utils.config import Schema, option, section
@@ -95,14 +97,65 @@ def test_train_help_is_the_schema_with_defaults(capsys, monkeypatch):
     assert entries["--encoder.checkpoint"][0] == "--encoder.checkpoint PATH"  # no short name: --checkpoint is taken
 
 
-@pytest.mark.parametrize(
-    "argv,expected",
-    [(["--no_progress"], True), (["--no_progress=True"], True), (["--no_progress", "False"], False),
-     (["--no-progress", "no"], False), (["--no_progress", "--batch_size", "3"], True), ([], False)],
-)  # fmt: skip
-def test_booleans_of_every_entry_point_take_every_spelling(argv, expected):
-    args = predict.build_parser().parse_args(["--checkpoint", "c.pt", "--images", "x.jpg", *argv])
-    assert args.no_progress is expected
+def _namespace(parsed: argparse.Namespace | int) -> argparse.Namespace:
+    assert isinstance(parsed, argparse.Namespace), f"usage error (exit status {parsed})"
+    return parsed
+
+
+def _synthetic_force(argv: list[str]) -> bool:
+    """data.synthetic's --force, seen in what main does: regenerate (True) or reuse an identical set."""
+    calls: list[bool] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthetic, "generate_dataset", lambda out, **_: calls.append(True) or SimpleNamespace(root=out))
+        patch.setattr(synthetic, "ensure_dataset", lambda out, **_: calls.append(False) or SimpleNamespace(root=out))
+        assert synthetic.main(argv) == 0
+    assert len(calls) == 1
+    return calls[0]
+
+
+# Entry point -> (a boolean option of it, other options it needs, the option's value after parsing argv).
+BOOLEAN_OPTIONS = {
+    "train_scst.py": ("--print_config", ["--batch_size", "3"],
+                      lambda argv: train_scst.build_parser().parse_args(argv).print_config),
+    "demo.py": ("--only_prefix", ["--output_dir", "o"],  # a config option: what both of the demo's stages get
+                lambda argv: build_config([CONFIG_DIR / "demo.yaml"],
+                                          demo.shared_overrides(demo.build_parser().parse_args(argv))).model.only_prefix),
+    "predict.py": ("--no_progress", ["--checkpoint", "c.pt", "--images", "x.jpg"],
+                   lambda argv: predict.build_parser().parse_args(argv).no_progress),
+    "evaluate.py": ("--no_spice", ["--results", "r.json", "--annotations", "a.json"],
+                    lambda argv: _namespace(evaluate.parse_args(argv)).no_spice),
+    "export.py": ("--overwrite", ["--checkpoint", "c.pt", "--out", "o"],
+                  lambda argv: _namespace(export.parse_args(argv)).overwrite),
+    "app.py": ("--share", ["--port", "0"], lambda argv: _namespace(app.parse_args(argv)).share),
+    "data.prepare_coco": ("--drop_missing", ["--karpathy", "k.json", "--image_root", "i", "--out", "o"],
+                          lambda argv: _namespace(prepare_coco.parse_args(argv)).drop_missing),
+    "data.prepare_custom": ("--skip_invalid", ["--image_root", "i", "--out", "o"],
+                            lambda argv: _namespace(prepare_custom.parse_args(argv)).skip_invalid),
+    "data.synthetic": ("--force", ["--out", "o"], _synthetic_force),
+}  # fmt: skip
+SPELLINGS = [
+    (["{flag}"], True), (["{flag}=True"], True), (["{flag}", "False"], False), (["{dashed}", "no"], False),
+    (["{flag}", "--next_option"], True), ([], False),
+]  # fmt: skip
+
+
+def test_every_entry_point_but_plot_has_a_boolean_option_to_check(capsys, monkeypatch):
+    assert set(BOOLEAN_OPTIONS) == set(ENTRY_POINTS) - {"utils.plot"}
+    monkeypatch.setenv("COLUMNS", "120")
+    assert plot.main(["--help"]) == 0
+    invocations = [invocation for invocation, _ in help_entries(capsys.readouterr().out).values()]
+    assert invocations == ["-h, --help", "--out PATH", "--title STR"]  # no BOOL option to spell
+
+
+@pytest.mark.parametrize("spelling,expected", SPELLINGS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+@pytest.mark.parametrize("name", BOOLEAN_OPTIONS)
+def test_booleans_of_every_entry_point_take_every_spelling(name, spelling, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flag, needed, value_of = BOOLEAN_OPTIONS[name]
+    tokens = [t.format(flag=flag, dashed="--" + flag[2:].replace("_", "-")) for t in spelling]
+    # "--next_option": the flag followed by another option (the ones it needs), not by a value
+    argv = [tokens[0], *needed] if tokens[-1:] == ["--next_option"] else [*needed, *tokens]
+    assert value_of(argv) is expected
 
 
 def test_reference_spellings_short_names_and_dotted_names_agree():

@@ -146,34 +146,46 @@ def test_sampling_is_seeded(checkpoint, image_dir, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args",
+    "args,message",
     [
-        ["--output", "out.txt"],
-        ["--method", "sample", "--beams", "3"],
-        ["--min_len", "9", "--max_len", "4"],
-        ["--batch_size", "0"],
-        ["--beams", "two"],
-        ["--precision", "fp8"],
-        ["--num_captions", "0"],
-        ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--format", "xml"],
+        (["--output", "out.txt"], "error: cannot tell the output format of 'out.txt' from its suffix"),
+        (["--method", "sample", "--beams", "3"], "error: invalid decoding options: beams=3: must be >= 1, and 1 unless "
+                                                 "method='beam'"),
+        (["--min_len", "9", "--max_len", "4"], "error: invalid decoding options: need 0 <= min_len <= max_len and "
+                                               "max_len >= 1, got 9, 4"),
+        (["--batch_size", "0"], "error: --batch_size and --num_captions must be >= 1 and --num_workers >= 0"),
+        (["--beams", "two"], "error: argument --beams: invalid int value: 'two'"),
+        (["--precision", "fp8"], "error: argument --precision: invalid choice: 'fp8'"),
+        (["--num_captions", "0"], "error: --batch_size and --num_captions must be >= 1 and --num_workers >= 0"),
+        (["--device", "cuda:7"], "on device cuda:7: device 'cuda:7': CUDA is not available here")
+        if not torch.cuda.is_available()
+        else (["--format", "xml"], "error: argument --format: invalid choice: 'xml'"),
     ],
-    ids=str,
-)
-def test_usage_errors_exit_2(checkpoint, image_dir, tmp_path, monkeypatch, args) -> None:
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)  # fmt: skip
+def test_usage_errors_exit_2(checkpoint, image_dir, tmp_path, monkeypatch, capsys, args, message) -> None:
     monkeypatch.chdir(tmp_path)
     assert run_predict(checkpoint, good_paths(image_dir), *args) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "captioned" not in captured.err and captured.out == "" and list(tmp_path.iterdir()) == []
 
 
 def test_unusable_checkpoint_or_no_images_exit_2(checkpoint, image_dir, tmp_path, capsys) -> None:
-    assert run_predict(tmp_path / "absent.pt", good_paths(image_dir)) == 2
-    assert "absent.pt" in capsys.readouterr().err
+    absent = tmp_path / "absent.pt"
+    assert run_predict(absent, good_paths(image_dir)) == 2
+    assert f"error: cannot use checkpoint {absent} on device auto: checkpoint {absent} does not exist" in (
+        capsys.readouterr().err
+    )
     not_a_checkpoint = tmp_path / "bad.pt"
     not_a_checkpoint.write_text("junk")
     assert run_predict(not_a_checkpoint, good_paths(image_dir)) == 2
+    assert f"error: cannot use checkpoint {not_a_checkpoint} on device auto: checkpoint {not_a_checkpoint} cannot " \
+           "be read: not a torch checkpoint" in capsys.readouterr().err  # fmt: skip
     empty = tmp_path / "empty_folder"
     empty.mkdir()
     assert run_predict(checkpoint, [str(empty)]) == 2
-    assert "no image files found" in capsys.readouterr().err
+    assert f"error: no image files found in {empty}" in capsys.readouterr().err
 
 
 def test_real_photos_with_worker_processes(checkpoint, tmp_path) -> None:
@@ -279,7 +291,7 @@ def test_ambiguous_or_unusable_annotations(checkpoint, nocaps_like, tmp_path, ca
     assert "run python -m data.prepare_coco" in capsys.readouterr().err
 
 
-def test_n_best_lists_in_json_and_jsonl(checkpoint, image_dir, tmp_path) -> None:
+def test_n_best_lists_in_json_and_jsonl(checkpoint, image_dir, tmp_path, capsys) -> None:
     from models import load_captioner
 
     paths = good_paths(image_dir)
@@ -294,7 +306,11 @@ def test_n_best_lists_in_json_and_jsonl(checkpoint, image_dir, tmp_path) -> None
         scores = [[c["score"] for c in r["captions"]] for r in rows]
         assert all(s == sorted(s, reverse=True) for s in scores)
         assert scores[0][0] == pytest.approx(expected[0][0].score, abs=1e-4)
+    capsys.readouterr()
     assert run_predict(checkpoint, paths, "--output", str(tmp_path / "nbest.csv"), "--num_captions", "3") == 2
+    err = capsys.readouterr().err
+    assert "error: --num_captions > 1 writes n-best lists: use a .json or .jsonl --output" in err
+    assert not (tmp_path / "nbest.csv").exists()
 
 
 def _predict_split(best: Path, data: Path, out: Path) -> dict:

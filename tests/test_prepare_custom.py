@@ -7,6 +7,8 @@ import csv
 import json
 import math
 import random
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,6 @@ from PIL import Image
 import train_scst
 from data.prepare_coco import DF_CACHE_NAME
 from data.prepare_custom import main
-from data.text import clean_caption, strip_stop
 from metrics.cider_df import DocumentFrequency
 from metrics.coco_eval import load_ground_truth
 
@@ -77,10 +78,15 @@ def test_csv_gives_the_prepare_coco_files_and_a_reproducible_split(photos: Path,
         gts = load_ground_truth(out / f"{split}_gt.json")
         assert {e["image_id"]: by_image[e["image"]] for e in entries} == gts
     df = DocumentFrequency.load(out / DF_CACHE_NAME)
-    references = [[strip_stop(clean_caption(c)) for c in by_image[image]] for image in train_images]
     assert df.log_num_docs == pytest.approx(math.log(7))
-    word = references[0][0].split()[1]
-    assert df.counts[(word,)] == sum(any(word in ref.split() for ref in refs) for refs in references)
+    # Each caption of image i is "A <w1>, <w2> and <w3>!" (see table): lowercased, punctuation dropped and
+    # counted with the end token, its words are a, and, <eos> and the three WORDS picked by the formula.
+    expected: Counter[str] = Counter()
+    for image in sorted(train_images):
+        i = int(Path(image).stem[3:])
+        picked = {WORDS[j % 8] for k in range(2 + i % 2) for j in (i, i + k, i * 3 + k)}
+        expected.update({"a", "and", "<eos>"} | picked)
+    assert {gram[0]: count for gram, count in df.counts.items() if len(gram) == 1} == expected
 
     shuffled = random.Random(1).sample(rows, len(rows))  # other row order, same seed: same split
     assert prepare(write_csv(tmp_path / "s.csv", shuffled), photos, tmp_path / "b", "--val", "2", "--test", "0.25") == 0
@@ -164,4 +170,27 @@ def test_train_on_the_prepared_data(tiny_dataset: Path, tmp_path: Path) -> None:
     predictions = json.loads((run / "test_predictions.json").read_text())
     test_ids = {e["image_id"] for e in json.loads((prepared / "test.json").read_text())}
     assert {p["image_id"] for p in predictions} == test_ids and len(test_ids) == 8
-    assert json.loads((run / "test_metrics.json").read_text())["metrics"]["CIDEr"] >= 0.0
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert report["coverage"]["n_evaluated"] == report["coverage"]["n_ground_truth"] == 8
+    # CIDEr-D is positive exactly when some caption shares with its own references an n-gram that not every
+    # scored image's references hold (idf log(N / df) > 0), and at most 10; the references are the prepared
+    # test_gt.json, read here from disk.
+    references: dict[int, list[str]] = {}
+    for annotation in json.loads((prepared / "test_gt.json").read_text())["annotations"]:
+        references.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    assert set(references) == test_ids
+    grams = {image_id: [_ngrams(ref) for ref in refs] for image_id, refs in references.items()}
+    df = Counter(gram for per_ref in grams.values() for gram in set().union(*per_ref))
+    informative = any(
+        gram in set().union(*grams[p["image_id"]]) and df[gram] < len(grams)
+        for p in predictions
+        for gram in _ngrams(p["caption"])
+    )
+    cider = report["metrics"]["CIDEr"]
+    assert (cider > 0.0) is informative and cider <= 10.0, (cider, predictions)
+
+
+def _ngrams(caption: str) -> set[tuple[str, ...]]:
+    """The 1- to 4-grams of a caption as the PTB tokenizer splits these (lowercase, punctuation dropped)."""
+    words = re.findall(r"[a-z0-9]+", caption.lower())
+    return {tuple(words[i : i + n]) for n in range(1, 5) for i in range(len(words) - n + 1)}

@@ -16,10 +16,12 @@ from utils.reporting import Reporter, scalar_values
 
 
 def setup_logging(rank: int = 0, log_file: Path | None = None, level: int = logging.INFO) -> None:
-    """Rank 0 logs at ``level`` (console and ``log_file``), other ranks warnings only."""
+    """Rank 0 logs at ``level`` (console and ``log_file``), other ranks warnings only. Replaces (and closes)
+    the root logger's handlers, so that runs one after another in one process log once, each to its own file."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
