@@ -4,9 +4,10 @@ test metrics of XE with no mask, the reference's ``hard`` mask and the learning 
 Each run is the demo's XE stage (``configs/demo.yaml``) with one encoder and one mask setting:
 ``swin_demo`` gives the demo's 17 prefix positions (4 x 4 grid + mean), ``swin_tiny_test`` at 224 px the
 paper's 50 (7 x 7 grid + mean). The dropped fraction is measured on the test split with the best
-checkpoint. About 5 minutes per run on 2 CPU cores. With ``--scst`` every masked XE run is followed by
-the demo's SCST stage (``configs/demo_scst.yaml``) from its best checkpoint twice: without the mask (the
-reference's SCST stage) and with it (``model.apply_sparse_mask true``).
+checkpoint. On 2 CPU cores a ``swin_demo`` run takes 3 to 4 minutes, a ``swin_tiny_test`` one 6 to 13.
+With ``--scst`` every masked XE run is followed by the demo's SCST stage (``configs/demo_scst.yaml``) from
+its best checkpoint twice: without the mask (the reference's SCST stage) and with it
+(``model.apply_sparse_mask true``).
 
     python benchmarks/sparse_mask.py [--encoders swin_demo,swin_tiny_test] [--masks none,hard,ste] [--scst]
 """
