@@ -2,7 +2,8 @@
 
 Every command line in their shell blocks, and in their prose's inline code, that calls one of the project's
 entry points uses only options that the entry point's parser defines, with a value of the right kind where
-the value is written out (a choice among the option's choices, a number, true or false); every ``make``
+the value is written out (a choice among the option's choices, a number, true or false), and so does every
+command of ``scripts/*.sh``; every ``make``
 target named exists; every relative link and image resolves, anchors included; every page of docs/ is
 linked from the README; the configuration page names every config key.
 
@@ -183,6 +184,25 @@ def test_every_documented_option_exists() -> None:
         if module not in parsers:
             parsers[module] = entry_parser(module)
         wrong += [f"{command.page}: {w} in `{command.text}`" for w in wrong_options(parsers[module], arguments)]
+    assert not wrong, "options the entry points do not accept:\n" + "\n".join(wrong)
+
+
+def test_the_scripts_call_the_entry_points_with_options_they_accept() -> None:
+    """scripts/gpu_check.sh runs on a lent GPU machine for a few minutes: a renamed option must fail here,
+    not there."""
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    called, wrong = set(), []
+    for script in sorted((REPO / "scripts").glob("*.sh")):
+        for command in command_lines(script.read_text(encoding="utf-8")):
+            target = entry_point(words_of(command))
+            if target is None:
+                continue
+            module, arguments = target
+            called.add(module)
+            if module not in parsers:
+                parsers[module] = entry_parser(module)
+            wrong += [f"{script.name}: {w} in `{command}`" for w in wrong_options(parsers[module], arguments)]
+    assert {"benchmarks.bench_steps", "benchmarks.bench_scst", "benchmarks.rehearsal"} <= called
     assert not wrong, "options the entry points do not accept:\n" + "\n".join(wrong)
 
 
