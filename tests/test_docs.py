@@ -3,9 +3,9 @@
 Every command line in their shell blocks, and in their prose's inline code, that calls one of the project's
 entry points uses only options that the entry point's parser defines, with a value of the right kind where
 the value is written out (a choice among the option's choices, a number, true or false), and so does every
-command of ``scripts/*.sh``; every ``make``
-target named exists; every relative link and image resolves, anchors included; every page of docs/ is
-linked from the README; the configuration page names every config key.
+command of ``scripts/*.sh``; every ``make`` target named exists; every relative link and image resolves,
+anchors included; every page of docs/ is linked from the README; the configuration page names every config
+key.
 
 The parsers are the entry points' own: ``main(["--help"])`` runs with argparse's parsing replaced by a
 stop that hands back the parser, so the command's work never starts (each ``main`` parses first).
