@@ -139,8 +139,8 @@ def test_sigterm_full_disk_java_loss_and_kill_9_then_resume_equals_the_uninterru
     resume = [*start, "--resume"]
     steps = _sigterm_mid_epoch(start, out, logs)
     _full_disk_keeps_last_checkpoint(resume, out, logs)
-    _kill_during_save(resume, out, logs, steps[-1])
-    env = _java_vanishes_before_validation(resume, out, logs, tmp_path)
+    stale = _kill_during_save(resume, out, logs, steps[-1])
+    env = _java_vanishes_before_validation(resume, out, logs, tmp_path, stale)
     _kill_at_random_moments(resume, out, logs, env)
 
     # 6. Resumed to the end: the same weights, counters, best checkpoint and test captions as never stopped.
@@ -161,7 +161,9 @@ def _sigterm_mid_epoch(start: list[str], out: Path, logs: Path) -> list[int]:
     assert job.wait_until(lambda: len(_train_steps(out)) >= 1)
     job.signal_group(signal.SIGTERM)
     assert job.wait(120) == 75, job.error_text()[-3000:]
-    assert "stopped by SIGTERM" in _last_line(job)
+    assert _last_line(job) == (
+        "train_scst.py: stopped by SIGTERM with last.pt written; continue with the same command plus --resume"
+    )
     steps = _train_steps(out)
     assert _counters(out)["global_step"] == steps[-1] < 8 and _temporaries(out) == []
     return steps
@@ -174,31 +176,75 @@ def _full_disk_keeps_last_checkpoint(resume: list[str], out: Path, logs: Path) -
     limit = (out / "last.pt").stat().st_size // 2
     job = Job(resume, logs, "2_full_disk", preexec_fn=limit_file_size(limit))
     assert job.wait() == 1, job.error_text()[-3000:]
-    line = _last_line(job)
-    assert f"cannot write checkpoint {out / 'last.pt'}" in line and "File too large" in line, line
-    assert "previous last.pt is unchanged" in line and "Traceback" not in job.error_text()
+    assert _last_line(job) == (
+        f"train_scst.py: error: cannot write checkpoint {out.resolve() / 'last.pt'} (File too large: file size "
+        "limit reached (ulimit -f)); the previous last.pt is unchanged"
+    )
+    assert "Traceback" not in job.error_text()
     assert _sha256(out / "last.pt") == before and _temporaries(out) == []
 
 
-def _kill_during_save(resume: list[str], out: Path, logs: Path, last_step: int) -> None:
-    """3. kill -9 while last.pt is being written: last.pt is the old or the new one, never a partial file."""
-    job = Job(resume, logs, "3_kill_in_save")
-    assert job.wait_until(lambda: bool(_temporaries(out)), poll=0.002), job.error_text()[-3000:]
+# python -c _HELD_AT_RENAME MARKER SCRIPT ARGS...: runs SCRIPT as its command line does, except that the first
+# os.replace onto a file named last.pt does not happen: MARKER then names the file that was to be renamed, and
+# the process waits to be killed (ten minutes at most). The save is held at its last moment: the new checkpoint
+# is written (and fsynced) beside last.pt, and last.pt is still the old one.
+_HELD_AT_RENAME = """
+import os, runpy, sys, time
+marker, script = sys.argv[1], sys.argv[2]
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == "last.pt":
+        with open(marker + ".part", "w") as handle:
+            handle.write(os.fspath(src))
+        real_replace(marker + ".part", marker)
+        time.sleep(600)
+        os._exit(3)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv = sys.argv[2:]
+sys.path[0] = os.path.dirname(script)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _kill_during_save(resume: list[str], out: Path, logs: Path, last_step: int) -> str:
+    """3. kill -9 in the middle of saving last.pt, at a fixed point: the new checkpoint is written beside
+    last.pt, not yet renamed over it. last.pt is the old one, byte for byte; the temporary file is left
+    behind (its name is returned)."""
+    before, counters = _sha256(out / "last.pt"), _counters(out)
+    assert counters["global_step"] == last_step
+    held = logs / "3_held_at_rename"
+    job = Job([sys.executable, "-c", _HELD_AT_RENAME, str(held), *resume[1:]], logs, "3_kill_in_save")
+    assert job.wait_until(held.exists), job.error_text()[-3000:]
     job.signal_group(signal.SIGKILL)
-    job.wait(60)
-    assert _counters(out)["global_step"] in (last_step, last_step + 1)
+    assert job.wait(60) == -signal.SIGKILL, job.error_text()[-3000:]
+    temporary = Path(held.read_text())
+    assert temporary.name.startswith(".last.pt.") and _temporaries(out) == [temporary.name]
+    assert _sha256(out / "last.pt") == before
+    # The save cut short is the resumed run's first: after its first step, or after the validation that a
+    # stop at the end of an epoch left pending (last.pt is saved again once it is done).
+    cut_short = read_checkpoint(temporary)["train_state"]["counters"]
+    expected = last_step if counters["validation_pending"] else last_step + 1
+    assert (cut_short["global_step"], cut_short["validation_pending"]) == (expected, False), cut_short
+    return temporary.name
 
 
-def _java_vanishes_before_validation(resume: list[str], out: Path, logs: Path, tmp_path: Path) -> dict[str, str]:
+def _java_vanishes_before_validation(
+    resume: list[str], out: Path, logs: Path, tmp_path: Path, stale: str
+) -> dict[str, str]:
     """4. Java disappears: the first validation fails; the epoch's training is in last.pt, marked as awaiting
     its validation. The stale temporary file of step 3 is gone. Returns the environment with Java back."""
     java_dir, gone = _java_that_vanished(tmp_path)
     env = subprocess_env(PATH=f"{java_dir}{os.pathsep}{os.environ['PATH']}")
     job = Job(resume, logs, "4_java_gone", env=env)
     assert job.wait() == 1, job.error_text()[-3000:]
-    line = _last_line(job)
-    assert line.startswith("train_scst.py: error: validating epoch 1 failed") and "PTB tokenizer (Java)" in line, line
-    assert "last.pt holds the training so far" in line and "--resume" in line
+    assert f"removed 1 incomplete file(s) left by an interrupted write: {stale}\n" in job.error_text()
+    # pycocoevalcap ignores Java's exit status: the tokenizer's short output is what names the failure
+    assert _last_line(job) == (
+        "train_scst.py: error: validating epoch 1 failed (RuntimeError: the PTB tokenizer (Java) returned a "
+        "different number of captions than it was given); last.pt holds the training so far: fix the cause and "
+        "run the same command with --resume"
+    )
     counters = _counters(out)
     assert (counters["epoch"], counters["epoch_step"], counters["global_step"]) == (1, 0, 4)
     assert counters["validation_pending"] and _temporaries(out) == []
@@ -214,8 +260,9 @@ def _kill_at_random_moments(resume: list[str], out: Path, logs: Path, env: dict[
         job = Job(resume, logs, f"5_random_kill_{leg}", env=env)
         assert job.wait_until(lambda seen=seen: _metrics_lines(out) > seen), job.error_text()[-3000:]
         time.sleep(rng.uniform(0.0, 1.5))
+        assert job.process.poll() is None, job.error_text()[-3000:]  # still running: the kill below is real
         job.signal_group(signal.SIGKILL)
-        job.wait(60)
+        assert job.wait(60) == -signal.SIGKILL
         read_checkpoint(out / "last.pt")
 
 
@@ -320,12 +367,16 @@ def test_resume_without_a_checkpoint_and_other_architectures_are_errors(data, fe
     assert not (empty / "metrics.jsonl").exists()
     other = ["--mapping_type", "transformer", "--mapper_layers", "1", "--mapper_heads", "2"]
     shutil.copytree(reference, tmp_path / "copy")
-    for extra in (["--resume"], ["--checkpoint", str(reference / "best.pt")]):
-        out = tmp_path / "copy" if extra == ["--resume"] else tmp_path / "init"
+    # --resume loads the run's own last.pt (named as the resolved run folder's); --checkpoint the file as given
+    resumed = (tmp_path / "copy").resolve() / "last.pt"
+    for out, extra, named in (
+        (tmp_path / "copy", ["--resume"], resumed),
+        (tmp_path / "init", ["--checkpoint", str(reference / "best.pt")], reference / "best.pt"),
+    ):
         assert train_scst.main(_command(data, features, out, *other, *extra)[2:]) == 1
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
-        assert len(errors) == 1 and "do not fit the model" in errors[0] and "mapper." in errors[0], errors
-        assert str(reference / "best.pt") in errors[0] or str(out / "last.pt") in errors[0]
+        prefix = f"train_scst.py: error: weights in {named} do not fit the model; "
+        assert len(errors) == 1 and errors[0].startswith(prefix) and "mapper." in errors[0], errors
 
 
 def test_without_java_each_entry_point_stops_before_any_work(tmp_path):
@@ -380,7 +431,9 @@ def test_meteor_killed_between_calls_is_restarted_by_the_next_one():
         first = scorer.score(gts, res, spice=False).metrics
         [java] = _meteor_processes()
         os.kill(java, signal.SIGKILL)
+        deadline = time.monotonic() + 30
         while java in _meteor_processes() and _process_state(java) != "Z":  # dead (a zombie until reaped)
+            assert time.monotonic() < deadline, f"Java {java} still {_process_state(java)} 30 s after kill -9"
             time.sleep(0.01)
         second = scorer.score(gts, res, spice=False).metrics
         restarted = _meteor_processes()

@@ -47,14 +47,25 @@ def test_curves_from_metrics_files(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "scst" / "config.yaml").write_text(f"scst: true\ncheckpoint: {tmp_path / 'xe' / 'best.pt'}\n")
     offsets = chain_offsets([tmp_path / "xe", tmp_path / "scst"], [xe, scst])
     assert offsets == [0, 6]  # SCST continues after the XE run it started from
-    assert plot_main([str(tmp_path / "absent"), "--out", str(tmp_path / "x.png")]) == 2
-    assert "absent/metrics.jsonl does not exist" in capsys.readouterr().err
+    absent = tmp_path / "absent"
+    assert plot_main([str(absent), "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {absent / 'metrics.jsonl'} does not exist: is {absent} a training run folder?\n"
+    )
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_report_to_values() -> None:
     assert parse_report_to("none") == [] and parse_report_to("tensorboard, wandb") == ["tensorboard", "wandb"]
     with pytest.raises(ValueError, match="unknown \\['mlflow'\\]"):
         parse_report_to("tensorboard,mlflow")
+
+
+def _run_file(run: Path) -> bytes:
+    """The bytes of the offline run's ``run-<id>.wandb`` file so far (none before wandb creates it)."""
+    files = list(run.glob("*.wandb"))
+    assert len(files) <= 1, files
+    return files[0].read_bytes() if files else b""
 
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,12 +79,11 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path: Path, monkeypatch: pytest
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     keys = (b"train/loss", b"train/reward", b"val/CIDEr", b"2.5", b"1.25")
+    pages = runs[0] / "files" / "media" / "html" / "val"
     deadline = time.monotonic() + 30  # wandb's service process writes the run file after finish() returns
-    while (missing := [k for k in keys if k not in next(runs[0].glob("*.wandb")).read_bytes()]) and (
-        time.monotonic() < deadline
-    ):
+    while (missing := [k for k in keys if k not in _run_file(runs[0])]) or not list(pages.glob("samples_3_*.html")):
+        assert time.monotonic() < deadline, f"30 s after finish(): {runs[0]} lacks {missing} or {pages}/samples_3_*"
         time.sleep(0.2)
-    assert not missing
-    (page,) = (runs[0] / "files" / "media" / "html" / "val").glob("samples_3_*.html")
+    (page,) = pages.glob("samples_3_*.html")
     assert "a red square" in page.read_text()
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 2.5
