@@ -27,7 +27,7 @@ from data import prepare_coco, prepare_custom, synthetic
 from engine.config import CONFIG_DIR, SCHEMA, Config, build_config, parse_overrides
 from utils import plot
 from utils.cli import ArgumentParser, UsageError, add_flag, add_schema_options, schema_overrides
-from utils.config import Schema, option, section
+from utils.config import ConfigError, Schema, option, section
 from utils.progress import progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,8 +209,9 @@ class _Neither:
     second: _QuietPart = section(_QuietPart)
 
 
-def test_a_short_name_shared_by_two_fields_is_refused_where_declared():
-    with pytest.raises(TypeError, match="'seed' would mean both first.seed and second.seed"):
+def test_a_short_name_shared_by_two_fields_is_refused_where_declared(tmp_path):
+    with pytest.raises(TypeError, match=r"^option name 'seed' would mean both first\.seed and second\.seed: "
+                                        r"declare one of them with short=False$"):  # fmt: skip
         Schema(_Clash)
     schema = Schema(_Resolved)
     parser = ArgumentParser(prog="t")
@@ -221,6 +222,19 @@ def test_a_short_name_shared_by_two_fields_is_refused_where_declared():
     add_schema_options(parser, Schema(_Neither))
     with pytest.raises(UsageError, match=r"unknown option --seed \(did you mean --first.seed or --second.seed\?\)"):
         parser.parse_args(["--seed", "1"])
+    # the same refusal for overrides and flat YAML keys, and the full names still work
+    schema = Schema(_Neither)
+    candidates = r"unknown option 'seed' \(did you mean first\.seed or second\.seed\?\)"
+    with pytest.raises(ConfigError, match=f"^{candidates}$"):
+        schema.resolve("seed")
+    with pytest.raises(ConfigError, match=f"^{candidates}$"):
+        schema.build([], {"seed": "3"})
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("seed: 3\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(flat.resolve()))}: {candidates}$"):
+        schema.build([flat])
+    cfg = schema.build([], {"second.seed": "3"})
+    assert (cfg.first.seed, cfg.second.seed) == (0, 3)
 
 
 def test_flag_spellings_on_a_plain_parser():

@@ -1,7 +1,6 @@
 """Config system: defaults, YAML inheritance, command-line overrides and the reference's spellings."""
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import yaml
 
 import train_scst
 from engine.config import CONFIG_DIR, build_config, from_dict, parse_overrides
-from utils.config import ConfigError, Schema, option, parse_bool, section, to_dict
+from utils.config import ConfigError, parse_bool, to_dict
 
 PAPER_XE = [
     "--scst=False", "--device=cuda:0", "--mapping_type=mlp", "--use_sparce_mask=True", "--use_aux_loss=True",
@@ -69,50 +68,6 @@ def test_unknown_and_ambiguous_options_are_rejected(capsys):
     )
     with pytest.raises(ConfigError, match="unexpected argument '0.1'"):
         parse_overrides(["0.1"])
-
-
-@dataclass
-class _Part:
-    """a part with a seed"""
-
-    seed: int = option(0, "the part's seed")
-
-
-@dataclass
-class _QuietPart:
-    """a part whose seed has no short name"""
-
-    seed: int = option(0, "the part's seed", short=False)
-
-
-@dataclass
-class _BothShort:
-    first: _Part = section(_Part)
-    second: _Part = section(_Part)
-
-
-@dataclass
-class _NeitherShort:
-    first: _QuietPart = section(_QuietPart)
-    second: _QuietPart = section(_QuietPart)
-
-
-def test_a_short_name_two_keys_end_with_is_refused_not_guessed(tmp_path: Path):
-    with pytest.raises(TypeError, match=r"^option name 'seed' would mean both first\.seed and second\.seed: "
-                                        r"declare one of them with short=False$"):  # fmt: skip
-        Schema(_BothShort)
-    schema = Schema(_NeitherShort)
-    candidates = r"unknown option 'seed' \(did you mean first\.seed or second\.seed\?\)"
-    with pytest.raises(ConfigError, match=f"^{candidates}$"):
-        schema.resolve("seed")
-    with pytest.raises(ConfigError, match=f"^{candidates}$"):
-        schema.build([], {"seed": "3"})
-    flat = tmp_path / "flat.yaml"
-    flat.write_text("seed: 3\n")
-    with pytest.raises(ConfigError, match=f"^{re.escape(str(flat.resolve()))}: {candidates}$"):
-        schema.build([flat])
-    cfg = schema.build([], {"second.seed": "3"})  # the full names still work
-    assert (cfg.first.seed, cfg.second.seed) == (0, 3)
 
 
 def test_the_real_schemas_shared_last_name_means_the_top_level_key(tmp_path: Path):

@@ -173,35 +173,33 @@ def test_the_pages_call_the_main_entry_points() -> None:
     assert {"train_scst", "predict", "evaluate", "demo", "export", "app", "data.prepare_coco"} <= called
 
 
-def test_every_documented_option_exists() -> None:
+def check_options(commands: list[tuple[str, str]]) -> tuple[set[str], list[str]]:
+    """(the entry points that ``commands``, pairs of (file name, command), call; their options and values
+    that the entry points do not accept)."""
     parsers: dict[str, argparse.ArgumentParser] = {}
     wrong = []
-    for command in documented_commands():
-        target = entry_point(command.words)
+    for where, command in commands:
+        target = entry_point(words_of(command))
         if target is None:
             continue
         module, arguments = target
         if module not in parsers:
             parsers[module] = entry_parser(module)
-        wrong += [f"{command.page}: {w} in `{command.text}`" for w in wrong_options(parsers[module], arguments)]
+        wrong += [f"{where}: {w} in `{command}`" for w in wrong_options(parsers[module], arguments)]
+    return set(parsers), wrong
+
+
+def test_every_documented_option_exists() -> None:
+    _, wrong = check_options([(c.page, c.text) for c in documented_commands()])
     assert not wrong, "options the entry points do not accept:\n" + "\n".join(wrong)
 
 
 def test_the_scripts_call_the_entry_points_with_options_they_accept() -> None:
     """scripts/gpu_check.sh runs on a lent GPU machine for a few minutes: a renamed option must fail here,
     not there."""
-    parsers: dict[str, argparse.ArgumentParser] = {}
-    called, wrong = set(), []
-    for script in sorted((REPO / "scripts").glob("*.sh")):
-        for command in command_lines(script.read_text(encoding="utf-8")):
-            target = entry_point(words_of(command))
-            if target is None:
-                continue
-            module, arguments = target
-            called.add(module)
-            if module not in parsers:
-                parsers[module] = entry_parser(module)
-            wrong += [f"{script.name}: {w} in `{command}`" for w in wrong_options(parsers[module], arguments)]
+    scripts = sorted((REPO / "scripts").glob("*.sh"))
+    commands = [(s.name, c) for s in scripts for c in command_lines(s.read_text(encoding="utf-8"))]
+    called, wrong = check_options(commands)
     assert {"benchmarks.bench_steps", "benchmarks.bench_scst", "benchmarks.rehearsal"} <= called
     assert not wrong, "options the entry points do not accept:\n" + "\n".join(wrong)
 
