@@ -97,7 +97,8 @@ class Run:
         setup_logging(self.dist.rank, self.run_dir / "train.log")
         # Read and checked before any other work: a bad last.pt fails in seconds, not after set-up.
         self._resume_payload = self._read_resume_checkpoint()
-        seed_everything(cfg.train.seed + self.dist.rank)
+        # Every rank builds the same model: a random encoder's features (and their cache key) must agree.
+        seed_everything(cfg.train.seed)
         self.precision = resolve_precision(cfg.train.precision, self.dist.device)
         reporters = open_reporters(cfg.train.report_to, self.run_dir, to_dict(cfg)) if self.dist.is_main else []
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None, reporters)
@@ -111,6 +112,10 @@ class Run:
         self._prepare_data()
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.model = self._build_model()
+        if self.dist.rank:
+            # Draws that must differ between ranks (dropout, augmentation) start once the model exists; rank 0
+            # continues its stream, so one process draws the same with or without DDP.
+            seed_everything(cfg.train.seed + self.dist.rank)
         self._dropped_entries: dict[str, int] = {}  # training annotation entries left out, by reason
         self._owns_scorer = scorer is None
         self.scorer = (scorer or CaptionScorer()) if self.dist.is_main else None

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,28 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "optional_tool(problem, ci_requires=False): the test needs a tool that may be missing; ``problem`` says "
+        "what is missing (None when it is there). It is skipped with that reason, or fails where CI is set "
+        "and ``ci_requires`` is true.",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """One policy for tests that need an optional tool (a browser, CUDA): skip with the reason on a
+    newcomer's machine, fail in CI where .ci/run installs the tool."""
+    for mark in item.iter_markers("optional_tool"):
+        problem = mark.args[0]
+        if problem is None:
+            continue
+        if mark.kwargs.get("ci_requires") and os.environ.get("CI"):
+            pytest.fail(f"{problem} (CI is set, and .ci/run installs it)", pytrace=False)
+        pytest.skip(problem)
 
 
 @pytest.fixture(autouse=True)

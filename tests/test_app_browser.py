@@ -5,6 +5,7 @@ is recorded: none may leave 127.0.0.1. Skipped where either is missing, except i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,28 +17,29 @@ from app_server import PHOTO, REPO, app_command, app_env, make_checkpoint, runni
 
 from models import load_captioner
 
-CHROMIUM = os.environ.get("OPG_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 PAGE_TIMEOUT_MS = 60_000
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 
 
-def _require_browser() -> None:
-    problem = None
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        problem = "Playwright is not installed (pip install -r requirements-dev.txt)"
-    if CHROMIUM is None:
-        problem = "no chromium executable (apt-get install chromium, or set OPG_CHROMIUM)"
-    if problem and os.environ.get("CI"):
-        pytest.fail(problem)
-    if problem:
-        pytest.skip(problem)
+def _find_chromium() -> tuple[str | None, str | None]:
+    """The browser's executable, or why there is none usable."""
+    chosen = os.environ.get("OPG_CHROMIUM")
+    if chosen:
+        return (chosen, None) if Path(chosen).is_file() else (None, f"OPG_CHROMIUM={chosen} is no file")
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    return (found, None) if found else (None, "no chromium executable (apt-get install chromium, or set OPG_CHROMIUM)")
 
 
-_require_browser()
+def _browser_problem() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "Playwright is not installed (pip install -r requirements-dev.txt)"
+    return _find_chromium()[1]
+
+
+CHROMIUM = _find_chromium()[0]
+pytestmark = pytest.mark.optional_tool(_browser_problem(), ci_requires=True)
 
 
 @pytest.fixture(scope="module")

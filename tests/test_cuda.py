@@ -28,7 +28,7 @@ from models.gpt2 import ATTENTION_IMPLEMENTATIONS
 from models.static_decode import FastDecode
 from utils.precision import autocast, grad_scaler
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is present")
+pytestmark = pytest.mark.optional_tool(None if torch.cuda.is_available() else "needs a CUDA device; none is present")
 
 CUDA = torch.device("cuda")
 GREEDY = DecodeOptions(max_len=14, min_len=1)

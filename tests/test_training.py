@@ -164,7 +164,24 @@ def test_two_process_ddp_matches_one_process(tiny_dataset, xe_single, tmp_path):
     """XE with the N-pair loss (weight 1): its negatives come from both processes, so the step is the same."""
     rank0, rank1 = _two_processes(tmp_path / "xe_ddp", str(tiny_dataset), "xe")
     _assert_same_training(torch.load(xe_single / "rank0.pt"), rank0, rank1)
-    steps = [json.loads(line) for line in (tmp_path / "xe_ddp" / "metrics.jsonl").read_text().splitlines()]
+    _assert_three_steps_with_aux(tmp_path / "xe_ddp")
+
+
+def test_two_process_ddp_with_the_feature_cache_matches_one_process(tiny_dataset, tmp_path):
+    """The randomly initialised encoder is built alike on both ranks, so both read the one store rank 0
+    created (its folder is named by the encoder's weights) and train as one process does from its own."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    done = _worker(single, str(tiny_dataset), "xe_cached")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = _two_processes(ddp, str(tiny_dataset), "xe_cached")
+    _assert_same_training(torch.load(single / "rank0.pt"), rank0, rank1)
+    stores = [sorted(p.name for p in (out / "features").iterdir()) for out in (single, ddp)]
+    assert stores[0] == stores[1] and len(stores[0]) == 2, stores  # the training and the validation images
+    _assert_three_steps_with_aux(ddp)
+
+
+def _assert_three_steps_with_aux(out: Path) -> None:
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in steps if r["event"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3] and all(r["aux"] > 0 for r in train)
 
