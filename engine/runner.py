@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainDataset, collate_images, read_annotations
 from data.sampler import ShardedSampler
+from data.shards import ShardTrainData, StreamPlan, check_shard_failures, usable_workers
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
 from engine.config import Config
@@ -174,6 +175,8 @@ class Run:
         train_transform = build_transform(res, train=d.augment)
         if self.cfg.scst:
             train = CaptionImageDataset(d.train_file, d.image_root, train_transform, "train")
+        elif d.train_shards:
+            train = ShardTrainData(d.train_shards, d.train_samples, train_transform, d.max_words, d.shuffle_buffer)
         else:
             train = CaptionTrainDataset(d.train_file, d.image_root, train_transform, d.max_words)
         val_file = d.val_file if self.cfg.train.eval_split == "val" else d.test_file
@@ -196,19 +199,33 @@ class Run:
             raise ValueError(f"train.batch_size {total} must be divisible by the number of processes {world}")
         return total // world
 
-    def _loader(self, dataset: Any, epoch: int, skip_batches: int) -> DataLoader:
+    def _collate(self) -> Any:
+        if self.cfg.scst:
+            return collate_images
+        # Captions are cut at data.max_tokens, and at GPT-2's remaining positions.
+        max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
+        return CaptionCollator(self.tokenizer, min(self.cfg.data.max_tokens, max_tokens))
+
+    def _shard_loader(self, data: ShardTrainData, epoch: int, skip_batches: int, steps: int) -> DataLoader:
+        """This process's batches of the epoch from shards (``data/shards.py``), from step ``skip_batches``."""
+        dist = self.dist
+        workers = usable_workers(self.cfg.data.num_workers, len(data.shard_set.shards), dist.world_size)
+        plan = StreamPlan(self.cfg.train.seed, epoch, dist.rank, dist.world_size, workers, self._per_rank_batch(),
+                          steps, skip_batches)  # fmt: skip
+        return DataLoader(
+            data.stream(plan), batch_size=plan.batch, num_workers=workers, collate_fn=self._collate(),
+            pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+        )  # fmt: skip
+
+    def _loader(self, dataset: Any, epoch: int, skip_batches: int, steps: int) -> DataLoader:
+        if isinstance(dataset, ShardTrainData):
+            return self._shard_loader(dataset, epoch, skip_batches, steps)
         per_rank = self._per_rank_batch()
         sampler = ShardedSampler(
             len(dataset), self.dist.rank, self.dist.world_size, True, self.cfg.train.seed, epoch,
             skip=skip_batches * per_rank,
         )  # fmt: skip
-        # Captions are cut at data.max_tokens, and at GPT-2's remaining positions.
-        max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
-        collate = (
-            collate_images
-            if self.cfg.scst
-            else CaptionCollator(self.tokenizer, min(self.cfg.data.max_tokens, max_tokens))
-        )
+        collate = self._collate()
         return DataLoader(
             dataset,
             batch_size=per_rank,
@@ -265,11 +282,12 @@ class Run:
                 self.model.train()
                 if isinstance(step_fn, ScstStep):
                     step_fn.set_epoch(state.epoch)
-                loader = self._loader(train_set, state.epoch, state.epoch_step)
+                loader = self._loader(train_set, state.epoch, state.epoch_step, steps_per_epoch)
                 save = lambda: self._save(trainer, self.run_dir / "last.pt")  # noqa: E731
                 desc = f"{self.stage} epoch {state.epoch + 1}/{epochs}"
                 with LoaderBatches(loader, in_epoch - state.epoch_step) as batches:
-                    end = run_epoch(trainer, batches, in_epoch, step_fn, save, desc)
+                    checked = check_shard_failures(batches, cfg.data.on_bad_shard)
+                    end = run_epoch(trainer, checked, in_epoch, step_fn, save, desc)
                 if end is EpochEnd.COMPLETE:
                     end = self._end_epoch(trainer, val_set)
                 if end is not EpochEnd.COMPLETE:
