@@ -16,7 +16,8 @@ How an epoch is read (the plan is a pure function of the seed, the epoch and the
   out in the first ``k`` steps: it continues with the samples the uninterrupted run read next, as long as the
   number of processes and ``data.num_workers`` are the same.
 
-Items are what :class:`~data.datasets.CaptionTrainDataset` yields, ``(image, caption)`` or
+Items are what :class:`~data.datasets.CaptionTrainDataset` yields, ``(image, caption)`` (for SCST: a
+:class:`ShardImage` with the sample's references, the ``json``'s ``caption`` list), or
 :class:`~utils.io.Unreadable` (an image that cannot be decoded, a sample without caption, and a shard that
 cannot be read: counted by the training loop as today's unreadable images). A shard that cannot be read
 stops the run unless ``data.on_bad_shard`` is ``skip`` (:func:`check_shard_failures`).
@@ -28,19 +29,20 @@ import itertools
 import json
 import logging
 import random
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.datasets import draft_size_for
+from data.datasets import draft_size_for, stack_inputs
 from data.image_io import ImageLoadError, load_image_bytes
 from data.shard_writer import require_webdataset
 from data.text import clean_caption, strip_stop
-from utils.io import DataFileError, Unreadable
+from utils.io import DataFileError, Unreadable, split_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -171,21 +173,27 @@ def read_shard(shard: str) -> Iterator[dict[str, Any]]:
             tagged = ({**member, "__url__": shard} for member in members)
             yield from wds.tariterators.group_by_keys(tagged)
     except Exception as err:  # any failure of the tar reader on a bad file must name the file, not end the run
-        reason = f"shard {shard} is truncated or unreadable ({type(err).__name__}: {str(err).splitlines()[0]})"
+        # webdataset appends " @ <stream object>" to the message; the shard is named already
+        detail = str(err).splitlines()[0].split(" @ ")[0] if str(err) else "no message"
+        reason = f"shard {shard} is truncated or unreadable ({type(err).__name__}: {detail})"
         yield {"__bad__": reason, "__url__": shard, "__key__": ""}
 
 
-def slot_samples(shards: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """The raw samples of a slot's shards, in order, starting over when they run out."""
-    if not shards:
-        return
-    for _ in itertools.count():
-        read = 0
-        for shard in shards:
-            for sample in read_shard(shard):
-                read += 1
-                yield sample
-        if not read:
+def _one_pass(shards: Sequence[str], counted: list[int]) -> Iterator[dict[str, Any]]:
+    for shard in shards:
+        for sample in read_shard(shard):
+            counted[0] += 1
+            yield sample
+
+
+def slot_samples(shards: Sequence[str], rng: random.Random, buffer: int) -> Iterator[dict[str, Any]]:
+    """The raw samples of a slot's shards, shuffled in a buffer of ``buffer`` samples, starting over when
+    they run out. Each pass is shuffled on its own, so that a pass holds every sample once."""
+    wds = require_webdataset()
+    while shards:
+        counted = [0]
+        yield from wds.shuffle(buffer, buffer, rng=rng)(_one_pass(shards, counted))
+        if not counted[0]:
             raise ShardError(f"shards {', '.join(shards)} hold no sample")
 
 
@@ -193,14 +201,13 @@ class ShardStream(IterableDataset):
     """One process's items of one epoch (:class:`StreamPlan`), decoded with ``transform``."""
 
     def __init__(self, shard_set: ShardSet, plan: StreamPlan, transform: Callable, max_words: int = 30,
-                 shuffle_buffer: int = 1000) -> None:  # fmt: skip
+                 shuffle_buffer: int = 1000, references: bool = False) -> None:  # fmt: skip
         self.shard_set, self.plan, self.transform = shard_set, plan, transform
-        self.max_words, self.shuffle_buffer = max_words, shuffle_buffer
+        self.max_words, self.shuffle_buffer, self.references = max_words, shuffle_buffer, references
         self.draft_size = draft_size_for(transform)
 
     def raw_samples(self, worker: int) -> Iterator[dict[str, Any]]:
         """The raw samples data-loader worker ``worker`` hands out this epoch from the resume point on."""
-        wds = require_webdataset()
         plan = self.plan
         local = (worker + plan.skip_steps) % plan.slots_per_rank  # batch k comes from the k-th worker
         slot = plan.rank * plan.slots_per_rank + local
@@ -209,7 +216,7 @@ class ShardStream(IterableDataset):
         )
         mine = [self.shard_set.shards[i] for i in assign_shards(plan, sizes)[slot]]
         rng = random.Random(f"buffer:{plan.seed}:{plan.epoch}:{slot}")
-        shuffled = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(slot_samples(mine))
+        shuffled = slot_samples(mine, rng, self.shuffle_buffer)
         skip = plan.batches_of(local, plan.skip_steps) * plan.batch
         take = plan.batches_of(local) * plan.batch
         return itertools.islice(shuffled, skip, take)
@@ -219,8 +226,9 @@ class ShardStream(IterableDataset):
         for sample in self.raw_samples(info.id if info is not None else 0):
             yield self.decode(sample)
 
-    def decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str] | Unreadable:
-        """``(image 3 x R x R, cleaned caption)`` of a raw sample, or :class:`Unreadable` saying why not."""
+    def decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str] | ShardImage | Unreadable:
+        """``(image 3 x R x R, cleaned caption)`` of a raw sample (a :class:`ShardImage` with ``references``),
+        or :class:`Unreadable` saying why not."""
         if "__bad__" in sample:
             return Unreadable(sample["__url__"], BAD_SHARD, sample["__bad__"])
         name = f"{sample['__url__']}:{sample['__key__']}"
@@ -235,9 +243,36 @@ class ShardStream(IterableDataset):
         except ImageLoadError as err:
             logger.warning("skipping image: %s", err)
             return Unreadable(name, err.kind, err.reason)
+        if self.references:
+            cleaned = [strip_stop(clean_caption(c, self.max_words)) for c in captions]
+            return ShardImage(image, sample_index(sample["__key__"]), cleaned)
         # Several references: one per epoch, drawn from (seed, epoch, key) so that resuming draws the same.
         pick = random.Random(f"caption:{self.plan.seed}:{self.plan.epoch}:{sample['__key__']}")
         return image, clean_caption(captions[pick.randrange(len(captions))], self.max_words)
+
+
+class ShardImage(NamedTuple):
+    """An SCST item: the image (3 x R x R), the number that seeds its samples, its cleaned references."""
+
+    image: torch.Tensor
+    index: int
+    references: list[str]
+
+
+def sample_index(key: str) -> int:
+    """A sample's number for seeding: img2dataset's keys are numbers; other keys are hashed."""
+    return int(key) if key.isdigit() else zlib.crc32(key.encode("utf-8"))
+
+
+def collate_references(items: Sequence[ShardImage | Unreadable]) -> dict[str, Any]:
+    """Batch SCST items: ``images`` B x 3 x R x R, ``indices`` and ``references`` (absent when no item could
+    be read), plus the accounting of the unreadable ones (:func:`utils.io.split_unreadable`)."""
+    good, batch = split_unreadable(items)
+    if good:
+        batch.update(stack_inputs([item.image for item in good]))
+        batch["indices"] = [item.index for item in good]
+        batch["references"] = [item.references for item in good]
+    return batch
 
 
 def sample_captions(sample: dict[str, Any]) -> list[str]:
@@ -274,13 +309,15 @@ class ShardTrainData:
     and process. ``dropped`` is empty (shards have no annotation entries to leave out)."""
 
     def __init__(self, spec: str, train_samples: int | None, transform: Callable, max_words: int = 30,
-                 shuffle_buffer: int = 1000) -> None:  # fmt: skip
+                 shuffle_buffer: int = 1000, references: bool = False) -> None:  # fmt: skip
         self.shard_set = ShardSet.open(spec, train_samples)
         self.transform, self.max_words, self.shuffle_buffer = transform, max_words, shuffle_buffer
+        self.references = references  # SCST: items carry their references (ShardImage)
         self.dropped: dict[str, int] = {}
 
     def __len__(self) -> int:
         return self.shard_set.samples
 
     def stream(self, plan: StreamPlan) -> ShardStream:
-        return ShardStream(self.shard_set, plan, self.transform, self.max_words, self.shuffle_buffer)
+        return ShardStream(self.shard_set, plan, self.transform, self.max_words, self.shuffle_buffer,
+                           self.references)  # fmt: skip

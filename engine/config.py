@@ -48,7 +48,7 @@ class DataConfig:
     feature_cache_dtype: str = option("float16", "storage of the cached features", choices=FEATURE_CACHE_DTYPES)
     num_workers: int = option(4, "image loading processes per training process")
     train_shards: str | None = option(
-        None, "XE training from WebDataset shards (brace notation, several joined by ::) instead of train_file"
+        None, "training from WebDataset shards (brace notation, several joined by ::) instead of train_file"
     )
     train_samples: int | None = option(None, "samples per epoch of train_shards (none: from their *_stats.json)")
     shuffle_buffer: int = option(1000, "samples each shard reader shuffles among (train_shards)")
@@ -150,9 +150,9 @@ def validate(cfg: Config) -> None:
             "data.cache_features needs deterministic features: a frozen encoder, data.augment=false and "
             "encoder.drop_path=0"
         )
-    if cfg.data.train_shards and (cfg.scst or cfg.data.cache_features or cfg.model.output_vocab != "full"):
-        raise ConfigError("data.train_shards streams XE training only: no scst, data.cache_features or "
-                          "model.output_vocab=train with it")  # fmt: skip
+    if cfg.data.train_shards and (cfg.data.cache_features or cfg.model.output_vocab != "full"):
+        raise ConfigError("data.train_shards streams the images: no data.cache_features or model.output_vocab=train "
+                          "with it")  # fmt: skip
     if (cfg.data.train_samples is not None and cfg.data.train_samples < 1) or cfg.data.shuffle_buffer < 1:
         raise ConfigError("data.train_samples (when given) and data.shuffle_buffer must be >= 1")
     if cfg.train.total_steps is not None and cfg.train.total_steps < 1:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainDataset, collate_images, read_annotations
 from data.sampler import ShardedSampler
-from data.shards import ShardTrainData, StreamPlan, check_shard_failures, usable_workers
+from data.shards import ShardTrainData, StreamPlan, check_shard_failures, collate_references, usable_workers
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
 from engine.config import Config
@@ -173,10 +173,11 @@ class Run:
         d, res = self.cfg.data, self.model.encoder.image_res
         test_transform = build_transform(res, train=False)
         train_transform = build_transform(res, train=d.augment)
-        if self.cfg.scst:
+        if d.train_shards:
+            train = ShardTrainData(d.train_shards, d.train_samples, train_transform, d.max_words, d.shuffle_buffer,
+                                   references=self.cfg.scst)  # fmt: skip
+        elif self.cfg.scst:
             train = CaptionImageDataset(d.train_file, d.image_root, train_transform, "train")
-        elif d.train_shards:
-            train = ShardTrainData(d.train_shards, d.train_samples, train_transform, d.max_words, d.shuffle_buffer)
         else:
             train = CaptionTrainDataset(d.train_file, d.image_root, train_transform, d.max_words)
         val_file = d.val_file if self.cfg.train.eval_split == "val" else d.test_file
@@ -201,7 +202,7 @@ class Run:
 
     def _collate(self) -> Any:
         if self.cfg.scst:
-            return collate_images
+            return collate_references if self.cfg.data.train_shards else collate_images
         # Captions are cut at data.max_tokens, and at GPT-2's remaining positions.
         max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
         return CaptionCollator(self.tokenizer, min(self.cfg.data.max_tokens, max_tokens))
@@ -215,6 +216,8 @@ class Run:
         return DataLoader(
             data.stream(plan), batch_size=plan.batch, num_workers=workers, collate_fn=self._collate(),
             pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+            # its own generator: drawing the workers' seed from the global one would shift dropout on resume
+            generator=torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch),
         )  # fmt: skip
 
     def _loader(self, dataset: Any, epoch: int, skip_batches: int, steps: int) -> DataLoader:
@@ -310,8 +313,10 @@ class Run:
                 device_ids = [self.dist.device] if self.dist.device.type == "cuda" else None
                 forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
             return XEStep(forward_model, self.dist.device, self.cfg.train)
-        references = [[strip_stop(clean_caption(c, self.cfg.data.max_words)) for c in e["caption"]]
-                      for e in train_set.entries]  # fmt: skip
+        # From shards, each batch brings its references, and the document frequencies come from a file
+        references = [] if isinstance(train_set, ShardTrainData) else [
+            [strip_stop(clean_caption(c, self.cfg.data.max_words)) for c in e["caption"]] for e in train_set.entries
+        ]  # fmt: skip
         eos = self.cfg.scst_opts.reward_eos
         cider = CiderD(self._document_frequency(references, eos), append_eos=eos)
         return ScstStep(
@@ -332,6 +337,11 @@ class Run:
                     "--scst_opts.reward_eos false"
                 )
             return df
+        if self.cfg.data.train_shards:
+            raise FileNotFoundError(
+                f"data.cider_df {path} not found: SCST from shards reads the CIDEr-D document frequencies from a "
+                f"file; write it with python -m data.shard_df --shards '{self.cfg.data.train_shards}' --out {path}"
+            )
         df = DocumentFrequency.from_references(references, append_eos=eos)
         if self.dist.is_main:
             df.save(path)

@@ -1,0 +1,40 @@
+"""Train one epoch from shards and record the sample keys this process decoded (launched with torchrun).
+
+Usage: shard_worker.py DATA SHARDS OUT: DATA is the generated data set (its val.json and test.json), SHARDS
+is data.train_shards; each process writes OUT/keys_rank{R}.txt (one decoded sample key a line) and
+OUT/rank{R}.json (its counters)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import tiny_config  # noqa: E402
+
+from data.shards import ShardStream  # noqa: E402
+from engine.runner import Run  # noqa: E402
+
+
+def main(data_dir: str, shards: str, out_dir: str) -> None:
+    data, out = Path(data_dir), Path(out_dir)
+    decode = ShardStream.decode
+
+    def recording_decode(self: ShardStream, sample: dict) -> object:
+        with open(out / f"keys_rank{self.plan.rank}.txt", "a") as handle:
+            handle.write(sample["__key__"] + "\n")
+        return decode(self, sample)
+
+    ShardStream.decode = recording_decode
+    cfg = tiny_config(data, out, **{"data.train_shards": shards, "train.val_meteor": False})
+    run = Run(cfg)
+    try:
+        result = run.train()
+        (out / f"rank{run.dist.rank}.json").write_text(json.dumps(result.state.to_dict()))
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
