@@ -17,19 +17,24 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from data.image_io import ImageLoadError, load_image
-from utils.io import atomic_write, write_json
-
-if TYPE_CHECKING:
-    from data.prepare_coco import ImageRecord
+from utils.io import ImageId, atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
 _KEPT_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 # A fixed member time makes the same data give byte-identical shards.
 _MTIME = 0.0
+
+
+class ImageRecord(Protocol):
+    """An image with its references (``data.prepare_coco.ImageRecord``); ``path`` is under the image root."""
+
+    path: str
+    image_id: ImageId
+    captions: list[str]
 
 
 def require_webdataset() -> Any:
