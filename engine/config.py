@@ -50,6 +50,7 @@ class DataConfig:
     train_shards: str | None = option(
         None, "training from WebDataset shards (brace notation, several joined by ::) instead of train_file"
     )
+    val_shards: str | None = option(None, "validation images from WebDataset shards instead of val_file")
     train_samples: int | None = option(None, "samples per epoch of train_shards (none: from their *_stats.json)")
     shuffle_buffer: int = option(1000, "samples each shard reader shuffles among (train_shards)")
     on_bad_shard: str = option("error", "a shard that cannot be read stops the run (error) or is skipped",
@@ -150,9 +151,10 @@ def validate(cfg: Config) -> None:
             "data.cache_features needs deterministic features: a frozen encoder, data.augment=false and "
             "encoder.drop_path=0"
         )
-    if cfg.data.train_shards and (cfg.data.cache_features or cfg.model.output_vocab != "full"):
-        raise ConfigError("data.train_shards streams the images: no data.cache_features or model.output_vocab=train "
-                          "with it")  # fmt: skip
+    shards = cfg.data.train_shards or cfg.data.val_shards
+    if shards and (cfg.data.cache_features or (cfg.data.train_shards and cfg.model.output_vocab != "full")):
+        raise ConfigError("data.train_shards and data.val_shards stream the images: no data.cache_features, and no "
+                          "model.output_vocab=train with train_shards")  # fmt: skip
     if (cfg.data.train_samples is not None and cfg.data.train_samples < 1) or cfg.data.shuffle_buffer < 1:
         raise ConfigError("data.train_samples (when given) and data.shuffle_buffer must be >= 1")
     if cfg.train.total_steps is not None and cfg.train.total_steps < 1:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainDataset, collate_images, read_annotations
 from data.sampler import ShardedSampler
+from data.shard_eval import ShardEvalData
 from data.shards import ShardTrainData, StreamPlan, check_shard_failures, collate_references, usable_workers
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
@@ -181,7 +182,10 @@ class Run:
         else:
             train = CaptionTrainDataset(d.train_file, d.image_root, train_transform, d.max_words)
         val_file = d.val_file if self.cfg.train.eval_split == "val" else d.test_file
-        val = CaptionImageDataset(val_file, d.image_root, test_transform, self.cfg.train.eval_split)
+        if d.val_shards and self.cfg.train.eval_split == "val":
+            val: Any = ShardEvalData(d.val_shards, test_transform)
+        else:
+            val = CaptionImageDataset(val_file, d.image_root, test_transform, self.cfg.train.eval_split)
         self._cache_features([train, val])
         return train, val
 

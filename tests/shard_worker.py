@@ -1,7 +1,7 @@
 """Train one epoch from shards and record the sample keys this process decoded (launched with torchrun).
 
-Usage: shard_worker.py DATA SHARDS OUT: DATA is the generated data set (its val.json and test.json), SHARDS
-is data.train_shards; each process writes OUT/keys_rank{R}.txt (one decoded sample key a line) and
+Usage: shard_worker.py DATA SHARDS VAL_SHARDS OUT: DATA is the generated data set (its test.json), SHARDS and
+VAL_SHARDS are data.train_shards and data.val_shards; each process writes OUT/keys_rank{R}.txt (one decoded sample key a line) and
 OUT/rank{R}.json (its counters)."""
 
 import json
@@ -17,7 +17,7 @@ from data.shards import ShardStream  # noqa: E402
 from engine.runner import Run  # noqa: E402
 
 
-def main(data_dir: str, shards: str, out_dir: str) -> None:
+def main(data_dir: str, shards: str, val_shards: str, out_dir: str) -> None:
     data, out = Path(data_dir), Path(out_dir)
     decode = ShardStream.decode
 
@@ -27,7 +27,8 @@ def main(data_dir: str, shards: str, out_dir: str) -> None:
         return decode(self, sample)
 
     ShardStream.decode = recording_decode
-    cfg = tiny_config(data, out, **{"data.train_shards": shards, "train.val_meteor": False})
+    cfg = tiny_config(data, out, **{"data.train_shards": shards, "data.val_shards": val_shards,
+                                    "train.val_meteor": False})  # fmt: skip
     run = Run(cfg)
     try:
         result = run.train()

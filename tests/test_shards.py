@@ -16,6 +16,10 @@ from helpers import tiny_config
 from torch.utils.data import DataLoader
 
 from data import prepare_custom, shard_df
+from data.datasets import CaptionImageDataset
+from data.prepare_coco import ImageRecord
+from data.shard_eval import ShardEvalData
+from data.shard_writer import write_shards
 from data.shards import (
     BAD_SHARD,
     NO_CAPTION,
@@ -27,9 +31,13 @@ from data.shards import (
 )
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
+from engine.evaluation import generate_captions
 from engine.runner import Run
 from metrics.cider_df import DocumentFrequency
+from models.build import build_captioner
+from models.decoding import DecodeOptions
 from utils.checkpoint import read_checkpoint
+from utils.distributed import DistInfo
 
 wds = pytest.importorskip("webdataset", reason="training from shards needs the webdataset package")
 
@@ -204,10 +212,15 @@ def test_resume_on_shards_with_bad_data_reproduces_the_uninterrupted_run(tiny_da
 
 
 def test_two_processes_on_uneven_shards_take_the_same_steps(tiny_dataset, uneven, tmp_path):
+    """One epoch over 2 processes, validated on 3 shards of the val split (2 for rank 0, 1 for rank 1)."""
     out = tmp_path / "ddp"
     out.mkdir()
+    entries = json.loads((uneven.parent / "prepared" / "val.json").read_text())
+    records = [ImageRecord(e["image"], e["image_id"], "val", e["caption"]) for e in entries]
+    write_shards(records, tiny_dataset, tmp_path / "val", shard_size=3)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*launch, str(TESTS / "shard_worker.py"), str(tiny_dataset), _spec(uneven), str(out)]
+    command = [*launch, str(TESTS / "shard_worker.py"), str(tiny_dataset), _spec(uneven), _spec(tmp_path / "val"),
+               str(out)]  # fmt: skip
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True,
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -218,6 +231,8 @@ def test_two_processes_on_uneven_shards_take_the_same_steps(tiny_dataset, uneven
     assert states[0]["global_step"] == states[1]["global_step"] == 6
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in train if r["event"] == "val"] == [6]
+    assert "8 of 8 ground-truth images have a prediction" in (out / "train.log").read_text()
 
 
 def test_prepare_without_webdataset_says_how_to_install_it(tiny_dataset, tmp_path, monkeypatch, capsys):
@@ -259,3 +274,23 @@ def test_scst_from_shards_needs_document_frequencies_and_trains_with_them(tiny_d
     assert [r["step"] for r in train if r["event"] == "train"] == [1, 2] and all(
         "reward" in r for r in train if r["event"] == "train"
     )
+
+
+def test_validation_from_shards_captions_what_the_json_files_give(tiny_dataset, even, tokenizer, tmp_path):
+    """The prepared val split written as 3 shards by data.shard_writer: the same ids, references and
+    captions (2 loader workers) as val.json with its JPEG files."""
+    prepared = even.parent / "prepared"
+    entries = json.loads((prepared / "val.json").read_text())
+    records = [ImageRecord(e["image"], e["image_id"], "val", e["caption"]) for e in entries]
+    write_shards(records, tiny_dataset, tmp_path / "val", shard_size=3)
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_captioner(cfg).eval()
+    transform = build_transform(model.encoder.image_res, train=False)
+    shards = ShardEvalData(str(tmp_path / "val" / "{00000..00002}.tar"), transform)
+    files = CaptionImageDataset(prepared / "val.json", tiny_dataset, transform, "val")
+    assert shards.ids == files.ids and shards.references == files.references
+    dist, options = DistInfo(0, 1, 0, torch.device("cpu")), DecodeOptions(method="greedy", max_len=8)
+    from_shards = generate_captions(model, shards, tokenizer, options, dist, batch_size=3, num_workers=2)
+    from_files = generate_captions(model, files, tokenizer, options, dist, batch_size=3)
+    assert from_shards == from_files and len(from_files) == len(entries) == 8
