@@ -1,8 +1,8 @@
 """Train one epoch from shards and record the sample keys this process decoded (launched with torchrun).
 
 Usage: shard_worker.py DATA SHARDS VAL_SHARDS OUT: DATA is the generated data set (its test.json), SHARDS and
-VAL_SHARDS are data.train_shards and data.val_shards; each process writes OUT/keys_rank{R}.txt (one decoded sample key a line) and
-OUT/rank{R}.json (its counters)."""
+VAL_SHARDS are data.train_shards and data.val_shards; each process writes OUT/keys_rank{R}.txt (one decoded
+sample key a line) and OUT/rank{R}.json (its counters)."""
 
 import json
 import sys
