@@ -239,10 +239,16 @@ class ShardStream(IterableDataset):
         if data is None:
             return Unreadable(name, NO_IMAGE, f"{name}: no {'/'.join(IMAGE_MEMBERS)} member")
         try:
-            image = self.transform(load_image_bytes(data, name, draft_size=self.draft_size))
+            image = load_image_bytes(data, name, draft_size=self.draft_size)
         except ImageLoadError as err:
             logger.warning("skipping image: %s", err)
             return Unreadable(name, err.kind, err.reason)
+        # The augmentation's draws depend on (seed, epoch, key) alone: the same after a resume, whichever
+        # worker reads the sample; the caller's random state is left as it was.
+        seed = random.Random(f"augment:{self.plan.seed}:{self.plan.epoch}:{sample['__key__']}").getrandbits(63)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image = self.transform(image)
         if self.references:
             cleaned = [strip_stop(clean_caption(c, self.max_words)) for c in captions]
             return ShardImage(image, sample_index(sample["__key__"]), cleaned)

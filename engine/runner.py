@@ -447,6 +447,9 @@ class Run:
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def _save(self, trainer: Trainer | None, path: Path) -> None:
+        """Rank 0 writes ``path``; with ``trainer`` (called on every process) the training state too, with
+        every process's random state, so that dropout and drop path continue on each after a resume."""
+        rng = distributed.gather_objects(_rng_state()) if trainer is not None else []
         if not self.dist.is_main:
             return
         train_state = None
@@ -456,7 +459,8 @@ class Run:
                 "stage": self.stage,
                 "counters": trainer.state.to_dict(),
                 **trainer.optimization.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng[0],
+                **({"rng_ranks": rng} if len(rng) > 1 else {}),
             }
         save_checkpoint(path, self.model, to_dict(self.cfg), architecture(self.model), train_state)
 
@@ -467,9 +471,12 @@ class Run:
         state = payload["train_state"]
         trainer.optimization.load_state_dict(state)
         trainer.state = TrainState(**state["counters"])
+        ranks = state.get("rng_ranks", [])
         if self.dist.is_main:
             _set_rng_state(state["rng"])
-        else:
+        elif len(ranks) == self.dist.world_size:
+            _set_rng_state(ranks[self.dist.rank])
+        else:  # a checkpoint of another number of processes (or of one without rng_ranks)
             seed_everything(self.cfg.train.seed + self.dist.rank + trainer.state.global_step)
         logger.info("resumed %s at epoch %d, step %d", path, trainer.state.epoch + 1, trainer.state.epoch_step)
         # later records of steps after this one replace those a killed run wrote before it stopped

@@ -191,10 +191,11 @@ def test_a_bad_shard_stops_the_run_naming_it(tiny_dataset, corrupt, tmp_path):
 
 
 def test_resume_on_shards_with_bad_data_reproduces_the_uninterrupted_run(tiny_dataset, corrupt, tmp_path):
-    """Two epochs of 6 steps from shards with a corrupt image, a sample without caption and a truncated shard
-    (skipped), read by 2 loader workers; the run stopped at step 9 (step 3 of epoch 2) and resumed."""
+    """Two epochs of 6 steps with augmentation from shards with a corrupt image, a sample without caption and
+    a truncated shard (skipped), read by 2 loader workers; the run stopped at step 9 (step 3 of epoch 2) and
+    resumed."""
     overrides = {"train.epochs": 2, "train.save_every_steps": 3, "data.on_bad_shard": "skip",
-                 "data.num_workers": 2}  # fmt: skip
+                 "data.num_workers": 2, "data.augment": True}  # fmt: skip
     _train(_config(tiny_dataset, corrupt, tmp_path / "straight", **overrides))
     stopped = _train(_config(tiny_dataset, corrupt, tmp_path / "resumed", **overrides, **{"train.stop_after_steps": 9}))
     assert stopped.stopped and (stopped.state.epoch, stopped.state.epoch_step) == (1, 3)
