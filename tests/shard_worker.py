@@ -1,8 +1,9 @@
-"""Train one epoch from shards and record the sample keys this process decoded (launched with torchrun).
+"""Train from shards and record the sample keys this process decoded (launched with torchrun).
 
-Usage: shard_worker.py DATA SHARDS VAL_SHARDS OUT: DATA is the generated data set (its test.json), SHARDS and
-VAL_SHARDS are data.train_shards and data.val_shards; each process writes OUT/keys_rank{R}.txt (one decoded
-sample key a line) and OUT/rank{R}.json (its counters)."""
+Usage: shard_worker.py DATA SHARDS VAL_SHARDS OUT [KEY=VALUE ...]: DATA is the generated data set (its val.json
+and test.json), SHARDS and VAL_SHARDS are data.train_shards and data.val_shards (empty: val.json), the
+KEY=VALUE pairs further config overrides; each process appends to OUT/keys_rank{R}.txt (one decoded sample key
+a line) and writes OUT/rank{R}.json (its counters)."""
 
 import json
 import sys
@@ -17,7 +18,7 @@ from data.shards import ShardStream  # noqa: E402
 from engine.runner import Run  # noqa: E402
 
 
-def main(data_dir: str, shards: str, val_shards: str, out_dir: str) -> None:
+def main(data_dir: str, shards: str, val_shards: str, out_dir: str, *overrides: str) -> None:
     data, out = Path(data_dir), Path(out_dir)
     decode = ShardStream.decode
 
@@ -27,9 +28,9 @@ def main(data_dir: str, shards: str, val_shards: str, out_dir: str) -> None:
         return decode(self, sample)
 
     ShardStream.decode = recording_decode
-    cfg = tiny_config(data, out, **{"data.train_shards": shards, "data.val_shards": val_shards,
-                                    "train.val_meteor": False})  # fmt: skip
-    run = Run(cfg)
+    values = {"data.train_shards": shards, "data.val_shards": val_shards or None, "train.val_meteor": False}
+    values.update(item.split("=", 1) for item in overrides)
+    run = Run(tiny_config(data, out, **values))
     try:
         result = run.train()
         (out / f"rank{run.dist.rank}.json").write_text(json.dumps(result.state.to_dict()))

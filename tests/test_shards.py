@@ -212,19 +212,23 @@ def test_resume_on_shards_with_bad_data_reproduces_the_uninterrupted_run(tiny_da
         assert torch.equal(value, resumed["model"][key]), key
 
 
-def test_two_processes_on_uneven_shards_take_the_same_steps(tiny_dataset, uneven, tmp_path):
-    """One epoch over 2 processes, validated on 3 shards of the val split (2 for rank 0, 1 for rank 1)."""
-    out = tmp_path / "ddp"
-    out.mkdir()
-    entries = json.loads((uneven.parent / "prepared" / "val.json").read_text())
-    records = [ImageRecord(e["image"], e["image_id"], "val", e["caption"]) for e in entries]
-    write_shards(records, tiny_dataset, tmp_path / "val", shard_size=3)
+def _two_processes(data: Path, shards: Path, val_shards: str, out: Path, *overrides: str) -> None:
+    """tests/shard_worker.py in 2 torchrun processes."""
+    out.mkdir(exist_ok=True)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*launch, str(TESTS / "shard_worker.py"), str(tiny_dataset), _spec(uneven), _spec(tmp_path / "val"),
-               str(out)]  # fmt: skip
+    command = [*launch, str(TESTS / "shard_worker.py"), str(data), _spec(shards), val_shards, str(out), *overrides]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True,
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_processes_on_uneven_shards_take_the_same_steps(tiny_dataset, uneven, tmp_path):
+    """One epoch over 2 processes, validated on 3 shards of the val split (2 for rank 0, 1 for rank 1)."""
+    out = tmp_path / "ddp"
+    entries = json.loads((uneven.parent / "prepared" / "val.json").read_text())
+    records = [ImageRecord(e["image"], e["image_id"], "val", e["caption"]) for e in entries]
+    write_shards(records, tiny_dataset, tmp_path / "val", shard_size=3)
+    _two_processes(tiny_dataset, uneven, _spec(tmp_path / "val"), out)
     keys = [(out / f"keys_rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 24  # 48 samples // batch 8 = 6 steps of 4 per process
     assert not set(keys[0]) & set(keys[1]) and set(keys[0]) | set(keys[1]) <= {s["__key__"] for s in _oracle(uneven)}
@@ -295,3 +299,19 @@ def test_validation_from_shards_captions_what_the_json_files_give(tiny_dataset, 
     from_shards = generate_captions(model, shards, tokenizer, options, dist, batch_size=3, num_workers=2)
     from_files = generate_captions(model, files, tokenizer, options, dist, batch_size=3)
     assert from_shards == from_files and len(from_files) == len(entries) == 8
+
+
+def test_two_processes_resumed_mid_epoch_give_the_uninterrupted_weights(tiny_dataset, uneven, tmp_path):
+    """Dropout and augmentation on, 2 processes of 1 loader worker: stopped at step 8 (step 2 of epoch 2),
+    resumed; rank 1's random state comes back from last.pt as rank 0's does."""
+    settings = ("train.epochs=2", "data.augment=true", "data.num_workers=1")
+    _two_processes(tiny_dataset, uneven, "", tmp_path / "straight", *settings)
+    _two_processes(tiny_dataset, uneven, "", tmp_path / "resumed", *settings, "train.stop_after_steps=8")
+    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["train_state"]["counters"]["global_step"] == 8
+    _two_processes(tiny_dataset, uneven, "", tmp_path / "resumed", *settings, "resume=true")
+    straight = read_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = read_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert straight["train_state"]["counters"] == resumed["train_state"]["counters"]
+    assert len(resumed["train_state"]["rng_ranks"]) == 2
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
