@@ -11,6 +11,7 @@ worked around for JPEG only, where the reduced-scale decode makes the size harml
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import math
 import os
@@ -74,11 +75,39 @@ def load_image(
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     _check_file(path)
+    return _decode(path, path, max_pixels, max_decode_pixels, draft_size)
+
+
+def load_image_bytes(
+    data: bytes,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """:func:`load_image` for an image held in memory (a member of a WebDataset shard); ``name`` stands
+    for the file in errors (``"shards/00003.tar:000030012"``)."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)", "empty")
+    return _decode(io.BytesIO(data), name, max_pixels, max_decode_pixels, draft_size)
+
+
+def _decode(
+    source: str | os.PathLike | io.BytesIO,
+    path: str | os.PathLike,
+    max_pixels: int,
+    max_decode_pixels: int,
+    draft_size: tuple[int, int] | None,
+) -> Image.Image:
+    """Decode ``source`` (a file or bytes) to RGB; ``path`` names it in errors."""
     try:
         with warnings.catch_warnings():
             # Our own limits below replace Pillow's warning; its global threshold stays as the user set it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open(path) as image:
+            with _open(source) as image:
                 _draft_jpeg(image, max_pixels, draft_size)
                 _check_decode_size(path, image, max_decode_pixels)
                 image.load()
@@ -150,16 +179,22 @@ def _check_file(path: str | os.PathLike) -> None:
         raise ImageLoadError(path, "empty file (0 bytes)", "empty")
 
 
-def _open(path: str | os.PathLike) -> ImageFile.ImageFile:
+def _open(source: str | os.PathLike | io.BytesIO) -> ImageFile.ImageFile:
     """Open lazily; JPEGs above Pillow's global bomb limit are opened anyway as they decode reduced."""
     try:
-        return Image.open(path, formats=_FORMATS)
+        return Image.open(source, formats=_FORMATS)
     except Image.DecompressionBombError:
-        with open(path, "rb") as file:
+        if isinstance(source, io.BytesIO):
+            is_jpeg = source.getvalue()[:3] == _JPEG_SIGNATURE
+            source.seek(0)
+            if not is_jpeg:
+                raise
+            return JpegImagePlugin.JpegImageFile(source)
+        with open(source, "rb") as file:
             is_jpeg = file.read(3) == _JPEG_SIGNATURE
         if not is_jpeg:
             raise
-        return JpegImagePlugin.JpegImageFile(os.fspath(path))
+        return JpegImagePlugin.JpegImageFile(os.fspath(source))
 
 
 def _draft_jpeg(image: ImageFile.ImageFile, max_pixels: int, draft_size: tuple[int, int] | None) -> None:

@@ -9,6 +9,8 @@ Output in ``--out``: ``train.json`` (one ``{image, caption, image_id}`` per capt
 ``test.json`` (one ``{image, caption: [refs], image_id}`` per image), COCO-format ground truth
 ``val_gt.json`` / ``test_gt.json`` for evaluate.py, and ``train_cider_df.json.gz``, the CIDEr-D document
 frequencies of the training references for the SCST reward. Every image must exist under ``--image_root``.
+``--shards DIR`` also writes the training split as WebDataset shards in img2dataset's layout
+(``data/shard_writer.py``), one sample per image with its references.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.image_io import ImageLoadError
 from utils.cli import ArgumentParser, add_flag
 from utils.io import DataFileError, ImageId, image_id_from_path, normalise_image_id, read_json, write_json
 from utils.progress import progress
@@ -182,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the prepared files")
     add_flag(parser, "--drop_missing", "leave out images missing under --image_root instead of stopping")
     add_flag(parser, "--no_df", "do not write the CIDEr-D document frequencies")
+    parser.add_argument("--shards", type=Path, help="also write the training split as WebDataset shards there")
+    parser.add_argument("--shard_size", type=int, default=1000, help="samples per shard (with --shards)")
     return parser.parse(argv)
 
 
@@ -204,6 +209,10 @@ def prepare(args: argparse.Namespace) -> None:
     write_splits(records, args.out)
     if not args.no_df:
         write_df_cache([r for r in records if r.split == "train"], args.out / DF_CACHE_NAME)
+    if args.shards:
+        from data.shard_writer import write_shards
+
+        write_shards([r for r in records if r.split == "train"], args.image_root, args.shards, args.shard_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         prepare(args)
-    except (PreparationError, DataFileError) as err:
+    except (PreparationError, DataFileError, ImageLoadError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"prepared files written to {args.out}")

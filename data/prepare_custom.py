@@ -11,7 +11,8 @@ same-name ``.txt`` file is used, one caption per non-empty line. A ``split`` col
 is kept; otherwise images are split at random, reproducibly (``--val``, ``--test``: a fraction below 1 or a
 number of images; ``--seed``). Output in ``--out``: the files of data.prepare_coco (train/val/test.json,
 val_gt.json, test_gt.json, train_cider_df.json.gz) and ``data.yaml``, the config section that points
-training at them (``train_scst.py --config configs/xe.yaml --config OUT/data.yaml``).
+training at them (``train_scst.py --config configs/xe.yaml --config OUT/data.yaml``). ``--shards DIR`` also
+writes the training split as WebDataset shards in img2dataset's layout (``data/shard_writer.py``).
 
 Missing images, empty captions and unreadable rows stop the preparation with a list naming the file and
 line of each (``--skip_invalid`` leaves them out instead); repeated (image, caption) rows are dropped with
@@ -33,8 +34,9 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from data.image_io import IMAGE_EXTENSIONS
+from data.image_io import IMAGE_EXTENSIONS, ImageLoadError
 from data.prepare_coco import DF_CACHE_NAME, SPLITS, ImageRecord, PreparationError, write_df_cache, write_splits
+from data.shard_writer import write_shards
 from data.text import clean_caption, strip_stop
 from utils.cli import ArgumentParser, add_flag
 from utils.io import DataFileError, write_text
@@ -255,6 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
     add_flag(parser, "--skip_invalid", "leave out unusable rows instead of stopping")
     add_flag(parser, "--no_df", "do not write the CIDEr-D document frequencies")
+    parser.add_argument("--shards", type=Path, help="also write the training split as WebDataset shards there")
+    parser.add_argument("--shard_size", type=int, default=1000, help="samples per shard (with --shards)")
     return parser.parse(argv)
 
 
@@ -281,6 +285,8 @@ def prepare(args: argparse.Namespace) -> list[ImageRecord]:
     if not args.no_df:
         write_df_cache([r for r in records if r.split == "train"], args.out / DF_CACHE_NAME)
     write_data_config(args.out, args.image_root)
+    if args.shards:
+        write_shards([r for r in records if r.split == "train"], args.image_root, args.shards, args.shard_size)
     return records
 
 
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         records = prepare(args)
-    except (PreparationError, DataFileError) as err:
+    except (PreparationError, DataFileError, ImageLoadError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{split} {sum(r.split == split for r in records)}" for split in SPLITS)

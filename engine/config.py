@@ -19,6 +19,7 @@ FEATURE_CACHE_DTYPES = ("float16", "float32")
 EVAL_SPLITS = ("val", "test")
 SCST_BASELINES = ("greedy", "mean")
 FAST_DECODE_MODES = ("auto", "graphs", "off")
+BAD_SHARD_POLICIES = ("error", "skip")
 
 
 @dataclass
@@ -46,6 +47,14 @@ class DataConfig:
     )
     feature_cache_dtype: str = option("float16", "storage of the cached features", choices=FEATURE_CACHE_DTYPES)
     num_workers: int = option(4, "image loading processes per training process")
+    train_shards: str | None = option(
+        None, "training from WebDataset shards (brace notation, several joined by ::) instead of train_file"
+    )
+    val_shards: str | None = option(None, "validation images from WebDataset shards instead of val_file")
+    train_samples: int | None = option(None, "samples per epoch of train_shards (none: from their *_stats.json)")
+    shuffle_buffer: int = option(1000, "samples each shard reader shuffles among (train_shards)")
+    on_bad_shard: str = option("error", "a shard that cannot be read stops the run (error) or is skipped",
+                               choices=BAD_SHARD_POLICIES)  # fmt: skip
 
 
 @dataclass
@@ -142,6 +151,12 @@ def validate(cfg: Config) -> None:
             "data.cache_features needs deterministic features: a frozen encoder, data.augment=false and "
             "encoder.drop_path=0"
         )
+    shards = cfg.data.train_shards or cfg.data.val_shards
+    if shards and (cfg.data.cache_features or (cfg.data.train_shards and cfg.model.output_vocab != "full")):
+        raise ConfigError("data.train_shards and data.val_shards stream the images: no data.cache_features, and no "
+                          "model.output_vocab=train with train_shards")  # fmt: skip
+    if (cfg.data.train_samples is not None and cfg.data.train_samples < 1) or cfg.data.shuffle_buffer < 1:
+        raise ConfigError("data.train_samples (when given) and data.shuffle_buffer must be >= 1")
     if cfg.train.total_steps is not None and cfg.train.total_steps < 1:
         raise ConfigError(f"train.total_steps must be >= 1 or empty, got {cfg.train.total_steps}")
     if not 0.0 < cfg.model.threshold < 1.0:

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from data.datasets import CaptionImageDataset, collate_images
 from data.sampler import ShardedSampler
+from data.shard_eval import ShardEvalData
 from engine.preemption import LoaderBatches, ignore_stop_signals
 from metrics.coco_eval import CaptionScorer, EvalReport, evaluate_results
 from models.captioner import OPGCaptioner
@@ -34,14 +35,9 @@ def generate_captions(
     precision: str = "fp32",
     desc: str = "captioning",
 ) -> dict[ImageId, str]:
-    """Caption every readable image of ``dataset``, sharded over processes; every process gets all
-    captions. Unreadable images are logged and left out."""
-    sampler = ShardedSampler(len(dataset), dist.rank, dist.world_size, shuffle=False, pad=False)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_images,
-        generator=torch.Generator().manual_seed(0),  # leaves the training RNG untouched
-        worker_init_fn=ignore_stop_signals,  # a stop signal to the job waits for the main process
-    )  # fmt: skip
+    """Caption every readable image of ``dataset`` (files, or :class:`~data.shard_eval.ShardEvalData`),
+    sharded over processes; every process gets all captions. Unreadable images are logged and left out."""
+    loader = _loader(dataset, dist, batch_size, num_workers)
     local: dict[ImageId, str] = {}
     with LoaderBatches(loader) as batches:
         shown = progress(batches, desc=desc, disable=not dist.is_main, leave=False, total=len(loader))
@@ -52,6 +48,21 @@ def generate_captions(
     for part in gather_objects(local):
         merged.update(part)
     return merged
+
+
+def _loader(dataset: CaptionImageDataset | ShardEvalData, dist: DistInfo, batch_size: int, workers: int) -> DataLoader:
+    """This process's share of the split: every ``world_size``-th image, or of shards every ``world_size``-th
+    shard (at most one data-loader worker per shard)."""
+    if isinstance(dataset, ShardEvalData):
+        stream = dataset.stream(dist.rank, dist.world_size)
+        sampler, workers = None, min(workers, len(stream.shards))
+    else:
+        stream, sampler = dataset, ShardedSampler(len(dataset), dist.rank, dist.world_size, shuffle=False, pad=False)
+    return DataLoader(
+        stream, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_images,
+        generator=torch.Generator().manual_seed(0),  # leaves the training RNG untouched
+        worker_init_fn=ignore_stop_signals,  # a stop signal to the job waits for the main process
+    )  # fmt: skip
 
 
 def score_split(

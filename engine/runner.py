@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from data.datasets import CaptionCollator, CaptionImageDataset, CaptionTrainDataset, collate_images, read_annotations
 from data.sampler import ShardedSampler
+from data.shard_eval import ShardEvalData
+from data.shards import ShardTrainData, StreamPlan, check_shard_failures, collate_references, usable_workers
 from data.text import clean_caption, strip_stop
 from data.transforms import build_transform
 from engine.config import Config
@@ -177,12 +179,18 @@ class Run:
         d, res = self.cfg.data, self.model.encoder.image_res
         test_transform = build_transform(res, train=False)
         train_transform = build_transform(res, train=d.augment)
-        if self.cfg.scst:
+        if d.train_shards:
+            train = ShardTrainData(d.train_shards, d.train_samples, train_transform, d.max_words, d.shuffle_buffer,
+                                   references=self.cfg.scst)  # fmt: skip
+        elif self.cfg.scst:
             train = CaptionImageDataset(d.train_file, d.image_root, train_transform, "train")
         else:
             train = CaptionTrainDataset(d.train_file, d.image_root, train_transform, d.max_words)
         val_file = d.val_file if self.cfg.train.eval_split == "val" else d.test_file
-        val = CaptionImageDataset(val_file, d.image_root, test_transform, self.cfg.train.eval_split)
+        if d.val_shards and self.cfg.train.eval_split == "val":
+            val: Any = ShardEvalData(d.val_shards, test_transform)
+        else:
+            val = CaptionImageDataset(val_file, d.image_root, test_transform, self.cfg.train.eval_split)
         self._cache_features([train, val])
         return train, val
 
@@ -201,19 +209,35 @@ class Run:
             raise ValueError(f"train.batch_size {total} must be divisible by the number of processes {world}")
         return total // world
 
-    def _loader(self, dataset: Any, epoch: int, skip_batches: int) -> DataLoader:
+    def _collate(self) -> Any:
+        if self.cfg.scst:
+            return collate_references if self.cfg.data.train_shards else collate_images
+        # Captions are cut at data.max_tokens, and at GPT-2's remaining positions.
+        max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
+        return CaptionCollator(self.tokenizer, min(self.cfg.data.max_tokens, max_tokens))
+
+    def _shard_loader(self, data: ShardTrainData, epoch: int, skip_batches: int, steps: int) -> DataLoader:
+        """This process's batches of the epoch from shards (``data/shards.py``), from step ``skip_batches``."""
+        dist = self.dist
+        workers = usable_workers(self.cfg.data.num_workers, len(data.shard_set.shards), dist.world_size)
+        plan = StreamPlan(self.cfg.train.seed, epoch, dist.rank, dist.world_size, workers, self._per_rank_batch(),
+                          steps, skip_batches)  # fmt: skip
+        return DataLoader(
+            data.stream(plan), batch_size=plan.batch, num_workers=workers, collate_fn=self._collate(),
+            pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+            # its own generator: drawing the workers' seed from the global one would shift dropout on resume
+            generator=torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch),
+        )  # fmt: skip
+
+    def _loader(self, dataset: Any, epoch: int, skip_batches: int, steps: int) -> DataLoader:
+        if isinstance(dataset, ShardTrainData):
+            return self._shard_loader(dataset, epoch, skip_batches, steps)
         per_rank = self._per_rank_batch()
         sampler = ShardedSampler(
             len(dataset), self.dist.rank, self.dist.world_size, True, self.cfg.train.seed, epoch,
             skip=skip_batches * per_rank,
         )  # fmt: skip
-        # Captions are cut at data.max_tokens, and at GPT-2's remaining positions.
-        max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
-        collate = (
-            collate_images
-            if self.cfg.scst
-            else CaptionCollator(self.tokenizer, min(self.cfg.data.max_tokens, max_tokens))
-        )
+        collate = self._collate()
         return DataLoader(
             dataset,
             batch_size=per_rank,
@@ -270,11 +294,12 @@ class Run:
                 self.model.train()
                 if isinstance(step_fn, ScstStep):
                     step_fn.set_epoch(state.epoch)
-                loader = self._loader(train_set, state.epoch, state.epoch_step)
+                loader = self._loader(train_set, state.epoch, state.epoch_step, steps_per_epoch)
                 save = lambda: self._save(trainer, self.run_dir / "last.pt")  # noqa: E731
                 desc = f"{self.stage} epoch {state.epoch + 1}/{epochs}"
                 with LoaderBatches(loader, in_epoch - state.epoch_step) as batches:
-                    end = run_epoch(trainer, batches, in_epoch, step_fn, save, desc)
+                    checked = check_shard_failures(batches, cfg.data.on_bad_shard)
+                    end = run_epoch(trainer, checked, in_epoch, step_fn, save, desc)
                 if end is EpochEnd.COMPLETE:
                     end = self._end_epoch(trainer, val_set)
                 if end is not EpochEnd.COMPLETE:
@@ -297,8 +322,10 @@ class Run:
                 device_ids = [self.dist.device] if self.dist.device.type == "cuda" else None
                 forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
             return XEStep(forward_model, self.dist.device, self.cfg.train)
-        references = [[strip_stop(clean_caption(c, self.cfg.data.max_words)) for c in e["caption"]]
-                      for e in train_set.entries]  # fmt: skip
+        # From shards, each batch brings its references, and the document frequencies come from a file
+        references = [] if isinstance(train_set, ShardTrainData) else [
+            [strip_stop(clean_caption(c, self.cfg.data.max_words)) for c in e["caption"]] for e in train_set.entries
+        ]  # fmt: skip
         eos = self.cfg.scst_opts.reward_eos
         cider = CiderD(self._document_frequency(references, eos), append_eos=eos)
         return ScstStep(
@@ -319,6 +346,11 @@ class Run:
                     "--scst_opts.reward_eos false"
                 )
             return df
+        if self.cfg.data.train_shards:
+            raise FileNotFoundError(
+                f"data.cider_df {path} not found: SCST from shards reads the CIDEr-D document frequencies from a "
+                f"file; write it with python -m data.shard_df --shards '{self.cfg.data.train_shards}' --out {path}"
+            )
         df = DocumentFrequency.from_references(references, append_eos=eos)
         if self.dist.is_main:
             df.save(path)
@@ -420,6 +452,9 @@ class Run:
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def _save(self, trainer: Trainer | None, path: Path) -> None:
+        """Rank 0 writes ``path``; with ``trainer`` (called on every process) the training state too, with
+        every process's random state, so that dropout and drop path continue on each after a resume."""
+        rng = distributed.gather_objects(_rng_state()) if trainer is not None else []
         if not self.dist.is_main:
             return
         train_state = None
@@ -429,7 +464,8 @@ class Run:
                 "stage": self.stage,
                 "counters": trainer.state.to_dict(),
                 **trainer.optimization.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng[0],
+                **({"rng_ranks": rng} if len(rng) > 1 else {}),
             }
         save_checkpoint(path, self.model, to_dict(self.cfg), architecture(self.model), train_state)
 
@@ -440,9 +476,12 @@ class Run:
         state = payload["train_state"]
         trainer.optimization.load_state_dict(state)
         trainer.state = TrainState(**state["counters"])
+        ranks = state.get("rng_ranks", [])
         if self.dist.is_main:
             _set_rng_state(state["rng"])
-        else:
+        elif len(ranks) == self.dist.world_size:
+            _set_rng_state(ranks[self.dist.rank])
+        else:  # a checkpoint of another number of processes (or of one without rng_ranks)
             seed_everything(self.cfg.train.seed + self.dist.rank + trainer.state.global_step)
         logger.info("resumed %s at epoch %d, step %d", path, trainer.state.epoch + 1, trainer.state.epoch_step)
         # later records of steps after this one replace those a killed run wrote before it stopped

@@ -105,7 +105,8 @@ class ScstStep:
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = self.opts.num_samples
         samples, logprobs = self._sample(batch)
-        refs = [self.references[i] for i in batch["indices"]]
+        # Streamed from shards, a batch carries its references; otherwise they are the data set's
+        refs = batch["references"] if "references" in batch else [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)
         baselines = self._baselines(batch, refs, rewards.reshape(-1, n)).reshape(-1)
