@@ -9,7 +9,26 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
+class _Hidden:
+    """A meta-path finder that makes the import of some modules fail, as on a machine without them."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+        if fullname.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden by pytest --without)", name=fullname)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--without", action="append", default=[], metavar="MODULE",
+                     help="run as if MODULE were not installed, to check that the tests needing it skip")  # fmt: skip
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    hidden = [name for value in config.getoption("--without") for name in value.split(",") if name]
+    if hidden:
+        sys.meta_path.insert(0, _Hidden(hidden))
     config.addinivalue_line(
         "markers",
         "optional_tool(problem, ci_requires=False): the test needs a tool that may be missing; ``problem`` says "

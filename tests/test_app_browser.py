@@ -5,7 +5,6 @@ is recorded: none may leave 127.0.0.1. Skipped where either is missing, except i
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from collections.abc import Iterator
@@ -33,7 +32,9 @@ def _find_chromium() -> tuple[str | None, str | None]:
 
 
 def _browser_problem() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
         return "Playwright is not installed (pip install -r requirements-dev.txt)"
     return _find_chromium()[1]
 

@@ -39,7 +39,11 @@ from models.decoding import DecodeOptions
 from utils.checkpoint import read_checkpoint
 from utils.distributed import DistInfo
 
-wds = pytest.importorskip("webdataset", reason="training from shards needs the webdataset package")
+try:
+    import webdataset as wds
+except ImportError:
+    wds = None
+pytestmark = pytest.mark.optional_tool(None if wds else "training from shards needs the webdataset package")
 
 TESTS = Path(__file__).resolve().parent
 
