@@ -78,12 +78,14 @@ part() {
 } >"$REPORT"
 
 if [ "$DRY" = --dry-run ]; then
-    part "tests/test_cuda.py (collected only)" 300 "$PY" -m pytest -q --collect-only tests/test_cuda.py
+    part "tests/test_cuda.py, tests/test_precision.py (collected only)" 300 "$PY" -m pytest -q --collect-only \
+        tests/test_cuda.py tests/test_precision.py -k cuda
     for bench in bench_steps bench_scst rehearsal; do
         part "benchmarks/$bench.py --help" 120 "$PY" "benchmarks/$bench.py" --help
     done
 else
-    part "tests/test_cuda.py" 130 "$PY" -m pytest -q -rs tests/test_cuda.py
+    part "tests/test_cuda.py, CUDA cases of tests/test_precision.py" 130 "$PY" -m pytest -q -rs tests/test_cuda.py \
+        tests/test_precision.py -k cuda
     part "XE and SCST steps, paper size, bf16" 75 "$PY" benchmarks/bench_steps.py --device cuda --precision bf16 \
         --scst_batches 7 --decode_images 50 --repeats 3
     part "XE and SCST steps, paper size, fp32" 75 "$PY" benchmarks/bench_steps.py --device cuda --precision fp32 \
