@@ -18,7 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FEATURE_CACHE_DTYPES = ("float16", "float32")
 EVAL_SPLITS = ("val", "test")
 SCST_BASELINES = ("greedy", "mean")
-FAST_DECODE_MODES = ("auto", "graphs", "off")
+FAST_DECODE_MODES = ("auto", "static", "graphs", "off")
 
 
 @dataclass
@@ -94,8 +94,9 @@ class ScstConfig:
     # Same tokens for the same draws in every mode (docs/gpu.md). CUDA-graph replay stays opt-in ("graphs")
     # until tests/test_cuda.py has passed on a GPU.
     fast_decode: str = option(
-        "auto", "auto: sampling and greedy baseline on a static KV cache; graphs: the same, replayed as CUDA "
-        "graphs on CUDA (not yet checked on a GPU); off: dynamic cache",
+        "auto", "auto: the mode measured fastest on the device (off on the CPU, static on CUDA); static: "
+        "sampling and greedy baseline on a static KV cache; graphs: the same, replayed as CUDA graphs on CUDA "
+        "(not yet checked on a GPU); off: dynamic cache",
         choices=FAST_DECODE_MODES,
     )  # fmt: skip
     # The reference's coco-train-words.p counts <eos>, so the reward sees whether a caption ended

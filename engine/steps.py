@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from models.losses import scst_loss
 from models.static_decode import FastDecode
 from utils.distributed import all_reduce_mean
 
+logger = logging.getLogger(__name__)
 
 class XEStep:
     """Teacher-forced cross-entropy (+ the weighted N-pair loss) of one batch."""
@@ -58,6 +60,15 @@ class XEStep:
             tokens = (labels != IGNORE_INDEX).sum().float()
             out["loss"] = out["loss"] + out["xe"] * (tokens / all_reduce_mean(tokens) - 1.0)
         return out
+
+
+def fast_decode_mode(name: str, device: torch.device) -> str:
+    """``scst_opts.fast_decode`` for ``device``: ``auto`` is the mode measured fastest there (docs/gpu.md),
+    the dynamic cache ("off") on the CPU, where the static cache and teacher-forced scoring cost more
+    arithmetic than they save, and the static cache on CUDA; the others as named."""
+    if name != "auto":
+        return name
+    return "static" if device.type == "cuda" else "off"
 
 
 class ScstStep:
@@ -92,11 +103,13 @@ class ScstStep:
             temperature=opts.temperature,
         )
         self.greedy_options = DecodeOptions(method="greedy", max_len=opts.sample_max_len, min_len=opts.sample_min_len)
+        mode = fast_decode_mode(opts.fast_decode, device)
+        logger.info("SCST decoding: fast_decode %s (%s) on %s", mode, opts.fast_decode, device)
         # One per step object: it keeps the recorded CUDA graphs.
-        self.fast = None if opts.fast_decode == "off" else FastDecode(cuda_graphs=opts.fast_decode == "graphs")
-        # Without dropout: sample without gradients, then one teacher-forced pass (False: the decode keeps
-        # the gradients, as with dropout on; benchmarks compare the two).
-        self.teacher_forced = True
+        self.fast = None if mode == "off" else FastDecode(cuda_graphs=mode == "graphs")
+        # On the static cache without dropout: sample without gradients, then one teacher-forced pass (False:
+        # the decode keeps the gradients, as with dropout on, the faster on the CPU; benchmarks compare them).
+        self.teacher_forced = self.fast is not None
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the coming steps' samples with ``epoch`` (each image is visited once per epoch)."""
