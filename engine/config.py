@@ -55,7 +55,8 @@ class TrainConfig:
     epochs: int = option(10, "passes over the training split")
     # The run ends after train.epochs or total_steps, whichever comes first
     total_steps: int | None = option(None, "learning-rate schedule length in steps (none: epochs x steps per epoch)")
-    batch_size: int = option(30, "images per step, over all processes")
+    batch_size: int = option(30, "images per optimizer step, over all processes and micro-batches")
+    accum_steps: int = option(1, "micro-batches per optimizer step (gradient accumulation; the same step)")
     lr: float = option(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = option(0.01, "AdamW weight decay")
     decay_norm_and_bias: bool = option(True, "also decay biases and LayerNorm parameters")
@@ -136,8 +137,8 @@ def build_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | N
 
 def validate(cfg: Config) -> None:
     """Reject combinations that would only fail later, deep inside a run (single values: see the schema)."""
-    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.decode.beams < 1:
-        raise ConfigError("train.batch_size and decode.beams must be >= 1, train.epochs >= 0")
+    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.decode.beams < 1 or cfg.train.accum_steps < 1:
+        raise ConfigError("train.batch_size, train.accum_steps and decode.beams must be >= 1, train.epochs >= 0")
     if cfg.data.cache_features and (cfg.data.augment or not cfg.encoder.frozen or cfg.encoder.drop_path > 0):
         raise ConfigError(
             "data.cache_features needs deterministic features: a frozen encoder, data.augment=false and "

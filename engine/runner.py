@@ -190,17 +190,20 @@ class Run:
                 self.cfg.data.feature_cache_dtype,
             )  # fmt: skip
 
-    def _per_rank_batch(self) -> int:
-        total, world = self.cfg.train.batch_size, self.dist.world_size
-        if total % world:
-            raise ValueError(f"train.batch_size {total} must be divisible by the number of processes {world}")
-        return total // world
+    def _micro_batch(self) -> int:
+        """Images one process reads at a time: train.batch_size over processes and micro-batches."""
+        total, world, accum = self.cfg.train.batch_size, self.dist.world_size, self.cfg.train.accum_steps
+        if total % (world * accum):
+            raise ValueError(f"train.batch_size {total} must be divisible by the number of processes {world} "
+                             f"times train.accum_steps {accum}")  # fmt: skip
+        return total // (world * accum)
 
-    def _loader(self, dataset: Any, epoch: int, skip_batches: int) -> DataLoader:
-        per_rank = self._per_rank_batch()
+    def _loader(self, dataset: Any, epoch: int, skip_steps: int) -> DataLoader:
+        """This process's micro-batches of ``epoch`` after its first ``skip_steps`` optimizer steps."""
+        micro = self._micro_batch()
         sampler = ShardedSampler(
             len(dataset), self.dist.rank, self.dist.world_size, True, self.cfg.train.seed, epoch,
-            skip=skip_batches * per_rank,
+            skip=skip_steps * self.cfg.train.accum_steps * micro,
         )  # fmt: skip
         # Captions are cut at data.max_tokens, and at GPT-2's remaining positions.
         max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
@@ -211,7 +214,7 @@ class Run:
         )
         return DataLoader(
             dataset,
-            batch_size=per_rank,
+            batch_size=micro,
             sampler=sampler,
             drop_last=True,
             num_workers=self.cfg.data.num_workers,
@@ -246,9 +249,10 @@ class Run:
             self._resume(trainer)
         step_fn = self._step_fn(train_set)
         logger.info(
-            "%s training: %d items, %d steps/epoch, %d steps in %d epoch(s), batch %d on %d process(es), %s, %s",
+            "%s training: %d items, %d steps/epoch, %d steps in %d epoch(s), batch %d on %d process(es) in %d "
+            "micro-batch(es), %s, %s",
             self.stage.upper(), len(train_set), steps_per_epoch, total_steps, epochs, cfg.train.batch_size,
-            self.dist.world_size, self.dist.device, self.precision,
+            self.dist.world_size, cfg.train.accum_steps, self.dist.device, self.precision,
         )  # fmt: skip
         if schedule_steps > total_steps:
             logger.info("the learning-rate schedule spans %d steps (train.total_steps): this run ends before it "
@@ -268,7 +272,8 @@ class Run:
                 loader = self._loader(train_set, state.epoch, state.epoch_step)
                 save = lambda: self._save(trainer, self.run_dir / "last.pt")  # noqa: E731
                 desc = f"{self.stage} epoch {state.epoch + 1}/{epochs}"
-                with LoaderBatches(loader, in_epoch - state.epoch_step) as batches:
+                micro_batches = (in_epoch - state.epoch_step) * cfg.train.accum_steps
+                with LoaderBatches(loader, micro_batches) as batches:
                     end = run_epoch(trainer, batches, in_epoch, step_fn, save, desc)
                 if end is EpochEnd.COMPLETE:
                     end = self._end_epoch(trainer, val_set)

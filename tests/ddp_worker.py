@@ -1,6 +1,7 @@
 """Run a few training steps and save this process's weights (launched directly or with torchrun).
 
-Usage: ddp_worker.py DATA OUT xe | ddp_worker.py DATA OUT scst XE_CHECKPOINT"""
+Usage: ddp_worker.py DATA OUT ACCUM xe | ddp_worker.py DATA OUT ACCUM scst XE_CHECKPOINT, with ACCUM the
+micro-batches per optimizer step (train.accum_steps)."""
 
 import sys
 from pathlib import Path
@@ -16,9 +17,10 @@ from engine.runner import Run  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 
 
-def main(data_dir: str, out_dir: str, stage: str, checkpoint: str | None = None) -> None:
+def main(data_dir: str, out_dir: str, accum: str, stage: str, checkpoint: str | None = None) -> None:
     no_dropout = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-    overrides = {"model.gpt2_config": no_dropout, "train.stop_after_steps": 3, "train.aux_weight": 1.0}
+    overrides = {"model.gpt2_config": no_dropout, "train.stop_after_steps": 3, "train.aux_weight": 1.0,
+                 "train.accum_steps": int(accum)}  # fmt: skip
     if stage == "scst":
         overrides.update({"scst": True, "checkpoint": checkpoint, "train.stop_after_steps": 2, "train.lr": 1e-2})
     cfg = tiny_config(Path(data_dir), Path(out_dir), **overrides)
