@@ -115,8 +115,12 @@ def _train(cfg) -> RunResult:
         run.close()
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset, tmp_path):
-    overrides = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "train.save_every_steps": 2}
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset, tmp_path, accum_steps):
+    """Checkpoints fall between optimizer steps, so a run stopped mid-epoch resumes with the next step's
+    first micro-batch, as the uninterrupted run took it."""
+    overrides = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "train.save_every_steps": 2,
+                 "train.accum_steps": accum_steps}  # fmt: skip
     _train(tiny_config(tiny_dataset, tmp_path / "straight", **overrides))
     stopped = _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, **{"train.stop_after_steps": 6}))
     assert stopped.stopped and stopped.state.epoch == 1 and stopped.state.epoch_step == 2
