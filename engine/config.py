@@ -57,6 +57,7 @@ class TrainConfig:
     total_steps: int | None = option(None, "learning-rate schedule length in steps (none: epochs x steps per epoch)")
     batch_size: int = option(30, "images per optimizer step, over all processes and micro-batches")
     accum_steps: int = option(1, "micro-batches per optimizer step (gradient accumulation; the same step)")
+    grad_checkpointing: bool = option(False, "recompute GPT-2's and the transformer mapper's activations in backward")
     lr: float = option(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = option(0.01, "AdamW weight decay")
     decay_norm_and_bias: bool = option(True, "also decay biases and LayerNorm parameters")

@@ -156,6 +156,8 @@ class Run:
                                "full" if model.output_ids is None else f"{len(model.output_ids)} tokens")  # fmt: skip
         else:
             model = build_captioner(cfg, output_ids=self._output_vocabulary())
+        if cfg.train.grad_checkpointing:
+            model.enable_grad_checkpointing()
         return model.to(self.dist.device)
 
     def _output_vocabulary(self) -> torch.Tensor | None:

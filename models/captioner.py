@@ -11,6 +11,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from data.text import IGNORE_INDEX
+from models.checkpointing import enable_gpt2_checkpointing, same_rates_on_recompute
 from models.gpt2 import gpt2_attention_mask
 from models.losses import caption_xe_loss, npair_loss
 from models.sparse_mask import SparsePrefixMask
@@ -93,6 +94,15 @@ class OPGCaptioner(nn.Module):
         if only_prefix:
             self.gpt.requires_grad_(False)
             self.gpt.eval()
+
+    def enable_grad_checkpointing(self) -> None:
+        """Activation checkpointing in training: GPT-2's blocks (transformers' own) and the transformer
+        mapper's layers recompute their activations during backward instead of keeping them. The same losses
+        and gradients; paused while decoding, which needs GPT-2's KV cache."""
+        context_fn = same_rates_on_recompute(self)
+        enable_gpt2_checkpointing(self.gpt, context_fn)
+        if hasattr(self.mapper, "checkpoint_context"):
+            self.mapper.checkpoint_context = context_fn
 
     @property
     def masks_prefix(self) -> bool:
