@@ -58,6 +58,7 @@ class TrainConfig:
     batch_size: int = option(30, "images per optimizer step, over all processes and micro-batches")
     accum_steps: int = option(1, "micro-batches per optimizer step (gradient accumulation; the same step)")
     grad_checkpointing: bool = option(False, "recompute GPT-2's and the transformer mapper's activations in backward")
+    compile: bool = option(False, "torch.compile the XE training forward (one graph for all batch and caption sizes)")
     lr: float = option(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = option(0.01, "AdamW weight decay")
     decay_norm_and_bias: bool = option(True, "also decay biases and LayerNorm parameters")

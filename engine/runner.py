@@ -24,7 +24,7 @@ from engine.features import cache_features
 from engine.loop import EpochEnd, Optimization, Trainer, TrainState, run_epoch
 from engine.optim import build_optimizer, linear_schedule, trainable_parameters
 from engine.preemption import LoaderBatches, ignore_stop_signals
-from engine.steps import ScstStep, XEStep
+from engine.steps import ScstStep, XEStep, compile_forward
 from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
 from metrics.coco_eval import CaptionScorer, EvalReport
@@ -298,7 +298,10 @@ class Run:
             if self.dist.world_size > 1:
                 device_ids = [self.dist.device] if self.dist.device.type == "cuda" else None
                 forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
-            return XEStep(forward_model, self.dist.device, self.cfg.train)
+            compiled = compile_forward(forward_model) if self.cfg.train.compile else None
+            return XEStep(forward_model, self.dist.device, self.cfg.train, compiled)
+        if self.cfg.train.compile:
+            logger.warning("train.compile applies to XE's forward: SCST's decoding and scoring run eagerly")
         references = [[strip_stop(clean_caption(c, self.cfg.data.max_words)) for c in e["caption"]]
                       for e in train_set.entries]  # fmt: skip
         eos = self.cfg.scst_opts.reward_eos

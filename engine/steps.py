@@ -49,12 +49,31 @@ class XEPlan:
     features: torch.Tensor | None = None
 
 
+def compile_forward(module: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` of a training forward with dynamic shapes from the first call: one graph serves every
+    batch size (a smaller last batch, accumulation's micro-batches) and caption length. The real tokens the
+    cross-entropy reads are a data-dependent selection (``nonzero``), captured in the graph by
+    :func:`compiled_call` rather than splitting it."""
+    return torch.compile(module, dynamic=True, backend=backend)
+
+
+def compiled_call() -> contextlib.AbstractContextManager:
+    """Around every call of a :func:`compile_forward` module (dynamo reads its config when it traces)."""
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+
+
 class XEStep:
     """Teacher-forced cross-entropy (+ the weighted N-pair loss) of one micro-batch of an optimizer step."""
 
-    def __init__(self, forward_model: nn.Module, device: torch.device, cfg: TrainConfig) -> None:
-        self.forward_model = forward_model
-        self.model = forward_model.module if isinstance(forward_model, DistributedDataParallel) else forward_model
+    def __init__(
+        self, forward_model: nn.Module, device: torch.device, cfg: TrainConfig, compiled: nn.Module | None = None
+    ) -> None:
+        """``forward_model``: the captioner or its DDP wrapper; ``compiled``: its :func:`compile_forward`,
+        which then runs the forward passes."""
+        self.ddp = forward_model if isinstance(forward_model, DistributedDataParallel) else None
+        self.model = forward_model.module if self.ddp is not None else forward_model
+        self.forward_model = compiled if compiled is not None else forward_model
+        self.compiled = compiled is not None
         self.device = device
         self.aux_weight = cfg.aux_weight if cfg.use_aux_loss else 0.0
         self.aux_text_tokens = cfg.aux_text_tokens
@@ -62,9 +81,7 @@ class XEStep:
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Around a micro-batch that is not the step's last: DDP keeps its gradients local until the last."""
-        if isinstance(self.forward_model, DistributedDataParallel):
-            return self.forward_model.no_sync()
-        return contextlib.nullcontext()
+        return contextlib.nullcontext() if self.ddp is None else self.ddp.no_sync()
 
     def plan(self, batches: Sequence[dict[str, Any]]) -> list[XEPlan]:
         """One plan per micro-batch of a step (one collective: the step's token count over processes)."""
@@ -104,7 +121,24 @@ class XEStep:
         labels = batch["labels"].to(self.device, non_blocking=True)
         inputs = batch_inputs(batch, self.device)
         features = plan.features if plan.features is not None else inputs.get("features")
-        out = self.forward_model(
+        with compiled_call() if self.compiled else contextlib.nullcontext():
+            out = self._forward(batch, inputs, labels, features, plan)
+        out["loss"] = out["loss"] + out["xe"] * (plan.xe_weight - 1.0)
+        if plan.bank is not None:
+            # Every micro-batch computes the whole step's N-pair loss, with gradients for its own rows only:
+            # the gradients add up to the step's, and the values, counted 1/N each, add up to its loss.
+            out["loss"] = out["loss"] - self.aux_weight * out["aux"].detach() * (1.0 - 1.0 / plan.micro_batches)
+        return out
+
+    def _forward(
+        self,
+        batch: dict[str, Any],
+        inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        features: torch.Tensor | None,
+        plan: XEPlan,
+    ) -> dict[str, torch.Tensor]:
+        return self.forward_model(
             None if features is not None else inputs.get("images"),
             batch["input_ids"].to(self.device, non_blocking=True),
             labels,
@@ -114,12 +148,6 @@ class XEStep:
             features=features,
             aux_bank=plan.bank,
         )
-        out["loss"] = out["loss"] + out["xe"] * (plan.xe_weight - 1.0)
-        if plan.bank is not None:
-            # Every micro-batch computes the whole step's N-pair loss, with gradients for its own rows only:
-            # the gradients add up to the step's, and the values, counted 1/N each, add up to its loss.
-            out["loss"] = out["loss"] - self.aux_weight * out["aux"].detach() * (1.0 - 1.0 / plan.micro_batches)
-        return out
 
 
 def fast_decode_mode(name: str, device: torch.device) -> str:

@@ -189,6 +189,9 @@ class OPGCaptioner(nn.Module):
         if self.output_ids is None:
             return token_ids
         index = torch.searchsorted(self.output_ids, token_ids).clamp(max=len(self.output_ids) - 1)
+        if torch.compiler.is_compiling():
+            # No data-dependent branch in a compiled graph; training's captions are the vocabulary's source.
+            return index
         outside = self.output_ids[index] != token_ids
         if outside.any():
             unknown = sorted(set(token_ids[outside].tolist()))[:10]
