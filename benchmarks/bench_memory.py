@@ -8,8 +8,10 @@ backward during the forward pass (``torch.autograd.graph.saved_tensors_hooks``: 
 parameters excluded), which does not depend on the device, plus the inputs that checkpointed blocks keep
 (``train.grad_checkpointing``). The encoder is frozen and runs without gradients, so its input is replaced
 by random encoder features (50 x 1024 per image): it saves nothing. Activations grow linearly with the
-batch: each step is measured at ``--measure`` small batch sizes and extrapolated by a line through them
-(GPT-2 large would not run a full batch quickly on a CPU). SCST is measured as the recipe runs it (dropout
+batch and with the number of GPT-2 blocks (all alike): each step is measured at two small batch sizes
+(``--measure``) with GPT-2 of the size's width but one and two blocks (``--layers``), and extrapolated along
+both lines to the paper's batch and the size's depth (GPT-2 large would not run a full batch quickly on a
+CPU); parameters are counted on the full model built on the meta device. SCST is measured as the recipe runs it (dropout
 on: the sampling decode keeps its graph over 20 steps, which checkpointing cannot shrink) and with dropout
 off (samples drawn without gradients, one teacher-forced pass with gradients). Random weights rarely emit the
 stop token, so samples run to 20 tokens: the worst case. Fixed memory: parameters (the frozen Swin-B
@@ -21,6 +23,9 @@ Speed: ``--compile_size`` (demo: 2-layer GPT-2, 128 wide) XE steps of ``--compil
 eager and ``torch.compile`` (train.compile) taking turns after a warm-up that compiles, as a ratio.
 
     python benchmarks/bench_memory.py [--sizes small medium large] [--repeats 5] [--threads 2]
+
+On a GPU (the GPU check), ``--device cuda`` instead measures XE steps of ``--compile_batch`` captions at GPT-2
+``--device_size``: peak memory and time plain, with checkpointing, in 3 micro-batches, and compiled.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.harness import SIZES  # noqa: E402
 from engine.config import CONFIG_DIR, TrainConfig, build_config  # noqa: E402
-from engine.loop import Optimization  # noqa: E402
+from engine.loop import Optimization, accumulate  # noqa: E402
 from engine.optim import build_optimizer, linear_schedule  # noqa: E402
 from engine.steps import XEStep, compile_forward  # noqa: E402
 from models.build import build_captioner  # noqa: E402
 from models.decoding import DecodeOptions, decode, dropout_off, teacher_forced_logprobs  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 
 GPT2_SIZES = {"small": (12, 768, 12), "medium": (24, 1024, 16), "large": (36, 1280, 20)}  # layers, width, heads
 GPU_GB = (12, 16, 24, 40, 80)
@@ -84,13 +90,15 @@ class SavedBytes:
         return sum(self.storages.values()) + self.block_inputs
 
 
-def build_model(size: str, seed: int = 0) -> tuple[torch.nn.Module, TrainConfig]:
-    """The paper's model with GPT-2 ``size`` (random weights), in training mode."""
-    layers, width, heads = GPT2_SIZES[size]
-    gpt2 = {"n_layer": layers, "n_embd": width, "n_head": heads}
+def build_model(size: str, layers: int | None = None, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """The paper's model with GPT-2 ``size`` (random weights; ``layers`` blocks instead of the size's own), in
+    training mode."""
+    full_layers, width, heads = GPT2_SIZES[size]
+    gpt2 = {"n_layer": layers or full_layers, "n_embd": width, "n_head": heads}
     cfg = build_config([CONFIG_DIR / "xe.yaml"], {"encoder.checkpoint": None, "model.gpt2_config": gpt2})
-    torch.manual_seed(seed)
-    return build_captioner(cfg).train(), cfg.train
+    torch.manual_seed(0)
+    with torch.device(device):
+        return build_captioner(cfg).train(), cfg.train
 
 
 def xe_bytes(model: torch.nn.Module, train: TrainConfig, batch: int) -> int:
@@ -120,12 +128,18 @@ def scst_bytes(model: torch.nn.Module, images: int, teacher_forced: bool) -> int
     return SavedBytes(model).measure(forward)
 
 
-def per_batch(measure: Callable[[int], int], sizes: list[int]) -> tuple[float, float]:
-    """(bytes per batch item, bytes at batch 0) of the line through ``measure`` at the first and last size."""
-    low, high = sizes[0], sizes[-1]
-    at_low, at_high = measure(low), measure(high)
-    slope = (at_high - at_low) / (high - low)
-    return slope, at_low - slope * low
+def fitted(measure: Callable[[int, int], int], batches: list[int], layers: list[int], full: int) -> tuple[float, float]:
+    """(bytes per batch item, bytes at batch 0) at ``full`` GPT-2 blocks, from ``measure(layers, batch)`` at
+    the 2 x 2 corners of ``layers`` and ``batches``: linear in the batch, and in the number of blocks (they are
+    identical, so each adds the same bytes)."""
+    lines = []
+    for count in layers:
+        low, high = measure(count, batches[0]), measure(count, batches[-1])
+        slope = (high - low) / (batches[-1] - batches[0])
+        lines.append((slope, low - slope * batches[0]))
+    (slope_a, icpt_a), (slope_b, icpt_b) = lines
+    share = (full - layers[0]) / (layers[-1] - layers[0])
+    return slope_a + (slope_b - slope_a) * share, icpt_a + (icpt_b - icpt_a) * share
 
 
 def fixed_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -140,34 +154,42 @@ def largest_batch(fixed: float, slope: float, intercept: float, gb: int) -> int:
     return max(int((0.9 * gb * 1e9 - fixed - intercept) // slope), 0)
 
 
-def memory_rows(size: str, sizes: list[int]) -> list[dict]:
-    """Per step kind at GPT-2 ``size``: fixed bytes, bytes per batch item, and the paper's batch's total."""
-    model, train = build_model(size)
-    trainable, frozen = fixed_bytes(model)
+KINDS = {  # step -> (the paper's batch, saved bytes of one forward at a batch size)
+    "XE (30 captions)": (30, lambda model, train, b: xe_bytes(model, train, b)),
+    "SCST recipe (7 x 5, dropout on)": (7, lambda model, train, b: scst_bytes(model, b, teacher_forced=False)),
+    "SCST teacher-forced (7 x 5, dropout off)": (7, lambda model, train, b: scst_bytes(model, b, teacher_forced=True)),
+}
+
+
+def memory_rows(size: str, batches: list[int], layers: list[int]) -> list[dict]:
+    """Per step kind at GPT-2 ``size``: fixed bytes, bytes per batch item, the paper's batch's total and the
+    largest batch per GPU size; activations measured with ``layers`` GPT-2 blocks and extrapolated."""
+    full_model, _ = build_model(size, device="meta")
+    trainable, frozen = fixed_bytes(full_model)
     fixed = 4 * trainable + frozen
-    kinds = {
-        "XE (30 captions)": (30, lambda b: xe_bytes(model, train, b)),
-        "SCST recipe (7 x 5, dropout on)": (7, lambda b: scst_bytes(model, b, teacher_forced=False)),
-        "SCST teacher-forced (7 x 5, dropout off)": (7, lambda b: scst_bytes(model, b, teacher_forced=True)),
-    }
-    measured = {}
-    for checkpointing in (False, True):
-        if checkpointing:
-            model.enable_grad_checkpointing()
-        for kind, (paper_batch, measure) in kinds.items():
-            if checkpointing and "dropout on" in kind:
-                # Decoding pauses checkpointing (it needs GPT-2's KV cache): the same bytes as without
-                measured[kind, True] = measured[kind, False]
-                continue
-            slope, intercept = per_batch(measure, sizes)
-            measured[kind, checkpointing] = (paper_batch, slope, intercept)
+    saved: dict[tuple, int] = {}
+    for count in layers:
+        model, train = build_model(size, count)
+        for checkpointing in (False, True):
+            if checkpointing:
+                model.enable_grad_checkpointing()
+            for kind, (_, measure) in KINDS.items():
+                # Decoding pauses checkpointing (it needs GPT-2's KV cache): the recipe's SCST saves the same
+                for batch in batches:
+                    if checkpointing and "dropout on" in kind:
+                        saved[kind, True, count, batch] = saved[kind, False, count, batch]
+                    else:
+                        saved[kind, checkpointing, count, batch] = measure(model, train, batch)
     rows = []
-    for (kind, checkpointing), (paper_batch, slope, intercept) in measured.items():
-        rows.append({
-            "size": size, "kind": kind, "checkpointing": checkpointing, "fixed": fixed, "trainable": trainable,
-            "per_item": slope, "paper": fixed + intercept + paper_batch * slope,
-            "fits": [largest_batch(fixed, slope, intercept, gb) for gb in GPU_GB],
-        })  # fmt: skip
+    for kind, (paper_batch, _) in KINDS.items():
+        for checkpointing in (False, True):
+            slope, intercept = fitted(lambda c, b, k=kind, on=checkpointing: saved[k, on, c, b], batches, layers,
+                                      GPT2_SIZES[size][0])  # fmt: skip
+            rows.append({
+                "size": size, "kind": kind, "checkpointing": checkpointing, "fixed": fixed, "per_item": slope,
+                "paper": fixed + intercept + paper_batch * slope,
+                "fits": [largest_batch(fixed, slope, intercept, gb) for gb in GPU_GB],
+            })  # fmt: skip
     return rows
 
 
@@ -215,24 +237,79 @@ def compile_ratio(size: str, batch: int, repeats: int) -> tuple[float, float, fl
     return seconds["eager"], seconds["compiled"], compile_seconds
 
 
+def _device_step(model: torch.nn.Module, train: TrainConfig, device: torch.device, batch: int, accum: int,
+                 compiled: torch.nn.Module | None = None) -> Callable[[], None]:  # fmt: skip
+    """One XE optimizer step of ``batch`` captions in ``accum`` micro-batches, as the training loop takes it."""
+    optimizer = build_optimizer(model, train)
+    optimization = Optimization([p for p in model.parameters() if p.requires_grad], optimizer,
+                                linear_schedule(optimizer, 1000, 0.0), torch.amp.GradScaler(device.type, enabled=False),
+                                "fp32")  # fmt: skip
+    step = XEStep(model, device, train, compiled)
+    ids = torch.randint(0, 50000, (batch, CAPTION_TOKENS), device=device)
+    features = torch.randn(batch, 50, 1024, device=device)
+    micro = [{"features": f, "input_ids": i, "labels": i.clone()} for f, i in
+             zip(features.chunk(accum), ids.chunk(accum), strict=True)]  # fmt: skip
+
+    def run() -> None:
+        accumulate(optimization, micro, step, device)
+        optimization.step("bench")
+
+    return run
+
+
+def on_device(device: torch.device, size: str, batch: int, repeats: int) -> None:
+    """Peak memory and time of XE steps at GPT-2 ``size`` on ``device`` (fp32): plain, checkpointed, in 3
+    micro-batches, and compiled (its first step compiles: timed apart)."""
+    from benchmarks.bench_steps import report, timed
+
+    variants = {"plain": (False, 1, False), "checkpointing": (True, 1, False), "accum_steps 3": (False, 3, False),
+                "compiled": (False, 1, True)}  # fmt: skip
+    for name, (checkpointing, accum, compile_) in variants.items():
+        model, train = build_model(size)
+        model = model.to(device)
+        if checkpointing:
+            model.enable_grad_checkpointing()
+        step = _device_step(model, train, device, batch, accum, compile_forward(model) if compile_ else None)
+        started = time.perf_counter()
+        step()
+        first = time.perf_counter() - started
+        seconds, peak = timed(step, device, repeats)
+        report(f"XE {size}, batch {batch}, {name}", seconds, peak, batch, "captions/s")
+        print(f"  first step {first:.1f} s", flush=True)
+        del model, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=list(GPT2_SIZES), choices=list(GPT2_SIZES))
+    parser.add_argument("--sizes", nargs="*", default=list(GPT2_SIZES), choices=list(GPT2_SIZES),
+                        help="GPT-2 sizes of the memory table (none: the speed comparison only)")
     parser.add_argument("--measure", nargs=2, type=int, default=[1, 2], metavar=("LOW", "HIGH"),
                         help="batch sizes measured for the line (captions for XE, images for SCST)")
+    parser.add_argument("--layers", nargs=2, type=int, default=[1, 2], metavar=("LOW", "HIGH"),
+                        help="GPT-2 blocks measured for the line in depth")
     parser.add_argument("--compile_size", default="demo", choices=list(SIZES))
     parser.add_argument("--compile_batch", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5, help="timed compiled and eager steps each")
     parser.add_argument("--skip_compile", action="store_true", help="the memory table only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu",
+                        help="cuda: measure peak memory and time of XE steps on the GPU instead (the GPU check)")
+    parser.add_argument("--device_size", default="medium", choices=list(GPT2_SIZES))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if device.type != "cpu":
+        on_device(device, args.device_size, args.compile_batch, args.repeats)
+        return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32; computed from saved tensors")
     rows = []
     for size in args.sizes:
-        rows += memory_rows(size, args.measure)
-    print_memory(rows)
+        rows += memory_rows(size, args.measure, args.layers)
+    if rows:
+        print_memory(rows)
     if not args.skip_compile:
         eager, compiled, compile_seconds = compile_ratio(args.compile_size, args.compile_batch, args.repeats)
         print(f"XE step, {args.compile_size} size, batch {args.compile_batch}, CPU: eager {eager * 1e3:.0f} ms, "

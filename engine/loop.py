@@ -223,7 +223,7 @@ def _step(trainer: Trainer, batches: list[dict[str, Any]], step_fn: StepFn) -> t
         logger.warning("%s: a batch had no readable image on some process: step skipped everywhere", where)
         optimization.skip()
         return None, stop_signal
-    outs = _accumulate(optimization, batches, step_fn, device)
+    outs = accumulate(optimization, batches, step_fn, device)
     global_loss = float(all_reduce_mean(torch.stack([out["loss"] for out in outs]).sum()))
     if not math.isfinite(global_loss):
         raise FloatingPointError(
@@ -237,7 +237,7 @@ def _step(trainer: Trainer, batches: list[dict[str, Any]], step_fn: StepFn) -> t
     return values, stop_signal
 
 
-def _accumulate(
+def accumulate(
     optimization: Optimization, batches: list[dict[str, Any]], step_fn: StepFn, device: torch.device
 ) -> list[dict[str, torch.Tensor]]:
     """Forward and backward each micro-batch, DDP's gradient sync on the last one only; their detached

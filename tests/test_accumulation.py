@@ -12,7 +12,7 @@ from helpers import TINY_GPT2, tiny_config
 from test_scst import GOOD
 
 from data.text import IGNORE_INDEX, clean_caption
-from engine.loop import Optimization, _accumulate
+from engine.loop import Optimization, accumulate
 from engine.steps import ScstStep, XEStep
 from models.build import build_captioner
 
@@ -39,7 +39,7 @@ def _optimization(model) -> Optimization:
 def _gradients(model, step, batches: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
     """The step's summed loss and the parameter gradients after accumulating ``batches`` as the loop does."""
     model.zero_grad(set_to_none=True)
-    outs = _accumulate(_optimization(model), batches, step, CPU)
+    outs = accumulate(_optimization(model), batches, step, CPU)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return float(sum(out["loss"] for out in outs)), grads
 
