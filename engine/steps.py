@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ class XEPlan:
     features: torch.Tensor | None = None
 
 
-def compile_forward(module: nn.Module, backend: str = "inductor") -> nn.Module:
+def compile_forward(module: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
     """``torch.compile`` of a training forward with dynamic shapes from the first call: one graph serves every
     batch size (a smaller last batch, accumulation's micro-batches) and caption length. The real tokens the
     cross-entropy reads are a data-dependent selection (``nonzero``), captured in the graph by
