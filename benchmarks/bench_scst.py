@@ -6,10 +6,12 @@ GPT-2 small's shape, 50257 tokens, sparse mask) or the demo's (``--size demo``, 
 random tensors and every image has the same 5 references, so the figures are the model's cost alone.
 For each batch of ``--batches`` images x 5 samples it times three variants:
 
-- ``off``: Hugging Face's dynamic cache, the sampling decode keeps the gradients;
-- ``static``: the static cache (``fast_decode: auto``, or ``graphs`` with ``--graphs``), same gradients;
-- ``auto``: the static cache, samples drawn without gradients and scored in one teacher-forced pass (what
-  ``ScstStep`` does with dropout off; with ``--dropout true`` it is ``static`` again);
+- ``off``: Hugging Face's dynamic cache, the sampling decode keeps the gradients (``fast_decode: off``, and
+  ``auto`` on the CPU);
+- ``static``: the static cache (``fast_decode: static``, or ``graphs`` with ``--graphs``), same gradients;
+- ``teacher-forced``: the static cache, samples drawn without gradients and scored in one teacher-forced pass
+  (what ``ScstStep`` does on the static cache with dropout off, ``auto`` on CUDA; with ``--dropout true`` it
+  is ``static`` again);
 
 each for the whole training step (sampling, CIDEr-D, the greedy baseline, backward, AdamW; the mean of
 ``--repeats`` steps after a warm-up, which records any CUDA graphs), the sampling alone (log-probabilities
@@ -49,8 +51,8 @@ from models.tokenizer import load_tokenizer  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.precision import autocast, resolve_precision  # noqa: E402
 
-# variant -> (scst_opts.fast_decode, ScstStep.teacher_forced); "auto" becomes "graphs" with --graphs
-VARIANTS = {"off": ("off", False), "static": ("auto", False), "auto": ("auto", True)}
+# variant -> (scst_opts.fast_decode, ScstStep.teacher_forced); "static" becomes "graphs" with --graphs
+VARIANTS = {"off": ("off", False), "static": ("static", False), "teacher-forced": ("static", True)}
 
 
 def interleaved_seconds(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
@@ -131,7 +133,7 @@ def build_steps(args: argparse.Namespace, cfg, model, device: torch.device, imag
     cider = CiderD(DocumentFrequency.from_references(references))
     steps = {}
     for variant, (fast_decode, teacher_forced) in VARIANTS.items():
-        mode = "graphs" if args.graphs and fast_decode == "auto" else fast_decode
+        mode = "graphs" if args.graphs and fast_decode == "static" else fast_decode
         opts = dataclasses.replace(cfg.scst_opts, fast_decode=mode)
         steps[variant] = ScstStep(model, tokenizer, cider, references, opts, device)
         steps[variant].teacher_forced = teacher_forced
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
           f"dropout {cfg.scst_opts.dropout}, baseline {cfg.scst_opts.baseline}, CUDA graphs {args.graphs}")  # fmt: skip
     batches = sorted(set(args.batches) | {args.schedule_batch})
     steps = build_steps(args, cfg, model, device, max(batches))
-    print(f"{'images x samples':<17}{'variant':<8}{'step':>10}{'vs off':>8}{'sample':>10}{'greedy':>10}"
+    print(f"{'images x samples':<17}{'variant':<15}{'step':>10}{'vs off':>8}{'sample':>10}{'greedy':>10}"
           f"{'same greedy':>12}{'same samples':>13}")  # fmt: skip
     step_seconds = {}
     for images in batches:
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         step_seconds[images] = {v: f["step"] for v, f in result["figures"].items()}
         for variant, f in result["figures"].items():
             same_greedy, same_samples = result["same"][variant]
-            print(f"{f'{images} x {cfg.scst_opts.num_samples}':<17}{variant:<8}{f['step'] * 1e3:>8.1f}ms"
+            print(f"{f'{images} x {cfg.scst_opts.num_samples}':<17}{variant:<15}{f['step'] * 1e3:>8.1f}ms"
                   f"{step_seconds[images]['off'] / f['step']:>7.2f}x{f['sample'] * 1e3:>8.1f}ms"
                   f"{f['greedy'] * 1e3:>8.1f}ms{same_greedy:>12}{same_samples:>13}", flush=True)  # fmt: skip
     hours = {v: seconds * args.schedule_steps / 3600 for v, seconds in step_seconds[args.schedule_batch].items()}

@@ -18,7 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FEATURE_CACHE_DTYPES = ("float16", "float32")
 EVAL_SPLITS = ("val", "test")
 SCST_BASELINES = ("greedy", "mean")
-FAST_DECODE_MODES = ("auto", "graphs", "off")
+FAST_DECODE_MODES = ("auto", "static", "graphs", "off")
 BAD_SHARD_POLICIES = ("error", "skip")
 
 
@@ -64,7 +64,10 @@ class TrainConfig:
     epochs: int = option(10, "passes over the training split")
     # The run ends after train.epochs or total_steps, whichever comes first
     total_steps: int | None = option(None, "learning-rate schedule length in steps (none: epochs x steps per epoch)")
-    batch_size: int = option(30, "images per step, over all processes")
+    batch_size: int = option(30, "images per optimizer step, over all processes and micro-batches")
+    accum_steps: int = option(1, "micro-batches per optimizer step (gradient accumulation; the same step)")
+    grad_checkpointing: bool = option(False, "recompute GPT-2's and the transformer mapper's activations in backward")
+    compile: bool = option(False, "torch.compile the XE training forward (one graph for all batch and caption sizes)")
     lr: float = option(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = option(0.01, "AdamW weight decay")
     decay_norm_and_bias: bool = option(True, "also decay biases and LayerNorm parameters")
@@ -103,8 +106,9 @@ class ScstConfig:
     # Same tokens for the same draws in every mode (docs/gpu.md). CUDA-graph replay stays opt-in ("graphs")
     # until tests/test_cuda.py has passed on a GPU.
     fast_decode: str = option(
-        "auto", "auto: sampling and greedy baseline on a static KV cache; graphs: the same, replayed as CUDA "
-        "graphs on CUDA (not yet checked on a GPU); off: dynamic cache",
+        "auto", "auto: the mode measured fastest on the device (off on the CPU, static on CUDA); static: "
+        "sampling and greedy baseline on a static KV cache; graphs: the same, replayed as CUDA graphs on CUDA "
+        "(not yet checked on a GPU); off: dynamic cache",
         choices=FAST_DECODE_MODES,
     )  # fmt: skip
     # The reference's coco-train-words.p counts <eos>, so the reward sees whether a caption ended
@@ -144,8 +148,8 @@ def build_config(files: Sequence[str | Path] = (), overrides: dict[str, Any] | N
 
 def validate(cfg: Config) -> None:
     """Reject combinations that would only fail later, deep inside a run (single values: see the schema)."""
-    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.decode.beams < 1:
-        raise ConfigError("train.batch_size and decode.beams must be >= 1, train.epochs >= 0")
+    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.decode.beams < 1 or cfg.train.accum_steps < 1:
+        raise ConfigError("train.batch_size, train.accum_steps and decode.beams must be >= 1, train.epochs >= 0")
     if cfg.data.cache_features and (cfg.data.augment or not cfg.encoder.frozen or cfg.encoder.drop_path > 0):
         raise ConfigError(
             "data.cache_features needs deterministic features: a frozen encoder, data.augment=false and "

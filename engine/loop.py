@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -23,7 +24,16 @@ from utils.progress import Progress, progress
 
 logger = logging.getLogger(__name__)
 
-StepFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+class StepFn(Protocol):
+    """A training step's losses, one micro-batch at a time (``engine.steps``): ``plan`` looks at all the
+    micro-batches of an optimizer step first (one plan each); ``__call__`` gives one micro-batch's outputs,
+    whose ``loss`` is its share of the step's objective; ``no_sync`` holds back DDP's gradient sync."""
+
+    def plan(self, batches: Sequence[dict[str, Any]]) -> Sequence[Any]: ...
+
+    def no_sync(self) -> contextlib.AbstractContextManager: ...
+
+    def __call__(self, batch: dict[str, Any], plan: Any) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -62,9 +72,17 @@ class Optimization:
         return self.optimizer.param_groups[0]["lr"]
 
     def update(self, loss: torch.Tensor, where: str) -> None:
-        """Back-propagate ``loss`` and step the optimizer and the schedule. ``where`` ("step 5 (epoch 1)")
-        names the step in the error raised for a non-finite gradient norm."""
+        """Back-propagate ``loss`` and step: a step of one batch."""
+        self.backward(loss)
+        self.step(where)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add the gradients of ``loss`` (one micro-batch's share of the step's objective)."""
         self.scaler.scale(loss).backward()
+
+    def step(self, where: str) -> None:
+        """Step the optimizer and the schedule on the summed gradients. ``where`` ("step 5 (epoch 1)") names
+        the step in the error raised for a non-finite gradient norm."""
         if self.sync_gradients:
             average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
@@ -147,9 +165,10 @@ def _run_steps(
 ) -> EpochEnd:
     state, cfg = trainer.state, trainer.cfg
     started, images_seen = time.perf_counter(), 0
-    for batch in batches:
-        out, stop_signal = _step(trainer, batch, step_fn)
-        _count_skipped(state, batch)
+    for group in _micro_batches(batches, cfg.accum_steps):
+        out, stop_signal = _step(trainer, group, step_fn)
+        for batch in group:
+            _count_skipped(state, batch)
         if out is not None:
             state.epoch_step += 1
             state.global_step += 1
@@ -173,41 +192,63 @@ def _run_steps(
     return EpochEnd.COMPLETE
 
 
+def _micro_batches(batches: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """The loader's batches in groups of ``size``: the micro-batches of one optimizer step each (an
+    incomplete group at the end is dropped: the loader yields ``size`` per step)."""
+    group: list[dict[str, Any]] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
 def _count_skipped(state: TrainState, batch: dict[str, Any]) -> None:
     state.skipped_images += batch["skipped"]
     for reason, count in batch.get("skipped_why", {}).items():
         state.skipped_by_reason[reason] = state.skipped_by_reason.get(reason, 0) + count
 
 
-def _step(trainer: Trainer, batch: dict[str, Any], step_fn: StepFn) -> tuple[dict[str, float] | None, bool]:
-    """One optimisation step. Returns its logged values (None when skipped) and whether any process was
-    asked to stop."""
-    inputs = batch_inputs(batch)
-    stop_flag = float(trainer.stop.requested)
-    optimization = trainer.optimization
-    if inputs:
-        with autocast(optimization.precision, trainer.dist.device):
-            out = step_fn(batch)
-        loss = out["loss"]
-        local = torch.tensor([0.0, 1.0, stop_flag], device=loss.device)
-        local[0] = loss.detach().float()
-    else:
-        local = torch.tensor([0.0, 0.0, stop_flag], device=trainer.dist.device)
-    # One collective per step: the loss for the finiteness check, whether every process has data and
-    # whether any process was signalled (all processes must stop after the same step).
-    global_loss, all_have, any_stop = all_reduce_mean(local).tolist()
+def _step(trainer: Trainer, batches: list[dict[str, Any]], step_fn: StepFn) -> tuple[dict[str, float] | None, bool]:
+    """One optimisation step over ``batches``, its micro-batches (``train.accum_steps``). Returns its logged
+    values (None when skipped) and whether any process was asked to stop."""
+    optimization, device = trainer.optimization, trainer.dist.device
+    have = float(all(batch_inputs(batch) for batch in batches))
+    # Whether every process has data for every micro-batch, and whether any process was signalled (all
+    # processes must stop after the same step), in one collective before any work.
+    all_have, any_stop = all_reduce_mean(torch.tensor([have, float(trainer.stop.requested)], device=device)).tolist()
     stop_signal = any_stop > 0
     where = f"step {trainer.state.global_step + 1} (epoch {trainer.state.epoch + 1})"
     if all_have < 1.0:
         logger.warning("%s: a batch had no readable image on some process: step skipped everywhere", where)
         optimization.skip()
         return None, stop_signal
+    outs = accumulate(optimization, batches, step_fn, device)
+    global_loss = float(all_reduce_mean(torch.stack([out["loss"] for out in outs]).sum()))
     if not math.isfinite(global_loss):
         raise FloatingPointError(
             f"non-finite loss ({global_loss}) at {where}: stopping; last.pt keeps the last finite step (try a "
             "lower learning rate or train.precision=fp32)"
         )
-    optimization.update(loss, where)
-    values = {k: float(v.detach()) for k, v in out.items() if k != "loss" and v.numel() == 1}
-    values.update(loss=global_loss, batch_images=len(next(iter(inputs.values()))))
+    optimization.step(where)
+    keys = [k for k, v in outs[0].items() if k != "loss" and v.numel() == 1]
+    values = {k: sum(float(out[k]) for out in outs) / len(outs) for k in keys}
+    values.update(loss=global_loss, batch_images=sum(len(next(iter(batch_inputs(b).values()))) for b in batches))
     return values, stop_signal
+
+
+def accumulate(
+    optimization: Optimization, batches: list[dict[str, Any]], step_fn: StepFn, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """Forward and backward each micro-batch, DDP's gradient sync on the last one only; their detached
+    outputs (``loss``: each one's share of the step's objective, so that they add up to it)."""
+    outs = []
+    with autocast(optimization.precision, device):
+        plans = step_fn.plan(batches)
+    for number, (batch, plan) in enumerate(zip(batches, plans, strict=True)):
+        with contextlib.nullcontext() if number == len(batches) - 1 else step_fn.no_sync():
+            with autocast(optimization.precision, device):
+                out = step_fn(batch, plan)
+            optimization.backward(out["loss"])
+        outs.append({k: v.detach().float() for k, v in out.items()})
+    return outs

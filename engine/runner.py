@@ -26,7 +26,7 @@ from engine.features import cache_features
 from engine.loop import EpochEnd, Optimization, Trainer, TrainState, run_epoch
 from engine.optim import build_optimizer, linear_schedule, trainable_parameters
 from engine.preemption import LoaderBatches, ignore_stop_signals
-from engine.steps import ScstStep, XEStep
+from engine.steps import ScstStep, XEStep, compile_forward
 from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
 from metrics.coco_eval import CaptionScorer, EvalReport
@@ -163,6 +163,8 @@ class Run:
                                "full" if model.output_ids is None else f"{len(model.output_ids)} tokens")  # fmt: skip
         else:
             model = build_captioner(cfg, output_ids=self._output_vocabulary())
+        if cfg.train.grad_checkpointing:
+            model.enable_grad_checkpointing()
         return model.to(self.dist.device)
 
     def _output_vocabulary(self) -> torch.Tensor | None:
@@ -203,11 +205,13 @@ class Run:
                 self.cfg.data.feature_cache_dtype,
             )  # fmt: skip
 
-    def _per_rank_batch(self) -> int:
-        total, world = self.cfg.train.batch_size, self.dist.world_size
-        if total % world:
-            raise ValueError(f"train.batch_size {total} must be divisible by the number of processes {world}")
-        return total // world
+    def _micro_batch(self) -> int:
+        """Images one process reads at a time: train.batch_size over processes and micro-batches."""
+        total, world, accum = self.cfg.train.batch_size, self.dist.world_size, self.cfg.train.accum_steps
+        if total % (world * accum):
+            raise ValueError(f"train.batch_size {total} must be divisible by the number of processes {world} "
+                             f"times train.accum_steps {accum}")  # fmt: skip
+        return total // (world * accum)
 
     def _collate(self) -> Any:
         if self.cfg.scst:
@@ -216,12 +220,13 @@ class Run:
         max_tokens = self.model.gpt.config.n_positions - self.model.prefix_length + 1
         return CaptionCollator(self.tokenizer, min(self.cfg.data.max_tokens, max_tokens))
 
-    def _shard_loader(self, data: ShardTrainData, epoch: int, skip_batches: int, steps: int) -> DataLoader:
-        """This process's batches of the epoch from shards (``data/shards.py``), from step ``skip_batches``."""
-        dist = self.dist
+    def _shard_loader(self, data: ShardTrainData, epoch: int, skip_steps: int, steps: int) -> DataLoader:
+        """This process's micro-batches of the epoch from shards (``data/shards.py``), after its first
+        ``skip_steps`` optimizer steps."""
+        dist, accum = self.dist, self.cfg.train.accum_steps
         workers = usable_workers(self.cfg.data.num_workers, len(data.shard_set.shards), dist.world_size)
-        plan = StreamPlan(self.cfg.train.seed, epoch, dist.rank, dist.world_size, workers, self._per_rank_batch(),
-                          steps, skip_batches)  # fmt: skip
+        plan = StreamPlan(self.cfg.train.seed, epoch, dist.rank, dist.world_size, workers, self._micro_batch(),
+                          steps * accum, skip_steps * accum)  # fmt: skip
         return DataLoader(
             data.stream(plan), batch_size=plan.batch, num_workers=workers, collate_fn=self._collate(),
             pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals,
@@ -229,18 +234,19 @@ class Run:
             generator=torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch),
         )  # fmt: skip
 
-    def _loader(self, dataset: Any, epoch: int, skip_batches: int, steps: int) -> DataLoader:
+    def _loader(self, dataset: Any, epoch: int, skip_steps: int, steps: int) -> DataLoader:
+        """This process's micro-batches of ``epoch`` after its first ``skip_steps`` optimizer steps."""
         if isinstance(dataset, ShardTrainData):
-            return self._shard_loader(dataset, epoch, skip_batches, steps)
-        per_rank = self._per_rank_batch()
+            return self._shard_loader(dataset, epoch, skip_steps, steps)
+        micro = self._micro_batch()
         sampler = ShardedSampler(
             len(dataset), self.dist.rank, self.dist.world_size, True, self.cfg.train.seed, epoch,
-            skip=skip_batches * per_rank,
+            skip=skip_steps * self.cfg.train.accum_steps * micro,
         )  # fmt: skip
         collate = self._collate()
         return DataLoader(
             dataset,
-            batch_size=per_rank,
+            batch_size=micro,
             sampler=sampler,
             drop_last=True,
             num_workers=self.cfg.data.num_workers,
@@ -275,9 +281,10 @@ class Run:
             self._resume(trainer)
         step_fn = self._step_fn(train_set)
         logger.info(
-            "%s training: %d items, %d steps/epoch, %d steps in %d epoch(s), batch %d on %d process(es), %s, %s",
+            "%s training: %d items, %d steps/epoch, %d steps in %d epoch(s), batch %d on %d process(es) in %d "
+            "micro-batch(es), %s, %s",
             self.stage.upper(), len(train_set), steps_per_epoch, total_steps, epochs, cfg.train.batch_size,
-            self.dist.world_size, self.dist.device, self.precision,
+            self.dist.world_size, cfg.train.accum_steps, self.dist.device, self.precision,
         )  # fmt: skip
         if schedule_steps > total_steps:
             logger.info("the learning-rate schedule spans %d steps (train.total_steps): this run ends before it "
@@ -297,7 +304,8 @@ class Run:
                 loader = self._loader(train_set, state.epoch, state.epoch_step, steps_per_epoch)
                 save = lambda: self._save(trainer, self.run_dir / "last.pt")  # noqa: E731
                 desc = f"{self.stage} epoch {state.epoch + 1}/{epochs}"
-                with LoaderBatches(loader, in_epoch - state.epoch_step) as batches:
+                micro_batches = (in_epoch - state.epoch_step) * cfg.train.accum_steps
+                with LoaderBatches(loader, micro_batches) as batches:
                     checked = check_shard_failures(batches, cfg.data.on_bad_shard)
                     end = run_epoch(trainer, checked, in_epoch, step_fn, save, desc)
                 if end is EpochEnd.COMPLETE:
@@ -321,7 +329,10 @@ class Run:
             if self.dist.world_size > 1:
                 device_ids = [self.dist.device] if self.dist.device.type == "cuda" else None
                 forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
-            return XEStep(forward_model, self.dist.device, self.cfg.train)
+            compiled = compile_forward(forward_model) if self.cfg.train.compile else None
+            return XEStep(forward_model, self.dist.device, self.cfg.train, compiled)
+        if self.cfg.train.compile:
+            logger.warning("train.compile applies to XE's forward: SCST's decoding and scoring run eagerly")
         # From shards, each batch brings its references, and the document frequencies come from a file
         references = [] if isinstance(train_set, ShardTrainData) else [
             [strip_stop(clean_caption(c, self.cfg.data.max_words)) for c in e["caption"]] for e in train_set.entries

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from data.datasets import batch_inputs
 from data.text import IGNORE_INDEX
 from engine.config import ScstConfig, TrainConfig
 from metrics.cider import CiderD
-from models.captioner import OPGCaptioner
+from models.captioner import EmbeddingBank, OPGCaptioner
 from models.captioning import caption_batches
 from models.decoding import (
     DecodeOptions,
@@ -29,35 +31,132 @@ from models.losses import scst_loss
 from models.static_decode import FastDecode
 from utils.distributed import all_reduce_mean
 
+logger = logging.getLogger(__name__)
+
+@dataclass
+class XEPlan:
+    """What one micro-batch's XE loss needs to know of its whole step (all micro-batches, all processes).
+
+    ``xe_weight``: its token count over the mean, over processes, of a process's step token count, so that
+    the summed and process-averaged gradient is that of the mean over all of the step's tokens, as one batch
+    in one process. ``bank``: the N-pair loss's embeddings of the step's micro-batches on this process (None
+    for a step of one micro-batch). ``features``: the frozen encoder's output for the micro-batch, kept from
+    computing the bank so that the images are not encoded twice."""
+
+    xe_weight: torch.Tensor
+    micro_batches: int = 1
+    bank: EmbeddingBank | None = None
+    features: torch.Tensor | None = None
+
+
+def compile_forward(module: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
+    """``torch.compile`` of a training forward with dynamic shapes from the first call: one graph serves every
+    batch size (a smaller last batch, accumulation's micro-batches) and caption length. The real tokens the
+    cross-entropy reads are a data-dependent selection (``nonzero``), captured in the graph by
+    :func:`compiled_call` rather than splitting it."""
+    return torch.compile(module, dynamic=True, backend=backend)
+
+
+def compiled_call() -> contextlib.AbstractContextManager:
+    """Around every call of a :func:`compile_forward` module (dynamo reads its config when it traces)."""
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+
 
 class XEStep:
-    """Teacher-forced cross-entropy (+ the weighted N-pair loss) of one batch."""
+    """Teacher-forced cross-entropy (+ the weighted N-pair loss) of one micro-batch of an optimizer step."""
 
-    def __init__(self, forward_model: nn.Module, device: torch.device, cfg: TrainConfig) -> None:
-        self.forward_model = forward_model
+    def __init__(
+        self, forward_model: nn.Module, device: torch.device, cfg: TrainConfig, compiled: nn.Module | None = None
+    ) -> None:
+        """``forward_model``: the captioner or its DDP wrapper; ``compiled``: its :func:`compile_forward`,
+        which then runs the forward passes."""
+        self.ddp = forward_model if isinstance(forward_model, DistributedDataParallel) else None
+        self.model = forward_model.module if self.ddp is not None else forward_model
+        self.forward_model = compiled if compiled is not None else forward_model
+        self.compiled = compiled is not None
         self.device = device
         self.aux_weight = cfg.aux_weight if cfg.use_aux_loss else 0.0
         self.aux_text_tokens = cfg.aux_text_tokens
         self.label_smoothing = cfg.label_smoothing
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Around a micro-batch that is not the step's last: DDP keeps its gradients local until the last."""
+        return contextlib.nullcontext() if self.ddp is None else self.ddp.no_sync()
+
+    def plan(self, batches: Sequence[dict[str, Any]]) -> list[XEPlan]:
+        """One plan per micro-batch of a step (one collective: the step's token count over processes)."""
+        tokens = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).float().to(self.device)
+        weights = tokens / all_reduce_mean(tokens.sum())
+        if len(batches) == 1 or self.aux_weight == 0:
+            return [XEPlan(weight, len(batches)) for weight in weights]
+        return self._banked_plans(batches, weights)
+
+    def _banked_plans(self, batches: Sequence[dict[str, Any]], weights: torch.Tensor) -> list[XEPlan]:
+        """Plans holding the N-pair embeddings of every micro-batch, computed without gradients (cheap next to
+        the step: the prefix, and the caption tokens' input embeddings)."""
+        model, texts, images, features = self.model, [], [], []
+        frozen = not any(p.requires_grad for p in model.encoder.parameters())
+        with torch.no_grad():
+            for batch in batches:
+                inputs = batch_inputs(batch, self.device)
+                visual = inputs.get("features")
+                if visual is None and frozen:
+                    visual = model.encoder(inputs["images"])
+                prefix = model.encode(**({"features": visual} if visual is not None else inputs))
+                ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+                text, image = model.aux_embeddings(prefix, ids, labels, self.aux_text_tokens)
+                texts.append(text)
+                images.append(image)
+                features.append(visual)
+        starts = np.cumsum([0] + [t.shape[0] for t in texts[:-1]]).tolist()
+        text, image = torch.cat(texts), torch.cat(images)
+        return [
+            XEPlan(weight, len(batches), EmbeddingBank(text, image, start), visual)
+            for weight, start, visual in zip(weights, starts, features, strict=True)
+        ]
+
+    def __call__(self, batch: dict[str, Any], plan: XEPlan | None = None) -> dict[str, torch.Tensor]:
+        """The micro-batch's losses; ``loss`` is its share of the step's objective (what to back-propagate)."""
+        plan = plan or self.plan([batch])[0]
         labels = batch["labels"].to(self.device, non_blocking=True)
         inputs = batch_inputs(batch, self.device)
-        out = self.forward_model(
-            inputs.get("images"),
+        features = plan.features if plan.features is not None else inputs.get("features")
+        with compiled_call() if self.compiled else contextlib.nullcontext():
+            out = self._forward(batch, inputs, labels, features, plan)
+        out["loss"] = out["loss"] + out["xe"] * (plan.xe_weight - 1.0)
+        if plan.bank is not None:
+            # Every micro-batch computes the whole step's N-pair loss, with gradients for its own rows only:
+            # the gradients add up to the step's, and the values, counted 1/N each, add up to its loss.
+            out["loss"] = out["loss"] - self.aux_weight * out["aux"].detach() * (1.0 - 1.0 / plan.micro_batches)
+        return out
+
+    def _forward(
+        self,
+        batch: dict[str, Any],
+        inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        features: torch.Tensor | None,
+        plan: XEPlan,
+    ) -> dict[str, torch.Tensor]:
+        return self.forward_model(
+            None if features is not None else inputs.get("images"),
             batch["input_ids"].to(self.device, non_blocking=True),
             labels,
             aux_weight=self.aux_weight,
             label_smoothing=self.label_smoothing,
             aux_text_tokens=self.aux_text_tokens,
-            features=inputs.get("features"),
+            features=features,
+            aux_bank=plan.bank,
         )
-        if dist.is_initialized():
-            # Weight each process's token mean by its share of the tokens, so that the averaged gradient
-            # is that of the mean over all tokens of the combined batch, as in one process.
-            tokens = (labels != IGNORE_INDEX).sum().float()
-            out["loss"] = out["loss"] + out["xe"] * (tokens / all_reduce_mean(tokens) - 1.0)
-        return out
+
+
+def fast_decode_mode(name: str, device: torch.device) -> str:
+    """``scst_opts.fast_decode`` for ``device``: ``auto`` is the mode measured fastest there (docs/gpu.md),
+    the dynamic cache ("off") on the CPU, where the static cache and teacher-forced scoring cost more
+    arithmetic than they save, and the static cache on CUDA; the others as named."""
+    if name != "auto":
+        return name
+    return "static" if device.type == "cuda" else "off"
 
 
 class ScstStep:
@@ -92,17 +191,29 @@ class ScstStep:
             temperature=opts.temperature,
         )
         self.greedy_options = DecodeOptions(method="greedy", max_len=opts.sample_max_len, min_len=opts.sample_min_len)
+        mode = fast_decode_mode(opts.fast_decode, device)
+        logger.info("SCST decoding: fast_decode %s (%s) on %s", mode, opts.fast_decode, device)
         # One per step object: it keeps the recorded CUDA graphs.
-        self.fast = None if opts.fast_decode == "off" else FastDecode(cuda_graphs=opts.fast_decode == "graphs")
-        # Without dropout: sample without gradients, then one teacher-forced pass (False: the decode keeps
-        # the gradients, as with dropout on; benchmarks compare the two).
-        self.teacher_forced = True
+        self.fast = None if mode == "off" else FastDecode(cuda_graphs=mode == "graphs")
+        # On the static cache without dropout: sample without gradients, then one teacher-forced pass (False:
+        # the decode keeps the gradients, as with dropout on, the faster on the CPU; benchmarks compare them).
+        self.teacher_forced = self.fast is not None
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the coming steps' samples with ``epoch`` (each image is visited once per epoch)."""
         self.epoch = epoch
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Nothing to hold back: SCST averages gradients by hand, once per optimizer step."""
+        return contextlib.nullcontext()
+
+    def plan(self, batches: Sequence[dict[str, Any]]) -> list[float]:
+        """Each micro-batch's share of the step's captions: the step's loss is the mean over all of them."""
+        images = [len(b["indices"]) for b in batches]
+        return [n / sum(images) for n in images]
+
+    def __call__(self, batch: dict[str, Any], share: float = 1.0) -> dict[str, torch.Tensor]:
+        """The batch's SCST loss times ``share`` (its part of an accumulated step), and what it logs."""
         n = self.opts.num_samples
         samples, logprobs = self._sample(batch)
         # Streamed from shards, a batch carries its references; otherwise they are the data set's
@@ -113,7 +224,7 @@ class ScstStep:
         token_mask = torch.arange(samples.tokens.shape[1], device=self.device)[None] < samples.lengths[:, None]
         rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=self.device)
         baselines_t = torch.as_tensor(baselines, dtype=torch.float32, device=self.device)
-        loss = scst_loss(logprobs, token_mask, rewards_t, baselines_t, self.opts.length_norm)
+        loss = scst_loss(logprobs, token_mask, rewards_t, baselines_t, self.opts.length_norm) * share
         entropy = -(logprobs.detach() * token_mask).sum() / token_mask.sum().clamp(min=1)
         return {
             "loss": loss,

@@ -39,7 +39,8 @@ def load_captioner(source: str | Path, device: str = "auto", precision: str = "a
     """A :class:`Captioner` for a training checkpoint (``.pt``), an exported folder or a Hub repository id.
 
     ``device``: auto (CUDA when present), cpu, cuda, cuda:N. ``precision``: auto (the run's evaluation
-    precision: bf16 on CUDA unless the run used another), bf16, fp16 or fp32; the CPU always runs fp32.
+    precision: bf16 on CUDA unless the run used another; fp32 off CUDA), bf16, fp16 or fp32 (as asked, on
+    the CPU too).
     """
     target = resolve_device(device)
     model, cfg = load_model(source, target)
@@ -47,10 +48,13 @@ def load_captioner(source: str | Path, device: str = "auto", precision: str = "a
 
 
 def resolve_run_precision(name: str, cfg: SavedCaptionerConfig, device: torch.device) -> str:
-    """``auto`` -> the run's own ``train.precision`` (itself possibly auto), resolved for ``device``."""
+    """``auto`` -> the run's own ``train.precision`` (itself possibly auto) on CUDA, fp32 elsewhere (a run's
+    reduced precision was chosen for its GPU); an explicit precision runs as asked (``resolve_precision``)."""
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
-    return resolve_precision(cfg.precision if name == "auto" else name, device)
+    if name == "auto":
+        return resolve_precision(cfg.precision, device) if device.type == "cuda" else "fp32"
+    return resolve_precision(name, device)
 
 
 def decode_options(decode_cfg: DecodeConfig, num_captions: int = 1, **overrides: object) -> DecodeOptions:

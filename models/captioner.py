@@ -11,6 +11,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from data.text import IGNORE_INDEX
+from models.checkpointing import enable_gpt2_checkpointing, same_rates_on_recompute
 from models.gpt2 import gpt2_attention_mask
 from models.losses import caption_xe_loss, npair_loss
 from models.sparse_mask import SparsePrefixMask
@@ -27,6 +28,25 @@ class Prefix:
     def repeat_interleave(self, n: int) -> Prefix:
         """Each image's prefix ``n`` times in a row (B*n rows), for beams and samples."""
         return Prefix(self.embeds.repeat_interleave(n, dim=0), self.keep.repeat_interleave(n, dim=0))
+
+
+@dataclass
+class EmbeddingBank:
+    """The N-pair loss's embeddings of a whole accumulated batch on this process, computed without gradients
+    before its first micro-batch: ``text`` and ``image`` B x D (B: the images of every micro-batch, in
+    order). A micro-batch's loss takes its own rows, from ``start`` on, with gradients and the others as
+    constants, so that its negatives are those of the whole batch (as open_clip's ``--accum-freq``)."""
+
+    text: torch.Tensor
+    image: torch.Tensor
+    start: int
+
+    def with_rows(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank with rows ``start .. start + b - 1`` replaced by ``text`` and ``image`` (b x D)."""
+        end = self.start + text.shape[0]
+        text = torch.cat([self.text[: self.start].to(text.dtype), text, self.text[end:].to(text.dtype)])
+        image = torch.cat([self.image[: self.start].to(image.dtype), image, self.image[end:].to(image.dtype)])
+        return text, image
 
 
 def attention_mask(key_keep: torch.Tensor, query_start: int, num_queries: int) -> torch.Tensor:
@@ -74,6 +94,15 @@ class OPGCaptioner(nn.Module):
         if only_prefix:
             self.gpt.requires_grad_(False)
             self.gpt.eval()
+
+    def enable_grad_checkpointing(self) -> None:
+        """Activation checkpointing in training: GPT-2's blocks (transformers' own) and the transformer
+        mapper's layers recompute their activations during backward instead of keeping them. The same losses
+        and gradients; paused while decoding, which needs GPT-2's KV cache."""
+        context_fn = same_rates_on_recompute(self)
+        enable_gpt2_checkpointing(self.gpt, context_fn)
+        if hasattr(self.mapper, "checkpoint_context"):
+            self.mapper.checkpoint_context = context_fn
 
     @property
     def masks_prefix(self) -> bool:
@@ -160,6 +189,9 @@ class OPGCaptioner(nn.Module):
         if self.output_ids is None:
             return token_ids
         index = torch.searchsorted(self.output_ids, token_ids).clamp(max=len(self.output_ids) - 1)
+        if torch.compiler.is_compiling():
+            # No data-dependent branch in a compiled graph; training's captions are the vocabulary's source.
+            return index
         outside = self.output_ids[index] != token_ids
         if outside.any():
             unknown = sorted(set(token_ids[outside].tolist()))[:10]
@@ -170,6 +202,15 @@ class OPGCaptioner(nn.Module):
         """Teacher-forced logits B x T x V for the caption tokens ``input_ids`` (B x T)."""
         return self.vocab_logits(self.token_hidden(prefix, input_ids))
 
+    def aux_embeddings(
+        self, prefix: Prefix, input_ids: torch.Tensor, labels: torch.Tensor, text_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The N-pair loss's pair per image: the mean GPT-2 input embedding of the first ``text_tokens`` real
+        caption tokens (``input_ids`` B x T, ``labels`` -100 at padding) and the mean prefix embedding; B x D each."""
+        first = (labels != IGNORE_INDEX)[:, :text_tokens].unsqueeze(-1)
+        token_embeds = self.gpt.transformer.wte(input_ids[:, :text_tokens]) * first
+        return token_embeds.sum(1) / first.sum(1).clamp(min=1), prefix.embeds.mean(1)
+
     def forward(
         self,
         images: torch.Tensor | None,
@@ -179,6 +220,7 @@ class OPGCaptioner(nn.Module):
         label_smoothing: float = 0.0,
         aux_text_tokens: int = 20,
         features: torch.Tensor | None = None,
+        aux_bank: EmbeddingBank | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training losses for images B x 3 x H x W (or, with ``images`` None, cached encoder ``features``
         B x N x C) and captions ``input_ids`` B x T; ``labels`` equal ``input_ids`` with padding set to -100.
@@ -187,8 +229,9 @@ class OPGCaptioner(nn.Module):
 
         ``aux`` is the N-pair loss of the reference: each caption's text embedding (the mean GPT-2 input
         embedding of its first ``aux_text_tokens`` tokens) must pick its own image (the mean prefix
-        embedding) among the images of the whole batch, over all processes. The reference's mean also
-        counts the padding of captions shorter than that; here it covers real tokens only."""
+        embedding) among the images of the whole batch, over all processes (and over all micro-batches of an
+        accumulated step with ``aux_bank``). The reference's mean also counts the padding of captions shorter
+        than that; here it covers real tokens only."""
         prefix = self.encode(images, features=features)
         hidden = self.token_hidden(prefix, input_ids)
         real = labels != IGNORE_INDEX
@@ -197,10 +240,9 @@ class OPGCaptioner(nn.Module):
         xe = caption_xe_loss(self.output_logits(hidden[real]), targets, label_smoothing)
         losses = {"xe": xe}
         if aux_weight > 0:
-            first = real[:, :aux_text_tokens].unsqueeze(-1)
-            token_embeds = self.gpt.transformer.wte(input_ids[:, :aux_text_tokens]) * first
-            text_mean = token_embeds.sum(1) / first.sum(1).clamp(min=1)
-            image_mean = prefix.embeds.mean(1)
+            text_mean, image_mean = self.aux_embeddings(prefix, input_ids, labels, aux_text_tokens)
+            if aux_bank is not None:
+                text_mean, image_mean = aux_bank.with_rows(text_mean, image_mean)
             losses["aux"] = npair_loss(gather_with_grad(text_mean), gather_with_grad(image_mean))
             losses["loss"] = xe + aux_weight * losses["aux"]
         else:

@@ -33,6 +33,7 @@ from typing import Self
 import torch
 
 from models.captioner import OPGCaptioner, Prefix, attention_mask
+from models.checkpointing import checkpointing_paused, rated_modules, rates_set
 from models.config import DecodeConfig
 from models.gpt2 import forward_with_cache, gpt2_attention_mask
 from models.static_decode import FastDecode, StaticPrefixLM, dropout_active, supports_static_cache
@@ -195,7 +196,7 @@ def decode(
         )
     differentiable = torch.is_grad_enabled() and with_logprobs and options.method != "beam"
     local = _in_output_vocabulary(model, options)
-    with torch.set_grad_enabled(differentiable):
+    with torch.set_grad_enabled(differentiable), checkpointing_paused(model.gpt):
         lm = CachedPrefixLM(model, prefix)
         logits = lm.prefill(options.rows_per_image)
         if options.method == "beam":
@@ -264,16 +265,9 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 def dropout_off(model: torch.nn.Module) -> Iterator[None]:
     """Run the block with every dropout and drop-path rate at 0 (training mode otherwise kept), then
     restore them. Drop-path layers (timm's ``DropPath``) keep their rate in ``drop_prob``."""
-    rated = [(m, "p") for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    rated += [(m, "drop_prob") for m in model.modules() if isinstance(getattr(m, "drop_prob", None), float)]
-    rates = [getattr(m, name) for m, name in rated]
-    for module, name in rated:
-        setattr(module, name, 0.0)
-    try:
+    rated = rated_modules(model)
+    with rates_set(rated, [0.0] * len(rated)):
         yield
-    finally:
-        for (module, name), rate in zip(rated, rates, strict=True):
-            setattr(module, name, rate)
 
 
 def _decode_rows(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.config import MAPPING_TYPES
 
@@ -50,12 +53,22 @@ class TransformerMapper(nn.Module):
             norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        # Activation checkpointing per layer in training mode (train.grad_checkpointing): the checkpoint's
+        # context_fn (models/checkpointing.py), None when off
+        self.checkpoint_context: Callable | None = None
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
         """B x N x C -> B x P x D."""
         x = self.proj(visual)
         const = self.prefix_const.unsqueeze(0).expand(x.shape[0], -1, -1)
-        out = self.transformer(torch.cat([x, const], dim=1))
+        tokens = torch.cat([x, const], dim=1)
+        if self.checkpoint_context is not None and self.training and torch.is_grad_enabled():
+            # What TransformerEncoder does without masks, each layer keeping only its input for backward
+            for layer in self.transformer.layers:
+                tokens = checkpoint(layer, tokens, use_reentrant=False, context_fn=self.checkpoint_context)
+            out = tokens if self.transformer.norm is None else self.transformer.norm(tokens)
+        else:
+            out = self.transformer(tokens)
         return out[:, x.shape[1] :]
 
 

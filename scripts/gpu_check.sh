@@ -4,10 +4,11 @@
 # Runs on a CUDA machine's own python3 (no venv, no network) and writes OUT_DIR/gpu_report.md: device,
 # driver, torch/transformers versions; tests/test_cuda.py; XE and SCST step times and peak memory at the
 # paper's size (benchmarks/bench_steps.py, bf16 and fp32); the SCST step with the dynamic cache, the static
-# cache and teacher-forced scoring, CUDA graphs on (benchmarks/bench_scst.py, bf16); a shortened
-# benchmarks/rehearsal.py --device cuda with its projected COCO wall time. Each part has a time cap; the
-# caps add up to 7.5 minutes. Exit status: 0 when every part passed, 1 when a test or a part failed, 2 when
-# no CUDA device is visible (unless --dry-run).
+# cache and teacher-forced scoring, CUDA graphs on (benchmarks/bench_scst.py, bf16); XE steps at GPT-2
+# medium: peak memory plain, with train.grad_checkpointing and with train.accum_steps 3, and a compiled step
+# (benchmarks/bench_memory.py --device cuda); a shortened benchmarks/rehearsal.py --device cuda with its
+# projected COCO wall time. Each part has a time cap; the caps add up to 7.9 minutes. Exit status: 0 when
+# every part passed, 1 when a test or a part failed, 2 when no CUDA device is visible (unless --dry-run).
 #
 # --dry-run (any machine, CUDA or not): checks that every part's imports and arguments resolve (pytest
 # --collect-only, each benchmark's --help) and writes the report with nothing measured.
@@ -78,20 +79,24 @@ part() {
 } >"$REPORT"
 
 if [ "$DRY" = --dry-run ]; then
-    part "tests/test_cuda.py (collected only)" 300 "$PY" -m pytest -q --collect-only tests/test_cuda.py
-    for bench in bench_steps bench_scst rehearsal; do
+    part "tests/test_cuda.py, tests/test_precision.py (collected only)" 300 "$PY" -m pytest -q --collect-only \
+        tests/test_cuda.py tests/test_precision.py -k cuda
+    for bench in bench_steps bench_scst bench_memory rehearsal; do
         part "benchmarks/$bench.py --help" 120 "$PY" "benchmarks/$bench.py" --help
     done
 else
-    part "tests/test_cuda.py" 130 "$PY" -m pytest -q -rs tests/test_cuda.py
-    part "XE and SCST steps, paper size, bf16" 75 "$PY" benchmarks/bench_steps.py --device cuda --precision bf16 \
+    part "tests/test_cuda.py, CUDA cases of tests/test_precision.py" 120 "$PY" -m pytest -q -rs tests/test_cuda.py \
+        tests/test_precision.py -k cuda
+    part "XE and SCST steps, paper size, bf16" 65 "$PY" benchmarks/bench_steps.py --device cuda --precision bf16 \
         --scst_batches 7 --decode_images 50 --repeats 3
-    part "XE and SCST steps, paper size, fp32" 75 "$PY" benchmarks/bench_steps.py --device cuda --precision fp32 \
+    part "XE and SCST steps, paper size, fp32" 60 "$PY" benchmarks/bench_steps.py --device cuda --precision fp32 \
         --scst_batches 7 --decode_images 50 --repeats 3
-    part "SCST step: dynamic cache, static cache, teacher-forced scoring (CUDA graphs on, bf16)" 90 \
+    part "SCST step: dynamic cache, static cache, teacher-forced scoring (CUDA graphs on, bf16)" 70 \
         "$PY" benchmarks/bench_scst.py --device cuda --precision bf16 --graphs --batches 7 --repeats 5
+    part "XE steps at GPT-2 medium, fp32: peak memory plain, checkpointed, 3 micro-batches; compiled" 100 \
+        "$PY" benchmarks/bench_memory.py --device cuda --device_size medium --compile_batch 30 --repeats 3
     if command -v java >/dev/null; then
-        part "Shortened rehearsal, projected COCO wall time" 80 "$PY" benchmarks/rehearsal.py --device cuda \
+        part "Shortened rehearsal, projected COCO wall time" 60 "$PY" benchmarks/rehearsal.py --device cuda \
             --train_images 400 --eval_images 40 --xe_steps 30 --scst_steps 15 --workers 8 --work /tmp/opg_rehearsal
     else
         printf '\n## Shortened rehearsal\n\nnot run: no java on PATH (train_scst.py needs it for the COCO metrics)\n' \

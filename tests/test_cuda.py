@@ -1,7 +1,7 @@
-"""The GPU path on a CUDA device: CUDA-graph decoding against the eager path, training steps in every
-precision, prediction and the feature cache against the CPU's, and the sparse mask under every accepted
-attention implementation. Every test is skipped where CUDA is absent (``scripts/gpu_check.sh`` runs them
-on a GPU machine)."""
+"""The GPU path on a CUDA device: CUDA-graph decoding against the eager path, prediction and the feature
+cache against the CPU's, and the sparse mask under every accepted attention implementation. Every test is
+skipped where CUDA is absent (``scripts/gpu_check.sh`` runs them on a GPU machine); the training steps in
+every precision are in tests/test_precision.py, which runs them on the CPU and, where present, on CUDA."""
 
 from __future__ import annotations
 
@@ -12,21 +12,17 @@ import pytest
 import torch
 from helpers import SHARED, save_model, tiny_config
 from test_decoding import NUM_TOKENS, VISUAL_DIM, make_model
-from test_scst import GOOD, caption_batch
 
 from data.datasets import ImageReader
 from data.transforms import build_transform
 from engine.features import FeatureStore, create_store, encode_into_store
-from engine.steps import ScstStep, XEStep
-from metrics.cider import CiderD
-from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
 from models.captioner import Prefix
-from models.decoding import DecodeOptions, captions_from_tokens, decode, dropout_off, teacher_forced_logprobs
+from models.decoding import DecodeOptions, decode, dropout_off, teacher_forced_logprobs
 from models.encoder import build_encoder
 from models.gpt2 import ATTENTION_IMPLEMENTATIONS
 from models.static_decode import FastDecode
-from utils.precision import autocast, grad_scaler
+from utils.precision import autocast
 
 pytestmark = pytest.mark.optional_tool(None if torch.cuda.is_available() else "needs a CUDA device; none is present")
 
@@ -104,56 +100,6 @@ def test_sampling_on_the_static_cache_equals_the_eager_path(caplog) -> None:
     torch.testing.assert_close(replayed.token_logprobs, eager.token_logprobs.detach(), atol=1e-5, rtol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def _train(step, model, batches: list[dict], precision: str, lr: float) -> list[float]:
-    """One optimizer step per batch (with the scaler for fp16); the losses, each checked finite."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    scaler, losses = grad_scaler(precision, CUDA), []
-    for batch in batches:
-        with autocast(precision, CUDA):
-            loss = step(batch)["loss"]
-        assert torch.isfinite(loss), losses
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
-        losses.append(float(loss))
-    return losses
-
-
-def _expected_reward(model, visual, tokenizer, cider, refs) -> float:
-    options = DecodeOptions(method="sample", num_samples=64, max_len=10)
-    uniforms = torch.rand(2 * 64, 10, generator=torch.Generator().manual_seed(0)).to(CUDA)
-    with torch.no_grad():
-        result = decode(model, model.encode(features=visual), options, uniforms=uniforms)
-    captions = captions_from_tokens(tokenizer, result)
-    return float(cider.score_candidates(captions, [r for r in refs for _ in range(64)]).mean())
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_xe_then_scst_steps_stay_finite_and_learn(precision: str, tokenizer) -> None:
-    """XE steps (two wordings per image, as tests/test_scst.py) stay finite and lower the loss; then 20 SCST
-    steps (static cache, CUDA graphs, dropout off) stay finite and raise the expected reward, i.e. lower
-    the SCST objective."""
-    torch.manual_seed(0)
-    cfg = tiny_config(**{"scst_opts.num_samples": 4, "scst_opts.baseline": "mean", "scst_opts.sample_max_len": 10,
-                         "scst_opts.dropout": False, "scst_opts.fast_decode": "graphs", "device": "cuda"})  # fmt: skip
-    model = build_captioner(cfg).to(CUDA).train()
-    visual = torch.randn(2, 17, 256).to(CUDA)
-    batch = caption_batch(tokenizer)
-    pairs = [{"features": visual[[image, image]], **batch} for image in (0, 1) * 40]
-    losses = _train(XEStep(model, CUDA, cfg.train), model, pairs, precision, 3e-3)
-    assert sum(losses[-10:]) < sum(losses[:10]), losses
-
-    refs = [[GOOD] * 5, [GOOD] * 5]
-    cider = CiderD(DocumentFrequency.from_references([*refs, ["a blue square on the right"] * 5]))
-    before = _expected_reward(model, visual, tokenizer, cider, refs)
-    assert 0.5 < before < 9.0, before  # a real mixture of rewarded and unrewarded samples
-    scst = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, CUDA)
-    _train(scst, model, [{"features": visual, "indices": [0, 1]}] * 20, precision, 3e-4)
-    after = _expected_reward(model, visual, tokenizer, cider, refs)
-    assert after > before + 0.5, (before, after)
 
 
 def test_predict_on_cuda_gives_the_cpu_captions(tmp_path: Path) -> None:

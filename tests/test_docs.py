@@ -200,7 +200,8 @@ def test_the_scripts_call_the_entry_points_with_options_they_accept() -> None:
     scripts = sorted((REPO / "scripts").glob("*.sh"))
     commands = [(s.name, c) for s in scripts for c in command_lines(s.read_text(encoding="utf-8"))]
     called, wrong = check_options(commands)
-    assert {"benchmarks.bench_steps", "benchmarks.bench_scst", "benchmarks.rehearsal"} <= called
+    benchmarks = {"bench_steps", "bench_scst", "bench_memory", "rehearsal"}
+    assert {f"benchmarks.{name}" for name in benchmarks} <= called
     assert not wrong, "options the entry points do not accept:\n" + "\n".join(wrong)
 
 

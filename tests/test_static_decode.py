@@ -11,7 +11,8 @@ import torch
 from helpers import tiny_config
 from test_decoding import NUM_TOKENS, STOP_IDS, VISUAL_DIM, check_well_formed, make_model, make_prefix
 
-from engine.steps import ScstStep
+import engine.steps
+from engine.steps import ScstStep, fast_decode_mode
 from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
@@ -131,7 +132,7 @@ def test_scst_step_is_the_same_with_and_without_the_static_cache(tokenizer) -> N
     cider = CiderD(DocumentFrequency.from_references(refs))
     batch = {"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(1)), "indices": [0, 1]}
     outputs = []
-    for fast_decode in ("off", "auto"):
+    for fast_decode in ("off", "static"):
         cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10,
                              "scst_opts.fast_decode": fast_decode})  # fmt: skip
         torch.manual_seed(0)
@@ -180,6 +181,32 @@ def test_teacher_forced_scoring_equals_sampling_with_gradients(sparse: bool, res
     assert ("sparse_mask.key.weight" in today_grads) == sparse
     for name, grad in today_grads.items():
         torch.testing.assert_close(new_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_auto_decodes_on_the_dynamic_cache_with_gradients_on_the_cpu(tokenizer, monkeypatch) -> None:
+    """``fast_decode: auto`` on the CPU takes the path measured fastest there (docs/gpu.md): the samples and the
+    greedy baseline on the dynamic cache, the sampling decode keeping its gradients, no teacher-forced pass."""
+    refs = [["a red circle on the left"] * 5, ["two green stars"] * 5]
+    cider = CiderD(DocumentFrequency.from_references(refs))
+    batch = {"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(1)), "indices": [0, 1]}
+    decodes, teacher = [], []
+    real_decode = engine.steps.decode
+
+    def spy(model, prefix, options, *args, fast=None, **kwargs):
+        decodes.append((options.method, fast, torch.is_grad_enabled()))
+        return real_decode(model, prefix, options, *args, fast=fast, **kwargs)
+
+    monkeypatch.setattr("engine.steps.decode", spy)
+    monkeypatch.setattr("models.captioning.decode", spy)  # the greedy baseline
+    monkeypatch.setattr("engine.steps.teacher_forced_logprobs", _counting(teacher_forced_logprobs, teacher))
+    cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10})
+    assert cfg.scst_opts.fast_decode == "auto"
+    model = build_captioner(cfg).train()
+    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
+    out = step(batch)
+    assert out["loss"].requires_grad
+    assert decodes == [("sample", None, True), ("greedy", None, False)] and teacher == []
+    assert fast_decode_mode("auto", torch.device("cuda")) == "static"  # CUDA keeps the static cache
 
 
 def test_scst_step_without_dropout_scores_its_samples_in_one_pass(tokenizer, monkeypatch) -> None:

@@ -115,8 +115,12 @@ def _train(cfg) -> RunResult:
         run.close()
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset, tmp_path):
-    overrides = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "train.save_every_steps": 2}
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset, tmp_path, accum_steps):
+    """Checkpoints fall between optimizer steps, so a run stopped mid-epoch resumes with the next step's
+    first micro-batch, as the uninterrupted run took it."""
+    overrides = {"train.epochs": 2, "train.max_steps_per_epoch": 4, "train.save_every_steps": 2,
+                 "train.accum_steps": accum_steps}  # fmt: skip
     _train(tiny_config(tiny_dataset, tmp_path / "straight", **overrides))
     stopped = _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, **{"train.stop_after_steps": 6}))
     assert stopped.stopped and stopped.state.epoch == 1 and stopped.state.epoch_step == 2
@@ -142,7 +146,7 @@ def _worker(out: Path, *args: str, processes: int = 1) -> subprocess.CompletedPr
 def xe_single(tiny_dataset, tmp_path_factory) -> Path:
     """The worker's XE steps in one process: the DDP XE test's oracle and the SCST test's starting point."""
     out = tmp_path_factory.mktemp("xe_single")
-    done = _worker(out, str(tiny_dataset), "xe")
+    done = _worker(out, str(tiny_dataset), "1", "xe")
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -157,12 +161,12 @@ def _two_processes(out: Path, *args: str) -> tuple[dict, dict]:
 def _assert_same_training(one: dict, rank0: dict, rank1: dict) -> None:
     for key, value in one.items():
         assert torch.equal(rank0[key], rank1[key]), f"ranks differ at {key}"
-        assert torch.allclose(rank0[key], value, atol=1e-5), f"DDP differs from one process at {key}"
+        assert torch.allclose(rank0[key], value, atol=1e-5), f"differs from batch 8 at once in one process at {key}"
 
 
 def test_two_process_ddp_matches_one_process(tiny_dataset, xe_single, tmp_path):
     """XE with the N-pair loss (weight 1): its negatives come from both processes, so the step is the same."""
-    rank0, rank1 = _two_processes(tmp_path / "xe_ddp", str(tiny_dataset), "xe")
+    rank0, rank1 = _two_processes(tmp_path / "xe_ddp", str(tiny_dataset), "1", "xe")
     _assert_same_training(torch.load(xe_single / "rank0.pt"), rank0, rank1)
     _assert_three_steps_with_aux(tmp_path / "xe_ddp")
 
@@ -171,9 +175,9 @@ def test_two_process_ddp_with_the_feature_cache_matches_one_process(tiny_dataset
     """The randomly initialised encoder is built alike on both ranks, so both read the one store rank 0
     created (its folder is named by the encoder's weights) and train as one process does from its own."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    done = _worker(single, str(tiny_dataset), "xe_cached")
+    done = _worker(single, str(tiny_dataset), "1", "xe_cached")
     assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = _two_processes(ddp, str(tiny_dataset), "xe_cached")
+    rank0, rank1 = _two_processes(ddp, str(tiny_dataset), "1", "xe_cached")
     _assert_same_training(torch.load(single / "rank0.pt"), rank0, rank1)
     stores = [sorted(p.name for p in (out / "features").iterdir()) for out in (single, ddp)]
     assert stores[0] == stores[1] and len(stores[0]) == 2, stores  # the training and the validation images
@@ -186,19 +190,57 @@ def _assert_three_steps_with_aux(out: Path) -> None:
     assert [r["step"] for r in train] == [1, 2, 3] and all(r["aux"] > 0 for r in train)
 
 
-def test_two_process_scst_matches_one_process(tiny_dataset, xe_single, tmp_path):
+@pytest.fixture(scope="module")
+def scst_single(tiny_dataset, xe_single, tmp_path_factory) -> Path:
+    """The worker's SCST steps in one process, from the XE steps' weights."""
+    out = tmp_path_factory.mktemp("scst_single")
+    done = _worker(out, str(tiny_dataset), "1", "scst", str(xe_single / "last.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_two_process_scst_matches_one_process(tiny_dataset, xe_single, scst_single, tmp_path):
     """SCST averages gradients by hand; each image samples from its own seed, so both runs draw the same
     captions and take the same steps."""
-    args = (str(tiny_dataset), "scst", str(xe_single / "last.pt"))
-    done = _worker(tmp_path / "scst_single", *args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    one = torch.load(tmp_path / "scst_single" / "rank0.pt")
-    rank0, rank1 = _two_processes(tmp_path / "scst_ddp", *args)
+    one = torch.load(scst_single / "rank0.pt")
+    rank0, rank1 = _two_processes(tmp_path / "scst_ddp", str(tiny_dataset), "1", "scst", str(xe_single / "last.pt"))
     _assert_same_training(one, rank0, rank1)
     one_xe = torch.load(xe_single / "rank0.pt")
     assert any(not torch.equal(one[k], one_xe[k]) for k in one)
     train = [json.loads(line) for line in (tmp_path / "scst_ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["event"] == "train"] == [1, 2]
+
+
+def _micro_batches_logged(out: Path) -> str:
+    """The micro-batch count of the run's "training:" log line."""
+    line = next(line for line in (out / "train.log").read_text().splitlines() if " training: " in line)
+    return re.search(r"in (\d+) micro-batch", line).group(1)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_accumulated_xe_steps_are_the_large_batch_steps(tiny_dataset, xe_single, tmp_path, processes):
+    """Batch 8 in 2 micro-batches per process (of 4 in one process, of 2 in two): the same three steps,
+    weight for weight, as batch 8 at once. The N-pair loss (weight 1) takes its negatives from all 8 images."""
+    out = tmp_path / "xe_accum"
+    done = _worker(out, str(tiny_dataset), "2", "xe", processes=processes)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(processes)]
+    _assert_same_training(torch.load(xe_single / "rank0.pt"), ranks[0], ranks[-1])
+    assert _micro_batches_logged(out) == "2"
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["event"] == "train"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_accumulated_scst_steps_are_the_large_batch_steps(tiny_dataset, xe_single, scst_single, tmp_path, processes):
+    """SCST, batch 8 in 2 micro-batches per process: each image draws its samples from its own seed, so the
+    two steps equal those of batch 8 at once, weight for weight."""
+    out = tmp_path / "scst_accum"
+    done = _worker(out, str(tiny_dataset), "2", "scst", str(xe_single / "last.pt"), processes=processes)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(processes)]
+    _assert_same_training(torch.load(scst_single / "rank0.pt"), ranks[0], ranks[-1])
+    assert _micro_batches_logged(out) == "2"
 
 
 @pytest.mark.parametrize(

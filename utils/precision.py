@@ -1,4 +1,5 @@
-"""Mixed precision: bf16 autocast by default on CUDA, fp16 with a gradient scaler, fp32 on the CPU."""
+"""Mixed precision: bf16 autocast (the default on CUDA), fp16 with a gradient scaler, fp32; on CUDA and
+the CPU alike, as asked."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if name == "auto" else name
+    """``auto`` -> bf16 on CUDA, fp32 elsewhere; bf16 and fp16 run as asked wherever torch has an autocast
+    (CUDA and the CPU, with a gradient scaler for fp16 on both); elsewhere they are a ValueError, never
+    a silent fp32."""
+    import torch
+
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name != "fp32" and not torch.amp.is_autocast_available(device.type):
+        raise ValueError(f"precision {name}: torch has no autocast on {device.type}; use fp32 there")
+    return name
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -28,7 +38,8 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
-    """A scaler that is active for fp16 only (a no-op otherwise, so the loop has one code path)."""
+    """A scaler that is active for fp16 only (a no-op otherwise, so the loop has one code path); torch
+    scales fp16 losses on the CPU as on CUDA."""
     import torch
 
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -1,0 +1,97 @@
+"""Gradient accumulation (``train.accum_steps``): the gradients of a step taken in micro-batches are those of
+the whole batch at once (a float64 model; the losses reduce in float32, as in training), for XE with the
+N-pair loss and for SCST. The whole runs, one and two processes, are compared weight for weight in
+tests/test_training.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_GPT2, tiny_config
+from test_scst import GOOD
+
+from data.text import IGNORE_INDEX, clean_caption
+from engine.loop import Optimization, accumulate
+from engine.steps import ScstStep, XEStep
+from models.build import build_captioner
+
+CPU = torch.device("cpu")
+CAPTIONS = ["a red circle on the left", "a shape", "two green stars in the middle of the picture", "a blue square",
+            "one small yellow triangle", "a circle", "three red circles at the top right", "stars"]  # fmt: skip
+
+
+def _model(**overrides):
+    """A tiny float64 captioner without dropout (so that every pass computes the same function)."""
+    torch.manual_seed(0)
+    no_dropout = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    cfg = tiny_config(**{"model.gpt2_config": no_dropout, "train.aux_weight": 1.0, **overrides})
+    return cfg, build_captioner(cfg).double().train()
+
+
+def _optimization(model) -> Optimization:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return Optimization(params, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), "fp32")
+
+
+def _gradients(model, step, batches: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
+    """The step's summed loss and the parameter gradients after accumulating ``batches`` as the loop does."""
+    model.zero_grad(set_to_none=True)
+    outs = accumulate(_optimization(model), batches, step, CPU)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(sum(out["loss"] for out in outs)), grads
+
+
+def _caption_batch(tokenizer, rows: slice, features: torch.Tensor) -> dict:
+    ids = [tokenizer.encode(clean_caption(c)) for c in CAPTIONS[rows]]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.eos_token_id)
+    labels = torch.full((len(ids), width), IGNORE_INDEX)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)], labels[row, : len(seq)] = torch.tensor(seq), torch.tensor(seq)
+    return {"features": features[rows], "input_ids": input_ids, "labels": labels}
+
+
+def _assert_same(whole: tuple[float, dict], parts: tuple[float, dict]) -> None:
+    assert parts[0] == pytest.approx(whole[0], rel=1e-6)
+    assert parts[1].keys() == whole[1].keys()
+    for name, grad in whole[1].items():
+        torch.testing.assert_close(parts[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+def test_accumulated_xe_gradients_are_the_whole_batchs(tokenizer, mapping_type):
+    """8 captions of 2 to 10 tokens in micro-batches of 3, 3 and 2: the token mean over all 8 and the N-pair
+    loss with all 8 images as negatives, as batch 8 at once."""
+    cfg, model = _model(**{"model.mapping_type": mapping_type})
+    features = torch.randn(8, 17, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    step = XEStep(model, CPU, cfg.train)
+    whole = _gradients(model, step, [_caption_batch(tokenizer, slice(0, 8), features)])
+    parts = [_caption_batch(tokenizer, rows, features) for rows in (slice(0, 3), slice(3, 6), slice(6, 8))]
+    _assert_same(whole, _gradients(model, step, parts))
+    assert any(name.startswith("mapper.") for name in whole[1]) and "gpt.transformer.wte.weight" in whole[1]
+
+
+class _LengthReward:
+    """Reward = the number of characters of the caption (a stand-in for CIDEr-D with the same interface)."""
+
+    def score_candidates(self, candidates: list[str], references: list) -> np.ndarray:
+        return np.array([float(len(c)) for c in candidates])
+
+
+def test_accumulated_scst_gradients_are_the_whole_batchs(tokenizer):
+    """SCST, 4 images x 3 samples in micro-batches of 1 and 3 images: each image samples from its own seed,
+    so the samples, rewards and greedy baselines are the whole batch's, and the gradient is the mean over
+    all 12 samples."""
+    cfg, model = _model(**{"scst_opts.num_samples": 3, "scst_opts.sample_max_len": 10, "scst_opts.dropout": False})
+    refs = [[GOOD] * 5, ["two green stars"] * 5, ["a blue square"] * 5, ["a shape"] * 5]
+    # An untrained model's samples share no n-gram with any reference: reward their length instead, so that
+    # the advantages differ from zero.
+    step = ScstStep(model, tokenizer, _LengthReward(), refs, cfg.scst_opts, CPU, seed=5)
+    features = torch.randn(4, 17, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    whole = _gradients(model, step, [{"features": features, "indices": [0, 1, 2, 3]}])
+    parts = [{"features": features[:1], "indices": [0]}, {"features": features[1:], "indices": [1, 2, 3]}]
+    _assert_same(whole, _gradients(model, step, parts))
+    assert abs(whole[0]) > 1e-3
