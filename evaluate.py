@@ -14,12 +14,15 @@ import logging
 import sys
 from pathlib import Path
 
+from data.image_io import ImageLoadError, load_image
+from metrics.clip_score import ClipUnavailable, load_clip
 from metrics.coco_eval import (
     CaptionScorer,
     EvalReport,
     evaluate_results,
     load_ground_truth,
     load_image_domains,
+    load_image_entries,
     parse_caption_sets,
     parse_results,
 )
@@ -34,6 +37,8 @@ METRICS_HELP = """metrics (captions PTB-tokenised as pycocoevalcap does; docs/ev
   ROUGE-L            longest-common-subsequence F-measure (Lin, 2004)
   CIDEr              tf-idf weighted 1-4-gram cosine with the references, x10 (Vedantam et al., CVPR 2015)
   SPICE              F-score of scene-graph tuples (Anderson et al., ECCV 2016); needs CoreNLP jars
+  CLIP-S             --clip: 2.5 x max(cos(image, "A photo depicts " + caption), 0) (Hessel et al., EMNLP 2021)
+  RefCLIP-S          --clip: harmonic mean of CLIP-S and max(max over references of cos(caption, reference), 0)
   distinct captions  distinct captions / images
   vocabulary         distinct tokens over all captions
   novel captions     share of captions not among --train_captions' captions
@@ -59,6 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
         type=Path,
         help="training captions (an annotation file as --annotations) for the share of novel captions",
     )
+    parser.add_argument(
+        "--clip",
+        metavar="MODEL",
+        help="also CLIP-S and RefCLIP-S with this open_clip model: NAME/PRETRAINED (ViT-B-32/openai, the paper's; "
+        "open_clip downloads it on first use) or NAME:FILE (local weights for architecture NAME)",
+    )
+    parser.add_argument("--image_root", type=Path, help="--clip: folder the annotation file's image paths are in")
+    parser.add_argument("--clip_device", default="cpu", help="--clip: torch device of the CLIP model")
     parser.add_argument("--per_image", type=Path, help="also write each image's caption and CIDEr here")
     parser.add_argument("--output", type=Path, help="metrics JSON (default: <results>.metrics.json)")
     return parser.parse(argv)
@@ -89,10 +102,36 @@ def add_diversity(
     )
 
 
+def add_clip_scores(
+    report: EvalReport, results: dict[ImageId, str], gts: dict[ImageId, list[str]], args: argparse.Namespace
+) -> None:
+    """CLIP-S and RefCLIP-S of the scored images into ``report.metrics``; when the model or an image cannot
+    be read, the reason goes to ``report.unavailable`` (one line on the terminal) and the rest stands."""
+    files = dict(load_image_entries(args.annotations))
+    scored = [image_id for image_id in gts if image_id in results]
+    try:
+        missing = [image_id for image_id in scored if image_id not in files]
+        if missing:
+            raise ClipUnavailable(f"{args.annotations} names no image file for image id {missing[0]!r}")
+        scorer = load_clip(args.clip, args.clip_device)
+        images = (load_image(args.image_root / files[image_id]) for image_id in scored)
+        scores = scorer.score(images, [results[i] for i in scored], [gts[i] for i in scored])
+    except (ClipUnavailable, ImageLoadError) as err:
+        for name in ("CLIP-S", "RefCLIP-S"):
+            report.unavailable[name] = str(err)
+        print(f"CLIP-S and RefCLIP-S unavailable: {err}", file=sys.stderr)
+        return
+    report.metrics.update({"CLIP-S": scores.clip_s, "RefCLIP-S": scores.ref_clip_s})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if isinstance(args, int):
         return args
+    if args.clip and args.image_root is None:
+        print("evaluate.py: error: --clip needs --image_root (the folder of the annotation file's images)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     missing_java = java_missing()
     if missing_java:
         print(f"error: {missing_java}", file=sys.stderr)
@@ -116,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if sets or args.train_captions:
             add_diversity(report, results, sets, gts, args.train_captions)
+        if args.clip:
+            add_clip_scores(report, results, gts, args)
     except DataFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

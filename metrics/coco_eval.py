@@ -34,6 +34,7 @@ from utils.io import DataFileError, ImageId, image_id_from_path, normalise_image
 logger = logging.getLogger(__name__)
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+CLIP_METRICS = ("CLIP-S", "RefCLIP-S")  # evaluate.py --clip; rows shown when computed or asked for
 DOMAINS = ("in-domain", "near-domain", "out-domain")
 SPICE_LIB_DIR = Path(_spice_package.__file__).resolve().parent / "lib"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -261,12 +262,13 @@ class EvalReport:
     def format_table(self) -> str:
         """Metrics x100 in a text table, one column per domain when there are domains."""
         columns = {"overall": self.metrics, **self.per_domain}
-        lines = [f"{'metric':<8}" + "".join(f"{name:>13}" for name in columns)]
-        for metric in METRICS:
+        lines = [f"{'metric':<10}" + "".join(f"{name:>13}" for name in columns)]
+        clip = [name for name in CLIP_METRICS if name in self.metrics or name in self.unavailable]
+        for metric in (*METRICS, *clip):
             cells = [
                 f"{values[metric] * 100:13.2f}" if metric in values else f"{'n/a':>13}" for values in columns.values()
             ]
-            lines.append(f"{metric:<8}" + "".join(cells))
+            lines.append(f"{metric:<10}" + "".join(cells))
         for part in (self.diversity, self.set_diversity):
             lines += part.format_lines() if part is not None else []
         if self.coverage is not None:
