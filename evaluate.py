@@ -14,8 +14,6 @@ import logging
 import sys
 from pathlib import Path
 
-from data.image_io import ImageLoadError, load_image
-from metrics.clip_score import ClipUnavailable, load_clip
 from metrics.coco_eval import (
     CaptionScorer,
     EvalReport,
@@ -107,6 +105,10 @@ def add_clip_scores(
 ) -> None:
     """CLIP-S and RefCLIP-S of the scored images into ``report.metrics``; when the model or an image cannot
     be read, the reason goes to ``report.unavailable`` (one line on the terminal) and the rest stands."""
+    # torch and open_clip load only when asked for: they take seconds to import
+    from data.image_io import ImageLoadError, load_image
+    from metrics.clip_score import ClipUnavailable, load_clip
+
     files = dict(load_image_entries(args.annotations))
     scored = [image_id for image_id in gts if image_id in results]
     try:
