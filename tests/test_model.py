@@ -7,7 +7,6 @@ from helpers import tiny_config
 from data.text import IGNORE_INDEX, clean_caption
 from models.build import build_captioner
 from models.captioner import Prefix, attention_mask
-from models.losses import npair_loss, scst_loss
 from models.mapper import MLPMapper, TransformerMapper
 from models.sparse_mask import SparsePrefixMask
 from models.tokenizer import GPT2_VOCAB_SIZE, caption_vocabulary
@@ -157,19 +156,6 @@ def test_padding_is_ignored_not_a_real_token(tokenizer):
     n0, n1 = short.sum(), (labels[1] != IGNORE_INDEX).sum()
     second = model(images[1:], input_ids[1:], labels[1:])["xe"]
     assert both.item() == pytest.approx(float(((alone * n0 + second * n1) / (n0 + n1)).detach()), rel=1e-5)
-
-
-def test_npair_and_scst_losses_by_hand():
-    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    expected = torch.nn.functional.cross_entropy(anchors @ anchors.t(), torch.arange(2)) + 0.005 * 4 / 2
-    assert npair_loss(anchors, anchors).item() == pytest.approx(float(expected))
-    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    rewards, baselines = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    # advantages +1 and -1; mean log-probs -1.5 and -0.5 -> loss = -(1 * -1.5 + -1 * -0.5) / 2 = 0.5
-    assert scst_loss(logprobs, mask, rewards, baselines, length_norm=True).item() == pytest.approx(0.5)
-    # summed: -(1 * -3 + -1 * -1.5) / 2 = 0.75
-    assert scst_loss(logprobs, mask, rewards, baselines, length_norm=False).item() == pytest.approx(0.75)
 
 
 def test_overfitting_a_few_samples_drives_the_loss_down(tokenizer):
