@@ -76,21 +76,6 @@ def test_every_trainable_parameter_gets_a_gradient(tokenizer, overrides, frozen_
     assert any(n.startswith("sparse_mask.") for n, _ in model.named_parameters())
 
 
-def test_hard_mask_passes_no_gradient_and_ste_matches_its_forward():
-    torch.manual_seed(0)
-    prefix = torch.randn(4, 10, 8, requires_grad=True)
-    ste, hard = SparsePrefixMask(10, 8, 0.5, "ste"), SparsePrefixMask(10, 8, 0.5, "hard")
-    hard.load_state_dict(ste.state_dict())
-    (gate_s, keep_s), (gate_h, keep_h) = ste(prefix), hard(prefix)
-    assert torch.equal(keep_s, keep_h) and torch.equal(gate_s.detach(), gate_h)
-    assert torch.equal(gate_h, torch.ones_like(gate_h))
-    assert 0 < keep_s.sum() < keep_s.numel()
-    (prefix * gate_h.unsqueeze(-1)).sum().backward()
-    assert all(p.grad is None and not p.requires_grad for p in hard.parameters())
-    (prefix * gate_s.unsqueeze(-1)).sum().backward()
-    assert all(p.grad is not None for p in ste.parameters())
-
-
 def test_sparse_mask_drops_positions_and_keeps_embeddings(tokenizer):
     model = build_captioner(tiny_config(**{"model.threshold": 0.5})).eval()
     images, _, _ = _batch(tokenizer, ["a red circle on the left"])
