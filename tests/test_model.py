@@ -8,7 +8,6 @@ from data.text import IGNORE_INDEX, clean_caption
 from models.build import build_captioner
 from models.captioner import Prefix, attention_mask
 from models.mapper import MLPMapper, TransformerMapper
-from models.sparse_mask import SparsePrefixMask
 from models.tokenizer import GPT2_VOCAB_SIZE, caption_vocabulary
 
 
