@@ -9,8 +9,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
-from data.transforms import RandomAugment, autocontrast, brightness, equalize, rotation_matrix, sharpness
+from data.transforms import (
+    RandomAugment,
+    autocontrast,
+    brightness,
+    build_transform,
+    equalize,
+    rotation_matrix,
+    sharpness,
+)
+
+BICUBIC = InterpolationMode.BICUBIC
 
 
 def _photo(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -100,3 +112,65 @@ def test_two_ops_each_applied_with_probability_one_half():
     assert abs(unchanged / trials - 0.3025) < 4 * (0.3025 * 0.6975 / trials) ** 0.5
     for op in RandomAugment.OPS[1:]:
         assert not np.array_equal(np.asarray(augment.apply(image, op)), pixels), op
+
+
+def test_apply_uses_factor_1_36_at_magnitude_7_and_pils_tone_operations():
+    augment, image = RandomAugment(), _photo()
+    pixels = np.asarray(image)
+    assert augment.apply(image, "Identity") is image
+    assert np.array_equal(np.asarray(augment.apply(image, "Brightness")), brightness(pixels, 1.36))
+    assert np.array_equal(np.asarray(augment.apply(image, "Sharpness")), sharpness(pixels, 1.36))
+    assert np.array_equal(np.asarray(augment.apply(image, "AutoContrast")), np.asarray(ImageOps.autocontrast(image)))
+    assert np.array_equal(np.asarray(augment.apply(image, "Equalize")), np.asarray(ImageOps.equalize(image)))
+    with pytest.raises(ValueError, match=r"unknown augmentation 'Solarize'; known: \('Identity', 'AutoContrast'"):
+        augment.apply(image, "Solarize")
+
+
+def test_a_constant_channel_is_kept_as_pil_keeps_it():
+    """A channel with one value: nothing to stretch (autocontrast) and one histogram bin (equalize)."""
+    pixels = np.asarray(_photo()).copy()
+    pixels[..., 1] = 77
+    image = Image.fromarray(pixels)
+    assert np.array_equal(autocontrast(pixels), np.asarray(ImageOps.autocontrast(image)))
+    assert np.array_equal(equalize(pixels), np.asarray(ImageOps.equalize(image)))
+    assert (autocontrast(pixels)[..., 1] == 77).all() and (equalize(pixels)[..., 1] == 77).all()
+
+
+def test_each_call_draws_two_ops_uniformly_with_random_signs():
+    """Over many calls: 0, 1 or 2 ops applied with probabilities 1/4, 1/2, 1/4; every op equally likely;
+    the geometric ones turned either way, each half the time."""
+
+    class Recorded(RandomAugment):
+        def apply(self, image, op, sign=1.0):
+            calls[-1].append((op, sign))
+            return image
+
+    torch.manual_seed(1)
+    augment, image, calls = Recorded(), _photo(size=(8, 8)), []
+    trials = 4000
+    for _ in range(trials):
+        calls.append([])
+        augment(image)
+    counts = np.bincount([len(c) for c in calls], minlength=3) / trials
+    np.testing.assert_allclose(counts, [0.25, 0.5, 0.25], atol=0.03)
+    applied = [call for c in calls for call in c]
+    ops = np.array([RandomAugment.OPS.index(op) for op, _ in applied])
+    np.testing.assert_allclose(np.bincount(ops, minlength=10) / len(ops), [0.1] * 10, atol=0.02)
+    signs = np.array([sign for _, sign in applied])
+    assert set(signs.tolist()) == {-1.0, 1.0} and abs((signs > 0).mean() - 0.5) < 0.03
+
+
+def test_the_transforms_are_the_recipes():
+    """Test: bicubic resize to R x R, then CLIP's mean and std (the numbers written out). Train: random
+    resized crop (scale 0.5-1, bicubic), horizontal flip, RandomAugment(2 ops, magnitude 7, probability 0.5)."""
+    image = _photo(size=(40, 30))
+    tensor = build_transform(16)(image)
+    resized = np.asarray(image.resize((16, 16), Image.Resampling.BICUBIC)).astype(np.float32) / 255
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    np.testing.assert_allclose(tensor.numpy(), ((resized - mean) / std).transpose(2, 0, 1), atol=1e-5)
+    crop, flip, augment, to_tensor, normalise = build_transform(16, train=True).transforms
+    assert (crop.size, crop.scale, crop.ratio, crop.interpolation) == ((16, 16), (0.5, 1.0), (3 / 4, 4 / 3), BICUBIC)
+    assert isinstance(flip, transforms.RandomHorizontalFlip) and flip.p == 0.5
+    assert isinstance(augment, RandomAugment) and (augment.num_ops, augment.magnitude, augment.prob) == (2, 7, 0.5)
+    assert isinstance(to_tensor, transforms.ToTensor)
+    assert normalise.mean == tuple(mean) and normalise.std == tuple(std)
