@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Mutation testing of one module against its own test files (mutmut 3, not part of CI):
-#   scripts/mutate.sh models/losses.py [CHILDREN]      (or: make mutate MODULE=models/losses.py)
+#   scripts/mutate.sh models/losses.py [MUTANT ...]     (or: make mutate MODULE=models/losses.py)
 # The tree (tracked and new files) is copied to .mutmut/<module>/, the [tool.mutmut] table of pyproject.toml
 # there gets the module (only_mutate) and its tests (pytest_add_cli_args_test_selection), and mutmut runs in
-# that copy with CHILDREN worker processes (default 1). A rerun tests only the mutants of changed functions.
+# that copy with $MUTATE_CHILDREN worker processes (default 1). A rerun tests only the mutants of changed
+# functions, and the MUTANT names or patterns given (e.g. 'models.losses.x_scst_loss*': after a new test).
 # It ends with the counts and the share of covered mutants killed; docs/development.md says how to read them.
 set -euo pipefail
 
-module=${1:?usage: scripts/mutate.sh MODULE.py [CHILDREN]}
-children=${2:-1}
+module=${1:?usage: scripts/mutate.sh MODULE.py [MUTANT ...]}
+shift
+children=${MUTATE_CHILDREN:-1}
 case "$module" in
   models/decoding.py) tests="tests/test_decoding.py tests/test_static_decode.py" ;;
   models/static_decode.py) tests="tests/test_static_decode.py" ;;
@@ -33,7 +35,12 @@ quoted() { printf '"%s", ' "$@" | sed 's/, $//'; }
 printf 'only_mutate = ["%s"]\npytest_add_cli_args_test_selection = [%s]\n' "$module" "$(quoted $tests)" \
   >> "$work/pyproject.toml"
 cd "$work"
-"$python" -m mutmut run --max-children "$children" | tr '\r' '\n' | tail -n 3
+log=$work/mutmut-run.log  # progress: tail -f it
+if ! "$python" -m mutmut run --max-children "$children" "$@" > "$log" 2>&1; then
+  tr '\r' '\n' < "$log" | tail -n 40 >&2
+  echo "scripts/mutate.sh: mutmut run failed; its output: $log" >&2
+  exit 1
+fi
 "$python" -m mutmut results
 "$python" -m mutmut export-cicd-stats > /dev/null
 "$python" - "$module" <<'PY'

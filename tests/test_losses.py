@@ -70,12 +70,13 @@ MASK = [[1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]]
 REWARDS, BASELINES = [2.0, 0.0, 1.5, 5.0], [1.0, 1.0, 0.5, 1.0]  # advantages +1, -1, +1, +4
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.long, torch.bool])
+@pytest.mark.parametrize("mask_dtype", [torch.long, torch.bool, torch.float64])
 def test_scst_loss_by_hand(mask_dtype: torch.dtype) -> None:
     mask = torch.tensor(MASK).to(mask_dtype)
     rewards, baselines = torch.tensor(REWARDS), torch.tensor(BASELINES)
     # Mean log-probabilities -1.5, -0.5, -3 and 0 (empty): -(1 * -1.5 - 1 * -0.5 + 1 * -3 + 4 * 0) / 4 = 1
-    assert scst_loss(torch.tensor(LOGPROBS), mask, rewards, baselines).item() == pytest.approx(1.0)
+    loss = scst_loss(torch.tensor(LOGPROBS), mask, rewards, baselines)
+    assert loss.item() == pytest.approx(1.0) and loss.dtype == torch.float32  # the log-probabilities' dtype
     assert scst_loss(torch.tensor(LOGPROBS), mask, rewards, baselines, length_norm=True).item() == pytest.approx(1.0)
     # Summed: -3, -1.5, -3, 0 -> -(1 * -3 - 1 * -1.5 + 1 * -3 + 0) / 4 = 1.125
     summed = scst_loss(torch.tensor(LOGPROBS), mask, rewards, baselines, length_norm=False)
@@ -94,3 +95,15 @@ def test_scst_loss_gradient_reaches_the_log_probabilities_only() -> None:
     expected = [[-1 / 2 / 4, -1 / 2 / 4, 0.0], [1 / 3 / 4] * 3, [-1 / 4, 0.0, 0.0], [0.0, 0.0, 0.0]]
     torch.testing.assert_close(logprobs.grad, torch.tensor(expected))
     assert rewards.grad is None and baselines.grad is None
+
+
+def test_the_losses_stay_on_their_inputs_device() -> None:
+    """Tensors the losses create (the N-pair targets) go on the inputs' device: the ``meta`` device stands in
+    for a GPU here, and mixing it with a CPU tensor raises."""
+    anchors = torch.tensor(ANCHORS, device="meta")
+    assert npair_loss(anchors, anchors).device.type == "meta"
+    logits = torch.tensor(LOGITS, device="meta")
+    assert caption_xe_loss(logits, torch.tensor(TARGETS, device="meta")).device.type == "meta"
+    meta = {"device": "meta"}
+    loss = scst_loss(torch.zeros(2, 3, **meta), torch.ones(2, 3, **meta), torch.ones(2, **meta), torch.zeros(2, **meta))
+    assert loss.device.type == "meta"
