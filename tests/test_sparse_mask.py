@@ -75,8 +75,10 @@ def test_hard_mask_passes_no_gradient_and_ste_matches_its_forward() -> None:
     assert torch.equal(keep_s, keep_h) and torch.equal(gate_s.detach(), gate_h)
     assert torch.equal(gate_h, torch.ones_like(gate_h))
     assert 0 < keep_s.sum() < keep_s.numel()
+    assert not gate_h.requires_grad and gate_s.requires_grad  # hard: a constant, even for a prefix with gradients
     (prefix * gate_h.unsqueeze(-1)).sum().backward()
     assert all(p.grad is None and not p.requires_grad for p in hard.parameters())
+    assert torch.equal(prefix.grad, torch.ones_like(prefix))  # the gate passes nothing back to the prefix
     (prefix * gate_s.unsqueeze(-1)).sum().backward()
     assert all(p.grad is not None for p in ste.parameters())
 
