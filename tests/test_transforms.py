@@ -174,3 +174,25 @@ def test_the_transforms_are_the_recipes():
     assert isinstance(augment, RandomAugment) and (augment.num_ops, augment.magnitude, augment.prob) == (2, 7, 0.5)
     assert isinstance(to_tensor, transforms.ToTensor)
     assert normalise.mean == tuple(mean) and normalise.std == tuple(std)
+
+
+def test_brightness_and_sharpness_in_float32_as_the_reference_with_black_kept_black():
+    """The reference computes both in float32; values worked out by hand where float64 would differ."""
+    # 50 x 1.18 (magnitude 6): 1.18 in float32 is 1.17999995, so 58.99999 -> 58 (float64 rounds to 59.0).
+    assert brightness(np.array([[[0, 50, 255]]], dtype=np.uint8), 1.18).tolist() == [[[0, 58, 255]]]
+    # Centre 90 among eight 212s: smooth = round((5 x 90 + 8 x 212) / 13) = round(165.08) = 165, and
+    # 165 + 1.36 x (90 - 165) = 63 (float32 gives 63.0; float64 62.99999..., truncated to 62).
+    patch = np.full((3, 3, 3), 212, dtype=np.uint8)
+    patch[1, 1] = 90
+    assert sharpness(patch, 1.36)[1, 1].tolist() == [63, 63, 63]
+
+
+def test_sharpening_a_checkerboard_saturates_it_without_wrapping():
+    """Black and white squares of one pixel: sharpening overshoots below 0 and above 255; the values are
+    clipped (as PIL does), never wrapped around by the cast to uint8."""
+    checker = (np.indices((8, 8)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    pixels = np.repeat(checker[..., None], 3, axis=2)
+    ours = sharpness(pixels, 1.36)
+    assert np.array_equal(ours, pixels)
+    pil = np.asarray(ImageEnhance.Sharpness(Image.fromarray(pixels)).enhance(1.36))
+    assert np.array_equal(ours[1:-1, 1:-1], pil[1:-1, 1:-1])
