@@ -196,3 +196,16 @@ def test_sharpening_a_checkerboard_saturates_it_without_wrapping():
     assert np.array_equal(ours, pixels)
     pil = np.asarray(ImageEnhance.Sharpness(Image.fromarray(pixels)).enhance(1.36))
     assert np.array_equal(ours[1:-1, 1:-1], pil[1:-1, 1:-1])
+
+
+def test_equalize_equals_pil_where_the_rounding_of_its_step_matters():
+    """A histogram chosen so that PIL's step (pixels outside the last bin // 255) is odd, differs from
+    // 256 and from leaving out one more bin: 45 levels with 1..119 pixels each, then 81 pixels at 250."""
+    rng = np.random.default_rng(9)
+    counts = rng.integers(1, 120, size=45)
+    below_last = int(counts.sum())
+    assert (below_last // 255, below_last // 256, (below_last - counts[-1]) // 255) == (13, 12, 12)
+    levels = np.concatenate([np.repeat(np.arange(0, 225, 5), counts), np.full(81, 250)]).astype(np.uint8)
+    pixels = np.stack([rng.permutation(levels).reshape(40, 85) for _ in range(3)], axis=-1)
+    expected = np.asarray(ImageOps.equalize(Image.fromarray(pixels)))
+    assert np.array_equal(equalize(pixels), expected) and not np.array_equal(expected, pixels)
