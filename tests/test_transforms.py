@@ -99,6 +99,9 @@ def test_rotation_matrix_is_opencvs():
     with a = cos 21 deg, b = sin 21 deg; values written out."""
     expected = [[0.9335804, 0.3583679, -9.3423480], [-0.3583679, 0.9335804, 13.5932007]]
     np.testing.assert_allclose(rotation_matrix((64, 64), 21.0), expected, atol=1e-6)
+    # An 80 x 40 image (width, height) turns about (40, 20).
+    expected = [[0.9335804, 0.3583679, -4.5105761], [-0.3583679, 0.9335804, 15.6631095]]
+    np.testing.assert_allclose(rotation_matrix((80, 40), 21.0), expected, atol=1e-6)
 
 
 def test_two_ops_each_applied_with_probability_one_half():
