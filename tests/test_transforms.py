@@ -212,3 +212,21 @@ def test_equalize_equals_pil_where_the_rounding_of_its_step_matters():
     pixels = np.stack([rng.permutation(levels).reshape(40, 85) for _ in range(3)], axis=-1)
     expected = np.asarray(ImageOps.equalize(Image.fromarray(pixels)))
     assert np.array_equal(equalize(pixels), expected) and not np.array_equal(expected, pixels)
+
+
+def test_shear_interpolates_bilinearly_and_any_mode_comes_out_rgb():
+    """A horizontal ramp 10 x + 5 sheared by 0.21 (magnitude 7): each pixel takes the source at
+    x - 0.21 y, where a bilinear sample of a ramp is the ramp itself (a nearest one is up to 5 off). Images
+    of other modes come out RGB; the geometric ops turn the positive way by default."""
+    ramp = np.tile((10 * np.arange(24) + 5).astype(np.uint8), (20, 1))
+    image = Image.fromarray(np.repeat(ramp[..., None], 3, axis=2))
+    augment = RandomAugment()
+    sheared = np.asarray(augment.apply(image, "ShearX"))
+    y, x = np.mgrid[0:20, 0:24]
+    source = x - 0.21 * y
+    inside = (source >= 1) & (source <= 22)
+    # PIL's 8-bit bilinear sampling truncates: at most 1 below the ramp
+    np.testing.assert_allclose(sheared[..., 0][inside], (10 * source + 5)[inside], atol=1.0)
+    assert np.array_equal(np.asarray(augment.apply(image, "ShearX", 1.0)), sheared)
+    for op in ("Equalize", "Brightness", "Rotate", "TranslateY"):
+        assert augment.apply(image.convert("L"), op).mode == "RGB", op
