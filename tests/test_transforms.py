@@ -76,6 +76,7 @@ def test_translations_move_7_pixels_and_fill_grey(sign):
         assert np.array_equal(moved[:, 7:], pixels[:, :-7]) and (moved[:, :7] == 128).all()
     moved_y = np.asarray(augment.apply(image, "TranslateY", sign))
     assert np.array_equal(moved_y[:-7] if sign > 0 else moved_y[7:], pixels[7:] if sign > 0 else pixels[:-7])
+    assert ((moved_y[-7:] if sign > 0 else moved_y[:7]) == 128).all()
 
 
 @pytest.mark.parametrize(("op", "sign"), [("Rotate", 1.0), ("Rotate", -1.0), ("ShearX", 1.0), ("ShearY", -1.0)])
