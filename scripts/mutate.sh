@@ -25,7 +25,7 @@ esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
 "$python" -c "import mutmut" 2>/dev/null || { echo "mutmut is missing: $python -m pip install 'mutmut==3.*'" >&2; exit 2; }
-work=$repo/.mutmut/${module//\//-}
+work=$repo/.mutmut/$(basename "${module//\//-}" .py)  # not *.py: the tests glob for entry scripts
 mkdir -p "$work"
 # The tests find the shared test material beside the repository, not beside the copy.
 export OPG_SHARED_DIR=${OPG_SHARED_DIR:-$(dirname "$repo")/shared}
