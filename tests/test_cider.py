@@ -433,3 +433,44 @@ def test_append_eos_tells_a_cut_caption_from_a_finished_one() -> None:
     assert cut < finished
     with pytest.raises(ValueError, match="<eos>"):
         CiderD(DocumentFrequency.from_references(training), append_eos=True)
+
+
+# Precomputing the cache, and wrapped references digested once.
+
+
+def test_precompute_fills_the_cache_and_warns_when_it_cannot_hold_everything(split, caplog) -> None:
+    _, _, training = split
+    df = DocumentFrequency.from_references(training)
+    three = [["a dog ."], ["a cat ."], ["two birds ."]]
+    with caplog.at_level("WARNING", logger="metrics.cider"):
+        assert CiderD(df, cache_size=3).precompute(three) == 3
+        assert caplog.messages == []
+        small = CiderD(df, cache_size=2)
+        assert small.precompute(three) == 2 and small.num_cached == 2
+    assert caplog.messages == ["precomputed 3 reference sets but the cache keeps 2"]
+    with pytest.raises(
+        ValueError, match=r"^precompute needs precomputed document frequencies \(df=None is corpus mode\)$"
+    ):
+        CiderD().precompute(three)
+    with pytest.raises(ValueError, match=r"^precompute item must be a non-empty list of reference strings, got \[\]$"):
+        CiderD(df).precompute([["a dog ."], []])
+
+
+def test_wrapped_references_shared_by_candidates_are_digested_once(split, monkeypatch) -> None:
+    """With ``append_eos`` the references are rewritten; those one list object serves (an image's samples)
+    stay one object, so that they are digested once per call, not once per candidate."""
+    _, _, training = split
+    df = DocumentFrequency.from_references(training, append_eos=True)
+    digested = []
+    digest = CiderD._digest
+    monkeypatch.setattr(CiderD, "_digest", lambda self, refs, vocab: digested.append(refs) or digest(self, refs, vocab))
+    refs_a, refs_b = ["a man riding a horse"], ["a plate of food"]
+    candidates = ["a man .", "a horse .", "a man riding .", "food .", "a plate ."]
+    scorer = CiderD(df, cache_size=0, append_eos=True)
+    scores = scorer.score_candidates(candidates, [refs_a, refs_a, refs_a, refs_b, refs_b])
+    assert digested == [["a man riding a horse <eos>"], ["a plate of food <eos>"]]
+    pairs = zip(candidates, [refs_a] * 3 + [refs_b] * 2, strict=True)
+    one_by_one = [scorer.score_candidates([c], [list(r)])[0] for c, r in pairs]
+    assert scores.tolist() == one_by_one and min(scores) > 0
+    with pytest.raises(TypeError, match=r"^candidate 1 is not a string: None$"):
+        scorer.score_candidates(["a man .", None], [refs_a, refs_a])
