@@ -474,3 +474,22 @@ def test_wrapped_references_shared_by_candidates_are_digested_once(split, monkey
     assert scores.tolist() == one_by_one and min(scores) > 0
     with pytest.raises(TypeError, match=r"^candidate 1 is not a string: None$"):
         scorer.score_candidates(["a man .", None], [refs_a, refs_a])
+
+
+def test_input_errors_name_what_is_wrong() -> None:
+    """Whole messages: the keys only one side has (five at most each), the empty request, the bad item."""
+    scorer = CiderD()
+    gts = {k: ["a"] for k in range(10)}
+    res = {k: ["a"] for k in range(3, 16)}
+    only = r"only in res \[10, 11, 12, 13, 14\], only in gts \[0, 1, 2\] \(up to 5 each\)$"
+    with pytest.raises(ValueError, match=r"^gts and res keys differ: " + only):
+        scorer.compute_score(gts, res)
+    with pytest.raises(ValueError, match=r"^res is empty: nothing to score$"):
+        scorer.compute_score({}, {})
+    with pytest.raises(ValueError, match=r"^res\[1\] must be a list holding exactly one caption, got \['a', 'b'\]$"):
+        scorer.compute_score({1: ["a"]}, {1: ["a", "b"]})
+    bad = r"^references\[1\] must be a non-empty list of reference strings, got \[\]$"
+    with pytest.raises(ValueError, match=bad):
+        CiderD(append_eos=True).score_candidates(["a dog", "a cat"], [["a dog"], []])
+    with pytest.raises(ValueError, match=bad):
+        CiderD().score_candidates(["a dog", "a cat"], [["a dog"], []])
