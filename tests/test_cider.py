@@ -493,3 +493,16 @@ def test_input_errors_name_what_is_wrong() -> None:
         CiderD(append_eos=True).score_candidates(["a dog", "a cat"], [["a dog"], []])
     with pytest.raises(ValueError, match=bad):
         CiderD().score_candidates(["a dog", "a cat"], [["a dog"], []])
+
+
+def test_reference_ngrams_missing_from_the_frequencies_get_their_own_weight() -> None:
+    """n-grams of the references that the document frequencies never counted get df 0 (weight log N), each
+    under an id of its own, also next to n-grams that every document has (weight 0)."""
+    # Three documents; the last n-gram counted is in every one of them.
+    df = DocumentFrequency({("c",): 1.0, ("a",): 3.0, ("b",): 3.0, ("a", "b"): 3.0}, math.log(3), n=2)
+    refs = ["x y a b", "y x x"]
+    candidates = ["x", "x y", "y x a b", "a b"]
+    scores = CiderD(df, n=2).score_candidates(candidates, [refs] * 4)
+    expected = [plain_cider_d(c, refs, df.counts, df.log_num_docs, n=2) for c in candidates]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
+    assert min(expected[:3]) > 0
