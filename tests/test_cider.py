@@ -506,3 +506,19 @@ def test_reference_ngrams_missing_from_the_frequencies_get_their_own_weight() ->
     expected = [plain_cider_d(c, refs, df.counts, df.log_num_docs, n=2) for c in candidates]
     np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
     assert min(expected[:3]) > 0
+
+
+def test_the_cache_digests_each_reference_set_once_and_forgets_the_least_recently_used(split, monkeypatch) -> None:
+    _, _, training = split
+    df = DocumentFrequency.from_references(training)
+    digested = []
+    digest = CiderD._digest
+    monkeypatch.setattr(
+        CiderD, "_digest", lambda self, refs, vocab: digested.append(refs[0]) or digest(self, refs, vocab)
+    )
+    scorer = CiderD(df, cache_size=2)
+    for name in ("a dog .", "a cat .", "a dog .", "a bird .", "a dog .", "a cat ."):
+        scorer.score_candidates(["a dog ."], [[name]])  # a new list object each time, with equal contents
+    # "a cat ." was the least recently used when "a bird ." came in, so it alone is digested again.
+    assert digested == ["a dog .", "a cat .", "a bird .", "a cat ."]
+    assert scorer.num_cached == 2
