@@ -493,6 +493,10 @@ def test_input_errors_name_what_is_wrong() -> None:
         CiderD(append_eos=True).score_candidates(["a dog", "a cat"], [["a dog"], []])
     with pytest.raises(ValueError, match=bad):
         CiderD().score_candidates(["a dog", "a cat"], [["a dog"], []])
+    with pytest.raises(ValueError, match=bad):
+        CiderD(DocumentFrequency.from_references([["a dog"]])).score_candidates(["a dog", "a cat"], [["a dog"], []])
+    with pytest.raises(TypeError, match=r"^candidate 1 is not a string: None$"):
+        CiderD().score_candidates(["a dog", None], [["a dog"], ["a cat"]])
 
 
 def test_reference_ngrams_missing_from_the_frequencies_get_their_own_weight() -> None:
@@ -522,3 +526,42 @@ def test_the_cache_digests_each_reference_set_once_and_forgets_the_least_recentl
     # "a cat ." was the least recently used when "a bird ." came in, so it alone is digested again.
     assert digested == ["a dog .", "a cat .", "a bird .", "a cat ."]
     assert scorer.num_cached == 2
+
+
+def test_each_reference_list_and_each_candidate_pair_is_worked_on_once(split, monkeypatch) -> None:
+    """Candidates sharing one references object (SCST's samples of an image) share one digest, and a
+    sample drawn twice is scored once; the scores are those of scoring each alone."""
+    _, _, training = split
+    df = DocumentFrequency.from_references(training)
+    digested, scored = [], []
+    digest, ngrams = CiderD._digest, CiderD._candidate_ngrams
+    monkeypatch.setattr(
+        CiderD, "_digest", lambda self, refs, vocab: digested.append(refs[0]) or digest(self, refs, vocab)
+    )
+    monkeypatch.setattr(
+        CiderD, "_candidate_ngrams", lambda self, texts, vocab: scored.append(list(texts)) or ngrams(self, texts, vocab)
+    )
+    dog, cat = ["a dog on a couch ."], ["a cat on a bed ."]
+    candidates = ["a dog .", "a dog on a bed .", "a dog .", "a cat .", "a dog ."]
+    scorer = CiderD(df, cache_size=0)
+    scores = scorer.score_candidates(candidates, [dog, dog, dog, cat, cat])
+    assert digested == ["a dog on a couch .", "a cat on a bed ."] and scorer.num_cached == 0
+    assert scored == [["a dog .", "a dog on a bed .", "a cat .", "a dog ."]]
+    alone = [CiderD(df).score_candidates([c], [r])[0] for c, r in zip(candidates, [dog] * 3 + [cat] * 2, strict=True)]
+    assert scores.tolist() == alone and scores[0] == scores[2] and scores[0] != scores[4]
+    one = CiderD(df, cache_size=1)
+    one.score_candidates(candidates, [dog, dog, dog, cat, cat])
+    assert one.num_cached == 1
+
+
+def test_corpus_mode_caches_nothing_between_calls(split) -> None:
+    """Corpus mode takes its frequencies from each call's references: a second call with other references
+    (one list shared with the first) scores as a fresh scorer does."""
+    gts, res, _ = split
+    keys = list(res)
+    first = {k: gts[k] for k in keys[:20]}, {k: res[k] for k in keys[:20]}
+    second = {k: gts[k] for k in keys[10:40]}, {k: res[k] for k in keys[10:40]}
+    scorer = CiderD()
+    scorer.compute_score(*first)
+    assert scorer.num_cached == 0
+    np.testing.assert_array_equal(scorer.compute_score(*second)[1], CiderD().compute_score(*second)[1])
