@@ -565,3 +565,17 @@ def test_corpus_mode_caches_nothing_between_calls(split) -> None:
     scorer.compute_score(*first)
     assert scorer.num_cached == 0
     np.testing.assert_array_equal(scorer.compute_score(*second)[1], CiderD().compute_score(*second)[1])
+
+
+@pytest.mark.parametrize("repeats", [255, 256, 300])
+def test_an_ngram_repeated_hundreds_of_times_is_counted_in_full(split, repeats: int) -> None:
+    """Term frequencies of 256 and more (beyond the cache's compact 8-bit table), and a reference set whose
+    only sentence is empty (no n-gram at all)."""
+    _, _, training = split
+    df = DocumentFrequency.from_references(training)
+    refs = [" ".join(["dog"] * repeats) + " .", "a dog ."]
+    candidates = ["dog dog dog .", " ".join(["dog"] * repeats) + " ."]
+    scores = CiderD(df).score_candidates(candidates, [refs, refs])
+    expected = [plain_cider_d(c, refs, df.counts, df.log_num_docs) for c in candidates]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
+    assert CiderD(df).score_candidates(["a dog ."], [[""]]).tolist() == [0.0]
