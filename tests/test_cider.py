@@ -136,7 +136,7 @@ def test_corpus_mode_matches_installed_pycocoevalcap(split) -> None:
     assert mean == pytest.approx(expected_mean, abs=TOLERANCE)
 
 
-@pytest.mark.parametrize(("n", "sigma"), [(4, 6.0), (3, 2.0), (1, 6.0)])
+@pytest.mark.parametrize(("n", "sigma"), [(4, 6.0), (3, 2.0), (2, 1.0), (1, 6.0)])
 def test_precomputed_df_matches_plain_implementation(split, n: int, sigma: float) -> None:
     gts, res, training = split
     df = DocumentFrequency.from_references(training)
