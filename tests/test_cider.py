@@ -579,3 +579,7 @@ def test_an_ngram_repeated_hundreds_of_times_is_counted_in_full(split, repeats: 
     expected = [plain_cider_d(c, refs, df.counts, df.log_num_docs) for c in candidates]
     np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
     assert CiderD(df).score_candidates(["a dog ."], [[""]]).tolist() == [0.0]
+
+
+def test_the_metric_is_named_as_pycocoevalcap_names_it() -> None:
+    assert CiderD().method() == "CIDEr-D"
