@@ -504,9 +504,9 @@ def test_reference_ngrams_missing_from_the_frequencies_get_their_own_weight() ->
     under an id of its own, also next to n-grams that every document has (weight 0)."""
     # Three documents; the last n-gram counted is in every one of them.
     df = DocumentFrequency({("c",): 1.0, ("a",): 3.0, ("b",): 3.0, ("a", "b"): 3.0}, math.log(3), n=2)
-    refs = ["x y a b", "y x x"]
-    candidates = ["x", "x y", "y x a b", "a b"]
-    scores = CiderD(df, n=2).score_candidates(candidates, [refs] * 4)
+    refs = ["x y a b c", "y x x"]
+    candidates = ["x", "x y", "y x a b", "a b", "b c"]  # "c": the first n-gram counted, id 0
+    scores = CiderD(df, n=2).score_candidates(candidates, [refs] * 5)
     expected = [plain_cider_d(c, refs, df.counts, df.log_num_docs, n=2) for c in candidates]
     np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
     assert min(expected[:3]) > 0
