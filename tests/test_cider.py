@@ -583,3 +583,11 @@ def test_an_ngram_repeated_hundreds_of_times_is_counted_in_full(split, repeats: 
 
 def test_the_metric_is_named_as_pycocoevalcap_names_it() -> None:
     assert CiderD().method() == "CIDEr-D"
+
+
+def test_a_batch_with_one_reference_ngram_or_none() -> None:
+    """The smallest reference tables: one n-gram (a one-word reference, unigrams only) scores the identical
+    candidate 10; none (an empty reference) scores 0."""
+    df = DocumentFrequency({("cat",): 1.0}, math.log(2), n=1)
+    assert CiderD(df, n=1).score_candidates(["dog", "cat"], [["dog"], ["dog"]]).tolist() == [10.0, 0.0]
+    assert CiderD(df, n=1).score_candidates(["dog"], [[""]]).tolist() == [0.0]
