@@ -591,3 +591,19 @@ def test_a_batch_with_one_reference_ngram_or_none() -> None:
     df = DocumentFrequency({("cat",): 1.0}, math.log(2), n=1)
     assert CiderD(df, n=1).score_candidates(["dog", "cat"], [["dog"], ["dog"]]).tolist() == [10.0, 0.0]
     assert CiderD(df, n=1).score_candidates(["dog"], [[""]]).tolist() == [0.0]
+
+
+@pytest.mark.parametrize(
+    ("settings", "wrong"),
+    [({"n": 0}, "n=0, sigma=6.0, cache_size=150000"), ({"sigma": 0.0}, "n=4, sigma=0.0, cache_size=150000"),
+     ({"cache_size": -1}, "n=4, sigma=6.0, cache_size=-1")],
+)  # fmt: skip
+def test_settings_out_of_range_are_refused(settings: dict, wrong: str) -> None:
+    with pytest.raises(ValueError, match=rf"^need n >= 1, sigma > 0, cache_size >= 0; got {wrong}$"):
+        CiderD(**settings)
+
+
+def test_small_positive_sigmas_and_no_candidates_are_accepted() -> None:
+    assert CiderD(sigma=0.5).sigma == 0.5 and CiderD(n=1, cache_size=0).n == 1
+    empty = CiderD().score_candidates([], [])
+    assert empty.shape == (0,) and empty.dtype == np.float64
