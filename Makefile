@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # pytest-xdist processes for make test (make test TEST_WORKERS=4 on a larger machine)
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint setup java
+.PHONY: demo test lint setup java mutate
 
 demo: setup java
 	$(BIN)/python demo.py
@@ -18,6 +18,12 @@ test: setup java
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Mutation testing of one module against its own tests, not part of CI (docs/development.md):
+# make mutate MODULE=models/losses.py [MUTATE_CHILDREN=1]; needs pip install 'mutmut==3.*'
+MUTATE_CHILDREN ?= 1
+mutate:
+	MUTATE_CHILDREN=$(MUTATE_CHILDREN) scripts/mutate.sh $(MODULE)
 
 setup: $(STAMP)
 

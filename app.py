@@ -2,6 +2,7 @@
 
     python app.py [--checkpoint CKPT_OR_FOLDER_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--share]
                   [--device auto] [--precision auto] [--max_images 16] [--max_upload_mb 20] [--queue 8]
+                  [--failed_upload_age_s 600]
 
 Upload photos or pick the bundled examples, choose greedy, beam search or sampling and the number of
 captions, and read the captions with their scores; a second tab shows which prefix positions the sparse mask
@@ -47,9 +48,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
     parser.add_argument("--max_images", type=int, default=16, help="images per request")
     parser.add_argument("--max_upload_mb", type=float, default=20.0, help="size of one uploaded file")
     parser.add_argument("--queue", type=int, default=8, help="requests that may wait while one is captioned")
+    parser.add_argument("--failed_upload_age_s", type=float, default=600.0,
+                        help="delete what a cut-off or refused upload left once untouched this long")  # fmt: skip
     args = parser.parse(argv)
-    if not isinstance(args, int) and (args.max_images < 1 or args.max_upload_mb <= 0 or args.queue < 0):
-        print("app.py: error: --max_images must be >= 1, --max_upload_mb > 0 and --queue >= 0", file=sys.stderr)
+    if not isinstance(args, int) and (
+        args.max_images < 1 or args.max_upload_mb <= 0 or args.queue < 0 or args.failed_upload_age_s <= 0
+    ):
+        print("app.py: error: --max_images must be >= 1, --max_upload_mb > 0, --queue >= 0 and "
+              "--failed_upload_age_s > 0", file=sys.stderr)  # fmt: skip
         return 2
     return args
 
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("app").warning("listening on %s: whoever reaches this machine can use the page", args.host)
     service = CaptionService(captioner, _shown(source), args.max_images)
     serve(service, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb,
-          queue=args.queue, examples_dir=EXAMPLES)  # fmt: skip
+          queue=args.queue, examples_dir=EXAMPLES, failed_upload_age_s=args.failed_upload_age_s)  # fmt: skip
     return 0
 
 

@@ -24,7 +24,9 @@ from data.synthetic import grounding_accuracy
 from data.text import clean_caption, strip_stop
 from engine.config import CONFIG_DIR, SCHEMA, Config, build_config
 from metrics.coco_eval import CaptionScorer, load_ground_truth
+from metrics.diversity import Diversity, caption_diversity
 from metrics.java import java_missing
+from metrics.tokenize import ptb_tokenize
 from utils.cli import ArgumentParser, add_schema_options, schema_overrides
 from utils.config import ConfigError
 from utils.io import ImageId, write_json
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent
 COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 FACTS = ("count", "colour", "shape", "position", "all")
+DIVERSITY = {"distinct": "distinct_captions", "vocab": "vocabulary", "dist-1": "distinct_1", "dist-2": "distinct_2",
+             "novel": "novel"}  # fmt: skip
 
 
 def run_stage(files: list[str | Path], overrides: dict[str, Any], scorer: CaptionScorer) -> RunResult:
@@ -62,12 +66,27 @@ def baselines(cfg: Config, scorer: CaptionScorer) -> dict[str, tuple[dict, dict[
     }
 
 
-def format_table(rows: dict[str, tuple[dict, dict[ImageId, str]]], metadata: Path) -> str:
-    header = f"{'':<44}" + "".join(f"{c:>9}" for c in COLUMNS) + "  | grounding " + " ".join(f"{f:>8}" for f in FACTS)
+def diversities(rows: dict[str, tuple[dict, dict[ImageId, str]]], train_file: str) -> dict[str, Diversity]:
+    """Each row's caption diversity, novelty against the training captions (one PTB tokenizer run)."""
+    training = [entry["caption"] for entry in read_annotations(train_file, "train")]
+    groups: dict[Any, list[str]] = {name: list(captions.values()) for name, (_, captions) in rows.items()}
+    tokens = ptb_tokenize({**groups, ("training",): training})
+    known = set(tokens[("training",)])
+    return {name: caption_diversity(tokens[name], known) for name in rows}
+
+
+def format_table(
+    rows: dict[str, tuple[dict, dict[ImageId, str]]], metadata: Path, diversity: dict[str, Diversity]
+) -> str:
+    header = (f"{'':<44}" + "".join(f"{c:>9}" for c in COLUMNS) + "".join(f"{d:>8}" for d in DIVERSITY)
+              + "  | grounding " + " ".join(f"{f:>8}" for f in FACTS))  # fmt: skip
     lines = [header, "-" * len(header)]
     for name, (metrics, captions) in rows.items():
         grounding = grounding_accuracy(captions, metadata)
         cells = "".join(f"{metrics[c] * 100:9.1f}" for c in COLUMNS)
+        figures = vars(diversity[name])
+        cells += "".join(f"{figures[k]:8d}" if k == "vocabulary" else f"{figures[k] * 100:8.1f}"
+                         for k in DIVERSITY.values())  # fmt: skip
         facts = " ".join(f"{grounding[f] * 100:8.1f}" for f in FACTS)
         lines.append(f"{name[:44]:<44}{cells}  | {'':9} {facts}")
     return "\n".join(lines)
@@ -116,6 +135,28 @@ def shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return common
 
 
+def summarise(
+    out: Path, rows: dict[str, tuple[dict, dict[ImageId, str]]], gains: dict[str, float], cfg: Config, minutes: float
+) -> None:
+    """Write ``demo_summary.json`` and ``curves.png``, print the table of the test split and examples."""
+    metadata = Path(cfg.data.image_root) / "metadata.json"
+    gts = load_ground_truth(cfg.data.test_file)
+    diversity = diversities(rows, cfg.data.train_file)
+    summary = {name: {"metrics": m, "diversity": vars(diversity[name]), "grounding": grounding_accuracy(c, metadata)}
+               for name, (m, c) in rows.items()}  # fmt: skip
+    report = {"minutes": minutes, "rows": summary, "scst_cider_gain": gains}
+    write_json(out / "demo_summary.json", report, indent=2)
+    curves = write_curves(out, ["xe", *(f"scst_{b}" for b in gains)])
+    print(f"\nDemo test split ({len(gts)} images), metrics x100; distinct = % of distinct captions, vocab = "
+          "words used, dist-n = % distinct n-grams, novel = % not among the training captions; grounding = % of "
+          "captions stating the truth")  # fmt: skip
+    print(format_table(rows, metadata, diversity))
+    if gains:
+        print("SCST's test CIDEr relative to XE: " + ", ".join(f"{b} baseline {g:+.1%}" for b, g in gains.items()))
+    print(f"\nExamples:\n{examples(rows, gts, 4)}")
+    print(f"\nTotal time {minutes:.1f} min; details in {out}" + (f", training curves in {curves}" if curves else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse(argv)
     if isinstance(args, int):
@@ -148,19 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             gains[baseline] = scst.test["CIDEr"] / xe_cider - 1 if xe_cider else float("nan")
         cfg = build_config([CONFIG_DIR / "demo.yaml"], common)
         rows = {**baselines(cfg, scorer), **rows}
-    metadata = Path(cfg.data.image_root) / "metadata.json"
-    gts = load_ground_truth(cfg.data.test_file)
-    minutes = (time.perf_counter() - started) / 60
-    summary = {name: {"metrics": m, "grounding": grounding_accuracy(c, metadata)} for name, (m, c) in rows.items()}
-    report = {"minutes": minutes, "rows": summary, "scst_cider_gain": gains}
-    write_json(out / "demo_summary.json", report, indent=2)
-    curves = write_curves(out, ["xe", *(f"scst_{b}" for b in gains)])
-    print(f"\nDemo test split ({len(gts)} images), metrics x100; grounding = % of captions stating the truth")
-    print(format_table(rows, metadata))
-    if gains:
-        print("SCST's test CIDEr relative to XE: " + ", ".join(f"{b} baseline {g:+.1%}" for b, g in gains.items()))
-    print(f"\nExamples:\n{examples(rows, gts, 4)}")
-    print(f"\nTotal time {minutes:.1f} min; details in {out}" + (f", training curves in {curves}" if curves else ""))
+    summarise(out, rows, gains, cfg, (time.perf_counter() - started) / 60)
     return 0
 
 

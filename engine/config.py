@@ -88,6 +88,9 @@ class TrainConfig:
     eval_batch_size: int = option(64, "images per validation / test batch")
     eval_split: str = option("val", "split evaluated each epoch to pick the best checkpoint", choices=EVAL_SPLITS)
     val_meteor: bool = option(True, "METEOR at each validation too (Java, ~4 s per 1,000 images)")
+    # One caption for every image is how a prefix captioner collapses; below this share of distinct
+    # captions (10 images per caption on average) each validation warns, naming the most repeated caption.
+    collapse_warn: float = option(0.1, "warn when validation's distinct captions / images falls below this (0: never)")
     report_to: str = option("none", "live dashboards: none, tensorboard, wandb or a comma-separated list")
 
 
@@ -163,6 +166,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.train_samples (when given) and data.shuffle_buffer must be >= 1")
     if cfg.train.total_steps is not None and cfg.train.total_steps < 1:
         raise ConfigError(f"train.total_steps must be >= 1 or empty, got {cfg.train.total_steps}")
+    if not 0.0 <= cfg.train.collapse_warn <= 1.0:
+        raise ConfigError(f"train.collapse_warn must be in [0, 1], got {cfg.train.collapse_warn}")
     if not 0.0 < cfg.model.threshold < 1.0:
         raise ConfigError(f"model.threshold must be in (0, 1), got {cfg.model.threshold}")
 

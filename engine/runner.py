@@ -415,9 +415,11 @@ class Run:
             ) from err
         if self.dist.is_main:
             score = report.metrics["CIDEr"]
-            self.metrics.write("val", epoch=state.epoch, step=state.global_step, **report.metrics)
+            self.metrics.write("val", epoch=state.epoch, step=state.global_step, **report.metrics,
+                               **_diversity_scalars(report))  # fmt: skip
             self.metrics.text("val/samples", sample_table(captions, val_set.references))
             logger.info("epoch %d %s:\n%s", state.epoch, self.cfg.train.eval_split, report.format_table())
+            warn_if_collapsed(report, self.cfg.train.collapse_warn, f"{desc} ({self.cfg.train.eval_split})")
             if score > state.best_score:
                 state.best_score = score
                 self._save(None, self.run_dir / "best.pt")
@@ -454,7 +456,7 @@ class Run:
         report, captions = self._evaluate(test_set, self._decode_options(validation=False), True, "test")
         if not self.dist.is_main:
             return RunResult(state)
-        self.metrics.write("test", **report.metrics)
+        self.metrics.write("test", **report.metrics, **_diversity_scalars(report))
         write_json(self.run_dir / "test_metrics.json", report.to_dict(), indent=2)
         results = [{"image_id": k, "caption": v} for k, v in captions.items()]
         write_json(self.run_dir / "test_predictions.json", results, indent=1)
@@ -514,6 +516,23 @@ def _check_finite(model: OPGCaptioner, path: Path, state: TrainState) -> None:
             f"non-finite weights after step {state.global_step} ({names}): {path} is not overwritten and keeps "
             "the last finite state"
         )
+
+
+def _diversity_scalars(report: EvalReport) -> dict[str, float]:
+    return report.diversity.scalars() if report.diversity is not None else {}
+
+
+def warn_if_collapsed(report: EvalReport, threshold: float, where: str) -> None:
+    """One warning when the share of distinct captions is below ``threshold`` (``train.collapse_warn``),
+    naming the most repeated caption (PTB tokens) and how often it was written."""
+    diversity = report.diversity
+    if diversity is None or diversity.distinct_captions >= threshold:
+        return
+    logger.warning(
+        "captions collapsing at %s: %d distinct captions for %d images (%.1f%%, below train.collapse_warn %g); "
+        "the most repeated, %d times: '%s'", where, diversity.distinct, diversity.images,
+        diversity.distinct_captions * 100, threshold, diversity.most_repeated_count, diversity.most_repeated,
+    )  # fmt: skip
 
 
 def _first_line(err: BaseException) -> str:

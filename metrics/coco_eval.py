@@ -24,15 +24,17 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice.spice import Spice
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from metrics.cider import CiderD
+from metrics.diversity import Diversity, SetDiversity, caption_diversity
 from metrics.java import java_missing
+from metrics.tokenize import ptb_tokenize
 from utils.io import DataFileError, ImageId, image_id_from_path, normalise_image_id, read_json
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+CLIP_METRICS = ("CLIP-S", "RefCLIP-S")  # evaluate.py --clip; rows shown when computed or asked for
 DOMAINS = ("in-domain", "near-domain", "out-domain")
 SPICE_LIB_DIR = Path(_spice_package.__file__).resolve().parent / "lib"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -199,6 +201,24 @@ def parse_results(items: Any, source: str = "results") -> dict[ImageId, str]:
     return results
 
 
+def parse_caption_sets(items: list[dict], source: str = "results") -> dict[ImageId, list[str]]:
+    """``{image_id: [caption, ...]}`` from the n-best lists of ``predict.py --num_captions K`` (each entry's
+    ``captions``: ``[{"caption", "score"}, ...]``); empty when no entry has one. Call on a list that
+    :func:`parse_results` accepted."""
+    sets: dict[ImageId, list[str]] = {}
+    for index, item in enumerate(items):
+        if "captions" not in item:
+            continue
+        members = item["captions"]
+        if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("caption"), str)
+                                                    for m in members):  # fmt: skip
+            raise CaptionDataError(f"{source}: entry {index}: 'captions' must be a list of {{'caption', 'score'}}")
+        sets[normalise_image_id(item["image_id"])] = [member["caption"] for member in members]
+    if sets and len(sets) != len(items):
+        raise CaptionDataError(f"{source}: {len(items) - len(sets)} of {len(items)} entries have no 'captions' list")
+    return sets
+
+
 def load_results(path: str | os.PathLike) -> dict[ImageId, str]:
     """Predicted caption per image id from a COCO results JSON file (see :func:`parse_results`)."""
     return parse_results(read_json(path), source=str(path))
@@ -228,23 +248,29 @@ class Coverage:
 
 @dataclass
 class EvalReport:
-    """Corpus metrics as fractions (CIDEr 1.331 = 133.1 in tables), with what could not be computed."""
+    """Corpus metrics as fractions (CIDEr 1.331 = 133.1 in tables), with what could not be computed, and the
+    captions' diversity (``set_diversity`` when there are several captions per image)."""
 
     metrics: dict[str, float]
     unavailable: dict[str, str] = field(default_factory=dict)
     per_domain: dict[str, dict[str, float]] = field(default_factory=dict)
     per_image: dict[ImageId, float] | None = None
     coverage: Coverage | None = None
+    diversity: Diversity | None = None
+    set_diversity: SetDiversity | None = None
 
     def format_table(self) -> str:
         """Metrics x100 in a text table, one column per domain when there are domains."""
         columns = {"overall": self.metrics, **self.per_domain}
-        lines = [f"{'metric':<8}" + "".join(f"{name:>13}" for name in columns)]
-        for metric in METRICS:
+        lines = [f"{'metric':<10}" + "".join(f"{name:>13}" for name in columns)]
+        clip = [name for name in CLIP_METRICS if name in self.metrics or name in self.unavailable]
+        for metric in (*METRICS, *clip):
             cells = [
                 f"{values[metric] * 100:13.2f}" if metric in values else f"{'n/a':>13}" for values in columns.values()
             ]
-            lines.append(f"{metric:<8}" + "".join(cells))
+            lines.append(f"{metric:<10}" + "".join(cells))
+        for part in (self.diversity, self.set_diversity):
+            lines += part.format_lines() if part is not None else []
         if self.coverage is not None:
             lines.append(("partial: " if self.coverage.partial else "") + self.coverage.describe())
         lines += [f"{metric} unavailable: {reason}" for metric, reason in self.unavailable.items()]
@@ -267,12 +293,6 @@ def spice_unavailable_reason(lib_dir: Path = SPICE_LIB_DIR) -> str | None:
         f"use, which needs network access: run it once online or copy them there from "
         f"stanford-corenlp-full-2015-12-09.zip"
     )
-
-
-def _one_line(caption: str) -> str:
-    # The PTB tokenizer reads one caption per line; '\r' or other line breaks inside a caption would
-    # shift every later caption onto the wrong image.
-    return " ".join(caption.split())
 
 
 def _subset(mapping: Mapping[int, Any], keys: list[int]) -> dict[int, Any]:
@@ -341,7 +361,7 @@ class CaptionScorer:
         gts_tok, res_tok = self._tokenize([gts[i] for i in ids], [res[i] for i in ids])
         keys = list(range(len(ids)))
         metrics, cider_per_image = self._corpus_metrics(gts_tok, res_tok, meteor)
-        report = EvalReport(metrics=metrics)
+        report = EvalReport(metrics=metrics, diversity=caption_diversity([res_tok[k][0] for k in keys]))
         if not meteor:
             report.unavailable["METEOR"] = "skipped (meteor=False)"
         spice_per_image = self._spice(gts_tok, res_tok, report) if spice else None
@@ -360,16 +380,10 @@ class CaptionScorer:
     @staticmethod
     def _tokenize(refs: list[list[str]], hyps: list[str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
         """PTB-tokenise references and predictions in one Java run (keys ``0..n-1`` for both)."""
-        both = {("ref", k): [{"caption": _one_line(c)} for c in r] for k, r in enumerate(refs)}
-        both.update({("hyp", k): [{"caption": _one_line(c)}] for k, c in enumerate(hyps)})
-        tokens = PTBTokenizer().tokenize(both)
-        gts_tok = {k: tokens[("ref", k)] for k in range(len(refs)) if ("ref", k) in tokens}
-        res_tok = {k: tokens[("hyp", k)] for k in range(len(hyps)) if ("hyp", k) in tokens}
-        expected = [len(r) for r in refs]
-        if [len(gts_tok.get(k, [])) for k in range(len(refs))] != expected or len(res_tok) != len(hyps):
-            # pycocoevalcap ignores the Java process's exit status: a failed or missing java ends up here
-            raise RuntimeError("the PTB tokenizer (Java) returned a different number of captions than it was given")
-        return gts_tok, res_tok
+        both: dict[Hashable, list[str]] = {("ref", k): r for k, r in enumerate(refs)}
+        both.update({("hyp", k): [c] for k, c in enumerate(hyps)})
+        tokens = ptb_tokenize(both)
+        return {k: tokens[("ref", k)] for k in range(len(refs))}, {k: tokens[("hyp", k)] for k in range(len(hyps))}
 
     def _corpus_metrics(self, gts: dict[int, list[str]], res: dict[int, list[str]], meteor: bool) -> tuple[dict, list]:
         # METEOR's Java process scores in a thread (it mostly waits on the pipe) while Python runs the others.

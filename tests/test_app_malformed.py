@@ -1,7 +1,8 @@
 """Hostile and broken requests to the running page: an upload cut off mid-way, a multipart body that ends
-early, the wrong content type, a 200 MB body, a zip-bomb image, a file named ``../../etc/passwd`` and a request
-naming a file of the server. Each gets a message (or, for a dropped connection, nothing at all), the server
-keeps serving, and nothing changes on disk outside Gradio's upload folder."""
+early, the wrong content type, files one byte over and at the upload limit, a body ten times the limit, a
+zip-bomb image, a file named ``../../etc/passwd`` and a request naming a file of the server. Each gets a
+message (or, for a dropped connection, nothing at all), the server keeps serving, nothing changes on disk
+outside Gradio's upload folder, and what failed uploads leave in it the server's own sweeper deletes."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from app_server import PHOTO, app_command, app_env, make_checkpoint, running
 from webapp.uploads import remove_failed_uploads
 
 MAX_UPLOAD_MB = 2
+MAX_UPLOAD_BYTES = 2_000_000  # what Gradio is given: int(MAX_UPLOAD_MB * 1e6)
+# The server deletes failed uploads once untouched this long (600 s by default), checking as often.
+FAILED_UPLOAD_AGE_S = 15
 BOUNDARY = "opg-test-boundary"
 ETC_PASSWD = Path("/etc/passwd")
 
@@ -39,7 +43,9 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def app_url(sandbox: Path) -> Iterator[str]:
     checkpoint = make_checkpoint(sandbox / "work" / "tiny.pt")
-    command = app_command(checkpoint, "--max_upload_mb", str(MAX_UPLOAD_MB))
+    command = app_command(
+        checkpoint, "--max_upload_mb", str(MAX_UPLOAD_MB), "--failed_upload_age_s", str(FAILED_UPLOAD_AGE_S)
+    )
     command[1] = str(Path(__file__).resolve().parent.parent / "app.py")
     env = app_env(HOME=str(sandbox / "home"), TMPDIR=str(sandbox / "tmp"), GRADIO_TEMP_DIR=str(sandbox / "uploads"))
     with running(command, sandbox / "work", env) as url:
@@ -56,6 +62,18 @@ def unchanged_outside_uploads(sandbox: Path, app_url: str) -> Iterator[None]:
     changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
     assert [name for name in changed if not name.startswith("uploads/")] == []
     assert fingerprint(ETC_PASSWD) == passwd
+
+
+@pytest.fixture
+def stores_nothing(sandbox: Path, app_url: str) -> Iterator[None]:
+    """Fails the test if the upload folder gained a stored upload (any file but the ``tmp*`` leftovers of
+    failed uploads at its top, which the server's sweeper deletes) or a leftover over the upload limit."""
+    uploads = sandbox / "uploads"
+    before = snapshot(uploads)
+    yield
+    added = {name: size for name, (size, _) in snapshot(uploads).items() if name not in before}
+    assert {name: size for name, size in added.items() if "/" in name or not name.startswith("tmp")} == {}
+    assert all(size <= MAX_UPLOAD_BYTES for size in added.values()), added
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -129,9 +147,10 @@ def zip_bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
 
 
 @pytest.mark.usefixtures("unchanged_outside_uploads")
-def test_an_upload_cut_off_mid_way_changes_nothing_and_the_server_serves(app_url: str, sandbox: Path) -> None:
+def test_an_upload_cut_off_mid_way_is_swept_away_and_the_server_serves(app_url: str, sandbox: Path) -> None:
     """Gradio keeps the unfinished part as a ``tmp*`` file at the top of its upload folder (and an empty one
-    for each finished upload request): the files that webapp.uploads deletes once they are old."""
+    for each finished upload request); the server's sweeper deletes them once untouched for
+    ``--failed_upload_age_s``, and nothing else."""
     uploads = sandbox / "uploads"
     before = set(snapshot(uploads))
     parts = urlsplit(app_url)
@@ -147,14 +166,16 @@ def test_an_upload_cut_off_mid_way_changes_nothing_and_the_server_serves(app_url
     unfinished = [name for name in left if name.startswith("tmp") and "/" not in name]
     sizes = sorted((uploads / name).stat().st_size for name in unfinished)
     assert 0 < sizes[-1] <= len(body) // 2 and sizes[:-1] == [0] * (len(sizes) - 1), left  # empty: Gradio's
-    assert remove_failed_uploads(uploads, max_age_s=60) == []  # still fresh
-    removed = remove_failed_uploads(uploads, max_age_s=60, now=time.time() + 61)
-    assert set(unfinished) <= {path.name for path in removed}
-    assert not list(uploads.glob("tmp*")) and all(path.parent == uploads for path in removed)
+    finished = {name for name in snapshot(uploads) if "/" in name}  # stored uploads, in their content folders
+    deadline = time.monotonic() + 3 * FAILED_UPLOAD_AGE_S + 30
+    while any((uploads / name).exists() for name in unfinished) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert [name for name in unfinished if (uploads / name).exists()] == [], "the sweeper left them"
+    assert finished <= set(snapshot(uploads)), "the sweeper deleted finished uploads"
     still_captions(app_url)
 
 
-@pytest.mark.usefixtures("unchanged_outside_uploads")
+@pytest.mark.usefixtures("unchanged_outside_uploads", "stores_nothing")
 def test_a_multipart_body_that_ends_early_stores_nothing_and_its_caption_is_a_message(app_url: str) -> None:
     body = multipart("cut.jpg", PHOTO.read_bytes()[:2000], closed=False)
     status, stored = post(app_url, "/gradio_api/upload", body, f"multipart/form-data; boundary={BOUNDARY}")
@@ -163,7 +184,7 @@ def test_a_multipart_body_that_ends_early_stores_nothing_and_its_caption_is_a_me
     assert (event, outputs["error"]) == ("error", "no image in the request: choose one or more photos")
 
 
-@pytest.mark.usefixtures("unchanged_outside_uploads")
+@pytest.mark.usefixtures("unchanged_outside_uploads", "stores_nothing")
 def test_the_wrong_content_type_gets_a_message(app_url: str) -> None:
     invalid = (400, {"detail": "Invalid content type."})
     status, message = post(app_url, "/gradio_api/upload", b'{"files": ["a.jpg"]}', "application/json")
@@ -176,18 +197,32 @@ def test_the_wrong_content_type_gets_a_message(app_url: str) -> None:
 
 
 @pytest.mark.usefixtures("unchanged_outside_uploads")
-def test_a_200_mb_body_is_refused_with_the_size_limit(app_url: str, sandbox: Path) -> None:
+def test_a_file_one_byte_over_the_limit_is_refused_and_one_at_the_limit_stored(app_url: str, sandbox: Path) -> None:
+    content = bytes(range(256)) * (MAX_UPLOAD_BYTES // 256) + b"x" * (MAX_UPLOAD_BYTES % 256)
+    assert len(content) == MAX_UPLOAD_BYTES
+    status, body = upload(app_url, "limit.jpg", content)
+    assert status == 200, body
+    [stored] = json.loads(body)
+    assert Path(stored).resolve().is_relative_to((sandbox / "uploads").resolve())
+    assert Path(stored).read_bytes() == content
+    status, body = upload(app_url, "over.jpg", content + b"x")
+    assert (status, body) == (413, f"File size exceeded maximum allowed size of {MAX_UPLOAD_BYTES} bytes.")
+    still_captions(app_url)
+
+
+@pytest.mark.usefixtures("unchanged_outside_uploads")
+def test_a_body_ten_times_the_limit_is_refused_unread(app_url: str, sandbox: Path) -> None:
     parts = urlsplit(app_url)
     head = multipart("huge.jpg", b"", closed=False)
     tail = f"\r\n--{BOUNDARY}--\r\n".encode()
-    size = 200 * 1024 * 1024
+    size = 10 * MAX_UPLOAD_BYTES
     with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
         sock.sendall(
             (f"POST /gradio_api/upload HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n"
              f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
              f"Content-Length: {len(head) + size + len(tail)}\r\n\r\n").encode() + head
         )  # fmt: skip
-        block = b"\0" * (1024 * 1024)
+        block = b"\0" * (MAX_UPLOAD_BYTES // 2)
         try:
             for _ in range(size // len(block)):
                 sock.sendall(block)
@@ -196,8 +231,8 @@ def test_a_200_mb_body_is_refused_with_the_size_limit(app_url: str, sandbox: Pat
             pass  # the server may stop reading once it has answered
         reply = sock.makefile("rb").read().decode("utf-8", "replace")
     assert reply.startswith("HTTP/1.1 413"), reply[:300]
-    assert "maximum allowed size" in reply
-    grown = {name: size for name, (size, _) in snapshot(sandbox / "uploads").items() if size > MAX_UPLOAD_MB * 1e6}
+    assert f"maximum allowed size of {MAX_UPLOAD_BYTES} bytes" in reply
+    grown = {name: size for name, (size, _) in snapshot(sandbox / "uploads").items() if size > MAX_UPLOAD_BYTES}
     assert grown == {}  # the body was not written out past the limit
     still_captions(app_url)
 
@@ -232,7 +267,7 @@ def test_a_file_named_etc_passwd_stays_in_the_upload_folder(app_url: str, sandbo
     assert message == "1 of 1 file could not be read: see below."
 
 
-@pytest.mark.usefixtures("unchanged_outside_uploads")
+@pytest.mark.usefixtures("unchanged_outside_uploads", "stores_nothing")
 def test_a_request_naming_a_file_of_the_server_is_refused(app_url: str) -> None:
     event, message = call_caption(app_url, [str(ETC_PASSWD)])
     refused = "to the gradio cache dir because it was not uploaded by a user."

@@ -136,7 +136,7 @@ def test_corpus_mode_matches_installed_pycocoevalcap(split) -> None:
     assert mean == pytest.approx(expected_mean, abs=TOLERANCE)
 
 
-@pytest.mark.parametrize(("n", "sigma"), [(4, 6.0), (3, 2.0), (1, 6.0)])
+@pytest.mark.parametrize(("n", "sigma"), [(4, 6.0), (3, 2.0), (2, 1.0), (1, 6.0)])
 def test_precomputed_df_matches_plain_implementation(split, n: int, sigma: float) -> None:
     gts, res, training = split
     df = DocumentFrequency.from_references(training)
@@ -433,3 +433,177 @@ def test_append_eos_tells_a_cut_caption_from_a_finished_one() -> None:
     assert cut < finished
     with pytest.raises(ValueError, match="<eos>"):
         CiderD(DocumentFrequency.from_references(training), append_eos=True)
+
+
+# Precomputing the cache, and wrapped references digested once.
+
+
+def test_precompute_fills_the_cache_and_warns_when_it_cannot_hold_everything(split, caplog) -> None:
+    _, _, training = split
+    df = DocumentFrequency.from_references(training)
+    three = [["a dog ."], ["a cat ."], ["two birds ."]]
+    with caplog.at_level("WARNING", logger="metrics.cider"):
+        assert CiderD(df, cache_size=3).precompute(three) == 3
+        assert caplog.messages == []
+        small = CiderD(df, cache_size=2)
+        assert small.precompute(three) == 2 and small.num_cached == 2
+    assert caplog.messages == ["precomputed 3 reference sets but the cache keeps 2"]
+    with pytest.raises(
+        ValueError, match=r"^precompute needs precomputed document frequencies \(df=None is corpus mode\)$"
+    ):
+        CiderD().precompute(three)
+    with pytest.raises(ValueError, match=r"^precompute item must be a non-empty list of reference strings, got \[\]$"):
+        CiderD(df).precompute([["a dog ."], []])
+
+
+def test_wrapped_references_shared_by_candidates_are_digested_once(split, monkeypatch) -> None:
+    """With ``append_eos`` the references are rewritten; those one list object serves (an image's samples)
+    stay one object, so that they are digested once per call, not once per candidate."""
+    _, _, training = split
+    df = DocumentFrequency.from_references(training, append_eos=True)
+    digested = []
+    digest = CiderD._digest
+    monkeypatch.setattr(CiderD, "_digest", lambda self, refs, vocab: digested.append(refs) or digest(self, refs, vocab))
+    refs_a, refs_b = ["a man riding a horse"], ["a plate of food"]
+    candidates = ["a man .", "a horse .", "a man riding .", "food .", "a plate ."]
+    scorer = CiderD(df, cache_size=0, append_eos=True)
+    scores = scorer.score_candidates(candidates, [refs_a, refs_a, refs_a, refs_b, refs_b])
+    assert digested == [["a man riding a horse <eos>"], ["a plate of food <eos>"]]
+    pairs = zip(candidates, [refs_a] * 3 + [refs_b] * 2, strict=True)
+    one_by_one = [scorer.score_candidates([c], [list(r)])[0] for c, r in pairs]
+    assert scores.tolist() == one_by_one and min(scores) > 0
+    with pytest.raises(TypeError, match=r"^candidate 1 is not a string: None$"):
+        scorer.score_candidates(["a man .", None], [refs_a, refs_a])
+
+
+def test_input_errors_name_what_is_wrong() -> None:
+    """Whole messages: the keys only one side has (five at most each), the empty request, the bad item."""
+    scorer = CiderD()
+    gts = {k: ["a"] for k in range(10)}
+    res = {k: ["a"] for k in range(7, 20)}
+    only = r"only in res \[10, 11, 12, 13, 14\], only in gts \[0, 1, 2, 3, 4\] \(up to 5 each\)$"
+    with pytest.raises(ValueError, match=r"^gts and res keys differ: " + only):
+        scorer.compute_score(gts, res)
+    with pytest.raises(ValueError, match=r"^res is empty: nothing to score$"):
+        scorer.compute_score({}, {})
+    with pytest.raises(ValueError, match=r"^res\[1\] must be a list holding exactly one caption, got \['a', 'b'\]$"):
+        scorer.compute_score({1: ["a"]}, {1: ["a", "b"]})
+    bad = r"^references\[1\] must be a non-empty list of reference strings, got \[\]$"
+    with pytest.raises(ValueError, match=bad):
+        CiderD(append_eos=True).score_candidates(["a dog", "a cat"], [["a dog"], []])
+    with pytest.raises(ValueError, match=bad):
+        CiderD().score_candidates(["a dog", "a cat"], [["a dog"], []])
+    with pytest.raises(ValueError, match=bad):
+        CiderD(DocumentFrequency.from_references([["a dog"]])).score_candidates(["a dog", "a cat"], [["a dog"], []])
+    with pytest.raises(TypeError, match=r"^candidate 1 is not a string: None$"):
+        CiderD().score_candidates(["a dog", None], [["a dog"], ["a cat"]])
+
+
+def test_reference_ngrams_missing_from_the_frequencies_get_their_own_weight() -> None:
+    """n-grams of the references that the document frequencies never counted get df 0 (weight log N), each
+    under an id of its own, also next to n-grams that every document has (weight 0)."""
+    # Three documents; the last n-gram counted is in every one of them.
+    df = DocumentFrequency({("c",): 1.0, ("a",): 3.0, ("b",): 3.0, ("a", "b"): 3.0}, math.log(3), n=2)
+    refs = ["x y a b c", "y x x"]
+    candidates = ["x", "x y", "y x a b", "a b", "b c"]  # "c": the first n-gram counted, id 0
+    scores = CiderD(df, n=2).score_candidates(candidates, [refs] * 5)
+    expected = [plain_cider_d(c, refs, df.counts, df.log_num_docs, n=2) for c in candidates]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
+    assert min(expected[:3]) > 0
+
+
+def test_the_cache_digests_each_reference_set_once_and_forgets_the_least_recently_used(split, monkeypatch) -> None:
+    _, _, training = split
+    df = DocumentFrequency.from_references(training)
+    digested = []
+    digest = CiderD._digest
+    monkeypatch.setattr(
+        CiderD, "_digest", lambda self, refs, vocab: digested.append(refs[0]) or digest(self, refs, vocab)
+    )
+    scorer = CiderD(df, cache_size=2)
+    for name in ("a dog .", "a cat .", "a dog .", "a bird .", "a dog .", "a cat ."):
+        scorer.score_candidates(["a dog ."], [[name]])  # a new list object each time, with equal contents
+    # "a cat ." was the least recently used when "a bird ." came in, so it alone is digested again.
+    assert digested == ["a dog .", "a cat .", "a bird .", "a cat ."]
+    assert scorer.num_cached == 2
+
+
+def test_each_reference_list_and_each_candidate_pair_is_worked_on_once(split, monkeypatch) -> None:
+    """Candidates sharing one references object (SCST's samples of an image) share one digest, and a
+    sample drawn twice is scored once; the scores are those of scoring each alone."""
+    _, _, training = split
+    df = DocumentFrequency.from_references(training)
+    digested, scored = [], []
+    digest, ngrams = CiderD._digest, CiderD._candidate_ngrams
+    monkeypatch.setattr(
+        CiderD, "_digest", lambda self, refs, vocab: digested.append(refs[0]) or digest(self, refs, vocab)
+    )
+    monkeypatch.setattr(
+        CiderD, "_candidate_ngrams", lambda self, texts, vocab: scored.append(list(texts)) or ngrams(self, texts, vocab)
+    )
+    dog, cat = ["a dog on a couch ."], ["a cat on a bed ."]
+    candidates = ["a dog .", "a dog on a bed .", "a dog .", "a cat .", "a dog ."]
+    scorer = CiderD(df, cache_size=0)
+    scores = scorer.score_candidates(candidates, [dog, dog, dog, cat, cat])
+    assert digested == ["a dog on a couch .", "a cat on a bed ."] and scorer.num_cached == 0
+    assert scored == [["a dog .", "a dog on a bed .", "a cat .", "a dog ."]]
+    alone = [CiderD(df).score_candidates([c], [r])[0] for c, r in zip(candidates, [dog] * 3 + [cat] * 2, strict=True)]
+    assert scores.tolist() == alone and scores[0] == scores[2] and scores[0] != scores[4]
+    one = CiderD(df, cache_size=1)
+    one.score_candidates(candidates, [dog, dog, dog, cat, cat])
+    assert one.num_cached == 1
+
+
+def test_corpus_mode_caches_nothing_between_calls(split) -> None:
+    """Corpus mode takes its frequencies from each call's references: a second call with other references
+    (one list shared with the first) scores as a fresh scorer does."""
+    gts, res, _ = split
+    keys = list(res)
+    first = {k: gts[k] for k in keys[:20]}, {k: res[k] for k in keys[:20]}
+    second = {k: gts[k] for k in keys[10:40]}, {k: res[k] for k in keys[10:40]}
+    scorer = CiderD()
+    scorer.compute_score(*first)
+    assert scorer.num_cached == 0
+    np.testing.assert_array_equal(scorer.compute_score(*second)[1], CiderD().compute_score(*second)[1])
+
+
+@pytest.mark.parametrize("repeats", [255, 256, 300])
+def test_an_ngram_repeated_hundreds_of_times_is_counted_in_full(split, repeats: int) -> None:
+    """Term frequencies of 256 and more (beyond the cache's compact 8-bit table), and a reference set whose
+    only sentence is empty (no n-gram at all)."""
+    _, _, training = split
+    df = DocumentFrequency.from_references(training)
+    refs = [" ".join(["dog"] * repeats) + " .", "a dog ."]
+    candidates = ["dog dog dog .", " ".join(["dog"] * repeats) + " ."]
+    scores = CiderD(df).score_candidates(candidates, [refs, refs])
+    expected = [plain_cider_d(c, refs, df.counts, df.log_num_docs) for c in candidates]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=TOLERANCE)
+    assert CiderD(df).score_candidates(["a dog ."], [[""]]).tolist() == [0.0]
+
+
+def test_the_metric_is_named_as_pycocoevalcap_names_it() -> None:
+    assert CiderD().method() == "CIDEr-D"
+
+
+def test_a_batch_with_one_reference_ngram_or_none() -> None:
+    """The smallest reference tables: one n-gram (a one-word reference, unigrams only) scores the identical
+    candidate 10; none (an empty reference) scores 0."""
+    df = DocumentFrequency({("cat",): 1.0}, math.log(2), n=1)
+    assert CiderD(df, n=1).score_candidates(["dog", "cat"], [["dog"], ["dog"]]).tolist() == [10.0, 0.0]
+    assert CiderD(df, n=1).score_candidates(["dog"], [[""]]).tolist() == [0.0]
+
+
+@pytest.mark.parametrize(
+    ("settings", "wrong"),
+    [({"n": 0}, "n=0, sigma=6.0, cache_size=150000"), ({"sigma": 0.0}, "n=4, sigma=0.0, cache_size=150000"),
+     ({"cache_size": -1}, "n=4, sigma=6.0, cache_size=-1")],
+)  # fmt: skip
+def test_settings_out_of_range_are_refused(settings: dict, wrong: str) -> None:
+    with pytest.raises(ValueError, match=rf"^need n >= 1, sigma > 0, cache_size >= 0; got {wrong}$"):
+        CiderD(**settings)
+
+
+def test_small_positive_sigmas_and_no_candidates_are_accepted() -> None:
+    assert CiderD(sigma=0.5).sigma == 0.5 and CiderD(n=1, cache_size=0).n == 1
+    empty = CiderD().score_candidates([], [])
+    assert empty.shape == (0,) and empty.dtype == np.float64

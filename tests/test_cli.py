@@ -87,7 +87,7 @@ def test_train_help_is_the_schema_with_defaults(capsys, monkeypatch):
     assert train_scst.main(["--help"]) == 0
     entries = help_entries(capsys.readouterr().out)
     leaves = dict(_walk(Config()))
-    assert len(leaves) == len(SCHEMA.leaves) == 82
+    assert len(leaves) == len(SCHEMA.leaves) == 83
     assert set(entries) == {f"--{key}" for key in leaves} | {"-h", "--config", "--print_config"}
     for key, value in leaves.items():
         assert f"(default: {_shown(value)})" in entries[f"--{key}"][1], key

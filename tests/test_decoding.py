@@ -13,7 +13,7 @@ from torch import nn
 from models.captioner import OPGCaptioner, Prefix
 from models.captioning import caption_batches
 from models.config import DecodeConfig
-from models.decoding import DecodeOptions, DecodeResult, captions_from_tokens, decode
+from models.decoding import DecodeOptions, DecodeResult, captions_from_tokens, decode, teacher_forced_logprobs
 from models.gpt2 import ATTENTION_IMPLEMENTATIONS, build_gpt2
 from models.mapper import MLPMapper
 from models.sparse_mask import SparsePrefixMask
@@ -482,3 +482,19 @@ def test_an_attention_implementation_without_4d_masks_is_refused() -> None:
         model.token_hidden(make_prefix(model, 2), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="only \\('sdpa', 'eager'\\) apply"):
         decode(model, make_prefix(model, 2), DecodeOptions(max_len=3))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_teacher_forced_logprobs_equal_the_samples_own(sparse: bool) -> None:
+    """Five images, two samples each, captions shorter than ten tokens: the scoring pass pairs each caption
+    with its own image (rows = captions // images, not a count of tokens) and applies the temperature."""
+    model = make_model(sparse=sparse)
+    prefix = make_prefix(model, 5)
+    options = DecodeOptions(method="sample", num_samples=2, max_len=9, min_len=1, temperature=0.7)
+    with torch.no_grad():
+        result = decode(model, prefix, options, with_logprobs=True, generator=torch.Generator().manual_seed(4))
+        scored = teacher_forced_logprobs(model, prefix, result, options.temperature)
+        untempered = teacher_forced_logprobs(model, prefix, result)
+    assert result.tokens.shape == (10, int(result.lengths.max())) and result.tokens.shape[1] // 5 != 2
+    torch.testing.assert_close(scored, result.token_logprobs, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(untempered, result.token_logprobs, atol=1e-3)

@@ -35,6 +35,11 @@ def test_demo_runs_xe_then_scst_and_reports_each_stage(tmp_path: Path, capsys: p
 
     xe_cider = rescored("xe")
     assert rows["XE"]["metrics"]["CIDEr"] == pytest.approx(xe_cider, abs=1e-12)
+    xe_captions = [p["caption"] for p in json.loads((tmp_path / "out" / "xe" / "test_predictions.json").read_text())]
+    assert rows["XE"]["diversity"]["distinct"] == len(set(xe_captions))  # the model's captions are PTB-clean
+    assert rows["XE"]["diversity"]["vocabulary"] == len({w for c in xe_captions for w in c.split()})
+    constant = next(row for name, row in rows.items() if name.startswith("constant"))["diversity"]
+    assert (constant["distinct"], constant["most_repeated_count"], constant["novel"]) == (1, 8, 0.0)
     for baseline in ("greedy", "mean"):
         scst_cider = rescored(f"scst_{baseline}")
         assert rows[f"XE + SCST ({baseline} baseline)"]["metrics"]["CIDEr"] == pytest.approx(scst_cider, abs=1e-12)
@@ -44,6 +49,7 @@ def test_demo_runs_xe_then_scst_and_reports_each_stage(tmp_path: Path, capsys: p
     printed = capsys.readouterr().out
     assert "Demo test split (8 images)" in printed and "SCST's test CIDEr relative to XE" in printed
     assert all(name in printed for name in stages)
+    assert "distinct   vocab  dist-1  dist-2   novel  | grounding" in printed
     with Image.open(tmp_path / "out" / "curves.png") as curves:  # loss, reward and validation panels
         assert curves.format == "PNG" and curves.width > 2.5 * curves.height
     check_tensorboard(tmp_path / "out" / "xe", ["loss", "xe", "aux", "lr"])
@@ -56,7 +62,7 @@ def check_tensorboard(run: Path, train_keys: list[str]) -> None:
 
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for event, keys in (("train", train_keys), ("val", ["CIDEr", "BLEU-4"])):
+    for event, keys in (("train", train_keys), ("val", ["CIDEr", "BLEU-4", "distinct_captions", "vocabulary"])):
         for key in keys:
             logged = [(e.step, e.value) for e in events.Scalars(f"{event}/{key}")]
             expected = [(r["step"], r[key]) for r in records if r["event"] == event]

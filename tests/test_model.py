@@ -7,9 +7,7 @@ from helpers import tiny_config
 from data.text import IGNORE_INDEX, clean_caption
 from models.build import build_captioner
 from models.captioner import Prefix, attention_mask
-from models.losses import npair_loss, scst_loss
 from models.mapper import MLPMapper, TransformerMapper
-from models.sparse_mask import SparsePrefixMask
 from models.tokenizer import GPT2_VOCAB_SIZE, caption_vocabulary
 
 
@@ -77,21 +75,6 @@ def test_every_trainable_parameter_gets_a_gradient(tokenizer, overrides, frozen_
     assert any(n.startswith("sparse_mask.") for n, _ in model.named_parameters())
 
 
-def test_hard_mask_passes_no_gradient_and_ste_matches_its_forward():
-    torch.manual_seed(0)
-    prefix = torch.randn(4, 10, 8, requires_grad=True)
-    ste, hard = SparsePrefixMask(10, 8, 0.5, "ste"), SparsePrefixMask(10, 8, 0.5, "hard")
-    hard.load_state_dict(ste.state_dict())
-    (gate_s, keep_s), (gate_h, keep_h) = ste(prefix), hard(prefix)
-    assert torch.equal(keep_s, keep_h) and torch.equal(gate_s.detach(), gate_h)
-    assert torch.equal(gate_h, torch.ones_like(gate_h))
-    assert 0 < keep_s.sum() < keep_s.numel()
-    (prefix * gate_h.unsqueeze(-1)).sum().backward()
-    assert all(p.grad is None and not p.requires_grad for p in hard.parameters())
-    (prefix * gate_s.unsqueeze(-1)).sum().backward()
-    assert all(p.grad is not None for p in ste.parameters())
-
-
 def test_sparse_mask_drops_positions_and_keeps_embeddings(tokenizer):
     model = build_captioner(tiny_config(**{"model.threshold": 0.5})).eval()
     images, _, _ = _batch(tokenizer, ["a red circle on the left"])
@@ -157,19 +140,6 @@ def test_padding_is_ignored_not_a_real_token(tokenizer):
     n0, n1 = short.sum(), (labels[1] != IGNORE_INDEX).sum()
     second = model(images[1:], input_ids[1:], labels[1:])["xe"]
     assert both.item() == pytest.approx(float(((alone * n0 + second * n1) / (n0 + n1)).detach()), rel=1e-5)
-
-
-def test_npair_and_scst_losses_by_hand():
-    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    expected = torch.nn.functional.cross_entropy(anchors @ anchors.t(), torch.arange(2)) + 0.005 * 4 / 2
-    assert npair_loss(anchors, anchors).item() == pytest.approx(float(expected))
-    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    rewards, baselines = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    # advantages +1 and -1; mean log-probs -1.5 and -0.5 -> loss = -(1 * -1.5 + -1 * -0.5) / 2 = 0.5
-    assert scst_loss(logprobs, mask, rewards, baselines, length_norm=True).item() == pytest.approx(0.5)
-    # summed: -(1 * -3 + -1 * -1.5) / 2 = 0.75
-    assert scst_loss(logprobs, mask, rewards, baselines, length_norm=False).item() == pytest.approx(0.75)
 
 
 def test_overfitting_a_few_samples_drives_the_loss_down(tokenizer):

@@ -2,6 +2,8 @@
 
 import contextlib
 
+import numpy as np
+import pytest
 import torch
 from helpers import tiny_config
 
@@ -11,6 +13,7 @@ from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
 from models.decoding import DecodeOptions, captions_from_tokens, decode, eval_mode
+from models.losses import scst_loss
 
 GOOD, BAD = "a red circle on the left", "a shape"
 
@@ -155,3 +158,59 @@ def test_an_images_samples_do_not_depend_on_the_rest_of_the_batch(tokenizer):
     n = cfg.scst_opts.num_samples
     assert len(both) == 3 * n and both[n : 2 * n] == alone
     assert later != alone
+
+
+class _LengthReward:
+    """A reward object that scores a caption by its number of characters and records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list]] = []
+
+    def score_candidates(self, candidates, references):
+        self.calls.append((list(candidates), list(references)))
+        return np.array([float(len(c)) for c in candidates])
+
+
+@pytest.mark.parametrize("baseline, length_norm", [("mean", True), ("greedy", False)])
+def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
+    tokenizer, monkeypatch, baseline: str, length_norm: bool
+):
+    """What the step hands to scst_loss, worked out from the rewards it asked for: each sample's reward, its
+    baseline (the mean of its own image's other samples, or its own image's greedy caption's reward), the
+    mask of its tokens; and the logged reward, baseline, length and entropy."""
+    n = 3
+    cfg = tiny_config(**{"scst_opts.num_samples": n, "scst_opts.baseline": baseline, "scst_opts.dropout": False,
+                         "scst_opts.sample_max_len": 10, "scst_opts.length_norm": length_norm})  # fmt: skip
+    torch.manual_seed(0)
+    model = build_captioner(cfg).train()
+    refs = [["a red circle"], ["two stars"], ["a blue square"]]
+    reward = _LengthReward()
+    step = ScstStep(model, tokenizer, reward, refs, cfg.scst_opts, torch.device("cpu"))
+    seen = {}
+
+    def recorded(logprobs, mask, rewards, baselines, norm):
+        seen.update(logprobs=logprobs.detach(), mask=mask, rewards=rewards, baselines=baselines, norm=norm)
+        return scst_loss(logprobs, mask, rewards, baselines, norm)
+
+    monkeypatch.setattr("engine.steps.scst_loss", recorded)
+    out = step({"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(2)), "indices": [2, 0]})
+    samples, sample_refs = reward.calls[0]
+    assert len(samples) == 2 * n and sample_refs == [refs[2]] * n + [refs[0]] * n  # image-major
+    lengths = [float(len(c)) for c in samples]
+    if baseline == "mean":
+        groups = [lengths[:n], lengths[n:]]
+        expected = [(sum(g) - r) / (n - 1) for g in groups for r in g]
+    else:
+        greedy, greedy_refs = reward.calls[1]
+        assert len(reward.calls) == 2 and greedy_refs == [refs[2], refs[0]]
+        expected = [float(len(greedy[i])) for i in (0, 1) for _ in range(n)]
+    assert seen["rewards"].tolist() == lengths and seen["baselines"].tolist() == pytest.approx(expected)
+    assert len(set(lengths)) > 1 and seen["norm"] is length_norm
+    mask = seen["mask"]
+    assert torch.equal(mask, seen["logprobs"] != 0)  # a caption's tokens, then padding at log-probability 0
+    assert torch.equal(mask, mask.cummin(dim=1).values)  # each row: its tokens first
+    assert out["reward"].item() == pytest.approx(sum(lengths) / (2 * n))
+    assert out["baseline"].item() == pytest.approx(sum(expected) / (2 * n))
+    assert out["sample_len"].item() == pytest.approx(mask.sum().item() / (2 * n))
+    assert out["entropy"].item() == pytest.approx(-seen["logprobs"][mask].mean().item(), rel=1e-6)
+    assert torch.equal(out["loss"], scst_loss(seen["logprobs"], mask, seen["rewards"], seen["baselines"], length_norm))

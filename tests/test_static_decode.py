@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_config
@@ -16,8 +17,8 @@ from engine.steps import ScstStep, fast_decode_mode
 from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
-from models.decoding import DecodeOptions, decode, dropout_off, teacher_forced_logprobs
-from models.static_decode import FastDecode
+from models.decoding import CachedPrefixLM, DecodeOptions, decode, dropout_off, teacher_forced_logprobs
+from models.static_decode import FastDecode, StaticPrefixLM
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -56,6 +57,38 @@ def dropout_mode(model, mode: str, monkeypatch):
     model.eval()
 
 
+@pytest.fixture
+def static_slots(monkeypatch) -> list[int]:
+    """The slot of every :meth:`StaticPrefixLM.step` call, in order: evidence that the static path ran
+    (``decode`` falls back to the dynamic cache when the static one does not apply)."""
+    slots: list[int] = []
+    step = StaticPrefixLM.step
+
+    def recorded(self, tokens: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        slots.append(int(slot))
+        return step(self, tokens, slot)
+
+    monkeypatch.setattr(StaticPrefixLM, "step", recorded)
+    return slots
+
+
+def check_static_steps(slots: list[int], prefix_len: int, lengths: torch.Tensor, check_every: int) -> None:
+    """The static decode stepped through slots ``P, P+1, ...`` until the longest caption was complete (at
+    most ``check_every - 1`` steps beyond it, as finished rows are only checked that often)."""
+    needed = int(lengths.max()) - 1
+    assert needed <= len(slots) < needed + check_every, (len(slots), needed)
+    assert slots == list(range(prefix_len, prefix_len + len(slots)))
+
+
+class LengthReward:
+    """A reward object in :class:`CiderD`'s place that scores a caption by its number of characters: samples
+    and the baseline get different rewards, so the SCST loss and its gradients are not zero."""
+
+    def score_candidates(self, candidates: list[str], references: list) -> np.ndarray:
+        assert len(candidates) == len(references)
+        return np.array([float(len(c)) for c in candidates])
+
+
 def restricted_vocabulary() -> torch.Tensor:
     vocab = torch.randperm(50000, generator=torch.Generator().manual_seed(2))[:20000]
     return torch.cat([vocab, torch.tensor(STOP_IDS)]).unique()
@@ -65,7 +98,7 @@ def restricted_vocabulary() -> torch.Tensor:
 @pytest.mark.parametrize("options", [GREEDY, SAMPLE], ids=["greedy", "sample"])
 @pytest.mark.parametrize("sparse, restricted, check_every", [(True, False, 4), (False, True, 1)])
 def test_static_cache_gives_the_eager_tokens_and_logprobs(
-    options: DecodeOptions, dropout: str, sparse: bool, restricted: bool, check_every: int, monkeypatch
+    options: DecodeOptions, dropout: str, sparse: bool, restricted: bool, check_every: int, monkeypatch, static_slots
 ) -> None:
     model = make_model(sparse=sparse, output_ids=restricted_vocabulary() if restricted else None)
     prefix = make_prefix(model, 6)
@@ -74,7 +107,9 @@ def test_static_cache_gives_the_eager_tokens_and_logprobs(
     uniforms = torch.rand(6 * options.num_samples, options.max_len, generator=torch.Generator().manual_seed(5))
     with dropout_mode(model, dropout, monkeypatch), torch.no_grad():
         eager = decode(model, prefix, options, with_logprobs=True, uniforms=uniforms)
+        assert static_slots == []
         fast = decode(model, prefix, options, with_logprobs=True, uniforms=uniforms, fast=FastDecode(check_every))
+        check_static_steps(static_slots, prefix.embeds.shape[1], eager.lengths, check_every)
         eval_logprobs = None
         if dropout == "on":
             with dropout_off(model):
@@ -86,12 +121,13 @@ def test_static_cache_gives_the_eager_tokens_and_logprobs(
     assert torch.equal(fast.lengths, eager.lengths) and torch.equal(fast.stopped, eager.stopped)
     torch.testing.assert_close(fast.token_logprobs, eager.token_logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.scores, eager.scores, atol=1e-5, rtol=1e-5)
-    if eval_logprobs is not None:  # the stand-in dropout really changed the model
+    if eval_logprobs is not None:  # the stand-in dropout really changed the prefix pass and the steps
         assert not torch.allclose(eval_logprobs[:, :1], eager.token_logprobs[:, :1], atol=1e-3)
+        assert not torch.allclose(eval_logprobs[:, 1:2], eager.token_logprobs[:, 1:2], atol=1e-3)
 
 
 @pytest.mark.parametrize("dropout", ["off", "on"])
-def test_static_cache_gradients_equal_the_eager_ones(dropout: str, monkeypatch) -> None:
+def test_static_cache_gradients_equal_the_eager_ones(dropout: str, monkeypatch, static_slots) -> None:
     """SCST back-propagates through the sampled log-probabilities: the static cache (written out of
     place with gradients) must give every parameter the gradient of the eager path."""
     model = make_model(sparse=True)
@@ -102,6 +138,7 @@ def test_static_cache_gradients_equal_the_eager_ones(dropout: str, monkeypatch) 
         for fast in (None, FastDecode()):
             model.zero_grad()
             result = decode(model, model.prefix_from_visual(visual), SAMPLE, True, uniforms=uniforms, fast=fast)
+            assert (len(static_slots) > 0) == (fast is not None)
             result.token_logprobs.sum().backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     eager, fast = grads
@@ -111,8 +148,9 @@ def test_static_cache_gradients_equal_the_eager_ones(dropout: str, monkeypatch) 
         torch.testing.assert_close(fast[name], eager[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_static_cache_samples_with_live_dropout_reproducibly() -> None:
-    """With real (random) dropout the static path's samples follow torch's seed, and the dropout acts."""
+def test_static_cache_samples_with_live_dropout_reproducibly(static_slots) -> None:
+    """With real (random) dropout the static path's samples follow torch's seed, and the dropout acts in
+    the static step itself (tokens 2 onwards), not only in the prefix pass that gives the first token."""
     model = make_model(sparse=True)
     prefix = make_prefix(model, 4)
     uniforms = torch.rand(12, SAMPLE.max_len, generator=torch.Generator().manual_seed(7))
@@ -122,14 +160,33 @@ def test_static_cache_samples_with_live_dropout_reproducibly() -> None:
         torch.manual_seed(seed)
         with torch.no_grad():
             runs.append(decode(model, prefix, SAMPLE, with_logprobs=True, uniforms=uniforms, fast=FastDecode()))
+    assert static_slots
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].token_logprobs, runs[1].token_logprobs)
     assert not torch.equal(runs[0].token_logprobs[:, 0], runs[2].token_logprobs[:, 0])
+    # One static step from one cache, under two seeds: different logits in training mode, equal in eval mode.
+    with torch.no_grad():
+        prefilled = CachedPrefixLM(model, prefix)
+        prefilled.prefill()
+        lm = StaticPrefixLM.from_prefilled(*prefilled.static_parts(), steps=3)
+    tokens, slot = torch.tensor([5, 17, 300, 4000]), torch.tensor([prefix.embeds.shape[1]])
+
+    def step_logits(seed: int) -> torch.Tensor:
+        fresh = StaticPrefixLM(lm.transformer, [k.clone() for k in lm.keys], [v.clone() for v in lm.values],
+                               lm.keep.clone(), lm.head, lm.embeddings)  # fmt: skip
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return fresh.step(tokens, slot)
+
+    assert torch.equal(step_logits(0), step_logits(0))
+    assert not torch.allclose(step_logits(0), step_logits(1), atol=1e-3)
+    model.eval()
+    assert torch.equal(step_logits(0), step_logits(1))
 
 
-def test_scst_step_is_the_same_with_and_without_the_static_cache(tokenizer) -> None:
-    """SCST without dropout (``scst_opts.dropout: false``): same samples, rewards, baseline and loss."""
+def test_scst_step_is_the_same_with_and_without_the_static_cache(tokenizer, static_slots) -> None:
+    """SCST without dropout (``scst_opts.dropout: false``): same samples, rewards, baseline, loss and
+    gradients, with rewards that differ between the samples and the baseline."""
     refs = [["a red circle on the left"] * 5, ["two green stars"] * 5]
-    cider = CiderD(DocumentFrequency.from_references(refs))
     batch = {"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(1)), "indices": [0, 1]}
     outputs = []
     for fast_decode in ("off", "static"):
@@ -137,13 +194,16 @@ def test_scst_step_is_the_same_with_and_without_the_static_cache(tokenizer) -> N
                              "scst_opts.fast_decode": fast_decode})  # fmt: skip
         torch.manual_seed(0)
         model = build_captioner(cfg).train()
-        step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
+        step = ScstStep(model, tokenizer, LengthReward(), refs, cfg.scst_opts, torch.device("cpu"))
         assert (step.fast is None) == (fast_decode == "off")
+        static_slots.clear()
         out = step(batch)
+        assert (len(static_slots) > 0) == (fast_decode != "off")
         out["loss"].backward()
         out["grad"] = model.mapper.net[0].weight.grad.clone()
         outputs.append(out)
     eager, fast = outputs
+    check_advantages(eager, eager["grad"])
     for key in ("reward", "baseline", "sample_len"):
         assert torch.equal(fast[key], eager[key]), key
     for key in ("loss", "entropy", "grad"):
@@ -152,7 +212,9 @@ def test_scst_step_is_the_same_with_and_without_the_static_cache(tokenizer) -> N
 
 @pytest.mark.parametrize("sparse, restricted", [(True, False), (False, True)])
 @pytest.mark.parametrize("fast", [None, FastDecode()], ids=["dynamic", "static"])
-def test_teacher_forced_scoring_equals_sampling_with_gradients(sparse: bool, restricted: bool, fast, monkeypatch):
+def test_teacher_forced_scoring_equals_sampling_with_gradients(
+    sparse: bool, restricted: bool, fast, monkeypatch, static_slots
+):
     """SCST without dropout samples without gradients and scores the samples in one teacher-forced pass:
     the same tokens, log-probabilities and parameter gradients as sampling with gradients (today's path)."""
     model = make_model(sparse=sparse, output_ids=restricted_vocabulary() if restricted else None)
@@ -166,6 +228,7 @@ def test_teacher_forced_scoring_equals_sampling_with_gradients(sparse: bool, res
             prefix = model.prefix_from_visual(visual)
             with torch.set_grad_enabled(not teacher_forced):
                 result = decode(model, prefix, SAMPLE, True, uniforms=uniforms, fast=fast)
+            assert (len(static_slots) > 0) == (fast is not None)
             logprobs = result.token_logprobs
             if teacher_forced:
                 assert not logprobs.requires_grad
@@ -209,16 +272,16 @@ def test_auto_decodes_on_the_dynamic_cache_with_gradients_on_the_cpu(tokenizer, 
     assert fast_decode_mode("auto", torch.device("cuda")) == "static"  # CUDA keeps the static cache
 
 
-def test_scst_step_without_dropout_scores_its_samples_in_one_pass(tokenizer, monkeypatch) -> None:
+def test_scst_step_without_dropout_scores_its_samples_in_one_pass(tokenizer, monkeypatch, static_slots) -> None:
     """The whole SCST step, dropout off: teacher-forced scoring gives the loss and gradients of the step
     that keeps the decode's gradients (``teacher_forced = False``), on the static cache as on the dynamic."""
     refs = [["a red circle on the left"] * 5, ["two green stars"] * 5]
-    cider = CiderD(DocumentFrequency.from_references(refs))
     batch = {"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(1)), "indices": [0, 1]}
-    cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10, "scst_opts.temperature": 0.7})
+    cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10, "scst_opts.temperature": 0.7,
+                         "scst_opts.fast_decode": "auto"})  # fmt: skip
     torch.manual_seed(0)
     model = build_captioner(cfg).train()
-    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
+    step = ScstStep(model, tokenizer, LengthReward(), refs, cfg.scst_opts, torch.device("cpu"))
     calls = []
     monkeypatch.setattr("engine.steps.teacher_forced_logprobs", _counting(teacher_forced_logprobs, calls))
     outputs = []
@@ -230,13 +293,21 @@ def test_scst_step_without_dropout_scores_its_samples_in_one_pass(tokenizer, mon
         out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         outputs.append(out)
     assert len(calls) == 1, "the teacher-forced path must be the one taken"
+    assert static_slots, "the samples must come from the static cache"
     today, new = outputs
+    check_advantages(today, today["grads"]["mapper.net.0.weight"])
     for key in ("reward", "baseline", "sample_len"):
         assert torch.equal(new[key], today[key]), key
     torch.testing.assert_close(new["loss"], today["loss"], atol=1e-6, rtol=1e-5)
     assert new["grads"].keys() == today["grads"].keys() and "mapper.net.0.weight" in today["grads"]
     for name, grad in today["grads"].items():
         torch.testing.assert_close(new["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def check_advantages(out: dict[str, torch.Tensor], grad: torch.Tensor) -> None:
+    """The step's rewards differ from its baseline, so its loss and the gradient ``grad`` are not zero."""
+    assert out["reward"] != out["baseline"] and out["loss"] != 0
+    assert grad.abs().max() > 0
 
 
 def _counting(fn, calls: list):

@@ -198,9 +198,12 @@ def test_ensure_dataset_regenerates_only_on_change(tmp_path: Path, caplog: pytes
 
 
 def test_ensure_dataset_repairs_an_incomplete_set(tmp_path: Path) -> None:
+    """A missing file makes the set incomplete: it is generated again, the same as before (same seed)."""
     paths = ensure_dataset(tmp_path / "set", **SMALL)
+    before = paths.test_gt.read_bytes(), paths.train.read_bytes()
     paths.test_gt.unlink()
-    assert ensure_dataset(tmp_path / "set", **SMALL).test_gt.is_file()
+    repaired = ensure_dataset(tmp_path / "set", **SMALL)
+    assert (repaired.test_gt.read_bytes(), repaired.train.read_bytes()) == before
 
 
 def test_training_keeps_any_current_set_and_upgrades_an_old_one(

@@ -157,10 +157,12 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 def serve(
     service: CaptionService, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
     max_upload_mb: float = 20.0, queue: int = 8, examples_dir: Path | None = None,
+    failed_upload_age_s: float = FAILED_UPLOAD_MAX_AGE_S,
 ) -> None:  # fmt: skip
     """Serve the page until Ctrl+C or SIGTERM. Requests are captioned one at a time (they share one model
     and torch already uses every core); up to ``queue`` more wait, later ones are told the server is busy.
-    What cut-off or refused uploads leave in Gradio's upload folder is deleted after 10 minutes."""
+    What cut-off or refused uploads leave in Gradio's upload folder is deleted once untouched for
+    ``failed_upload_age_s`` (10 minutes by default)."""
     demo = build_demo(service, examples_dir)
     demo.queue(max_size=queue, default_concurrency_limit=1)
     port = free_port(host) if port == 0 else port
@@ -175,7 +177,7 @@ def serve(
     print(f"Captioning with {service.source} on {service.captioner.device}: open {shown}{extra} (Ctrl+C stops)",
           flush=True)  # fmt: skip
     stop_sweeping = threading.Event()
-    sweep_failed_uploads(Path(get_upload_folder()), FAILED_UPLOAD_MAX_AGE_S, stop_sweeping)
+    sweep_failed_uploads(Path(get_upload_folder()), failed_upload_age_s, stop_sweeping)
     try:
         demo.block_thread()
     finally:
