@@ -64,7 +64,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace | int:
     )
     parser.add_argument(
         "--clip",
-        metavar="MODEL",
         help="also CLIP-S and RefCLIP-S with this open_clip model: NAME/PRETRAINED (ViT-B-32/openai, the paper's; "
         "open_clip downloads it on first use) or NAME:FILE (local weights for architecture NAME)",
     )

@@ -278,7 +278,7 @@ def test_scst_step_without_dropout_scores_its_samples_in_one_pass(tokenizer, mon
     refs = [["a red circle on the left"] * 5, ["two green stars"] * 5]
     batch = {"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(1)), "indices": [0, 1]}
     cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10, "scst_opts.temperature": 0.7,
-                         "scst_opts.fast_decode": "auto"})  # fmt: skip
+                         "scst_opts.fast_decode": "static"})  # fmt: skip
     torch.manual_seed(0)
     model = build_captioner(cfg).train()
     step = ScstStep(model, tokenizer, LengthReward(), refs, cfg.scst_opts, torch.device("cpu"))
