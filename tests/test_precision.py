@@ -29,7 +29,7 @@ DEVICES = [
     pytest.param(CPU, id="cpu"),
     pytest.param(
         torch.device("cuda"), id="cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is present"),
+        marks=pytest.mark.optional_tool(None if torch.cuda.is_available() else "needs a CUDA device; none is present"),
     ),
 ]  # fmt: skip
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
