@@ -327,6 +327,22 @@ def test_sample_frequencies_match_the_softmax(temperature: float, top_k: int, to
     assert chi2 < 30.0  # 7 degrees of freedom at most: p < 1e-4 for a correct sampler
 
 
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly() -> None:
+    """Two equally likely tokens (an output layer of zeros: probabilities of exactly 1/2): the first alone
+    reaches top_p 0.5, so the second is never drawn; at 0.51 both are."""
+    model = make_model(stop_bias=None, vocab_size=2)
+    model.gpt.lm_head = nn.Linear(WIDTH, 2, bias=False)
+    nn.init.zeros_(model.gpt.lm_head.weight)
+    prefix = make_prefix(model, 1)
+    drawn = {}
+    for top_p in (0.5, 0.51):
+        options = DecodeOptions(method="sample", num_samples=400, max_len=1, stop_ids=(), pad_id=0, top_p=top_p)
+        result = decode(model, prefix, options, generator=torch.Generator().manual_seed(0))
+        drawn[top_p] = torch.bincount(result.tokens[:, 0], minlength=2).tolist()
+    assert sorted(drawn[0.5]) == [0, 400], drawn
+    assert min(drawn[0.51]) > 150, drawn
+
+
 def repeated_ngrams(tokens: list[int], n: int) -> int:
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return len(grams) - len(set(grams))
