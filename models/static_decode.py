@@ -48,7 +48,7 @@ def supports_static_cache(gpt: GPT2Model) -> bool:
     """Whether :class:`StaticPrefixLM` computes what ``gpt`` computes (no cross attention, no
     reordered/upcast attention, whose eager variant differs)."""
     config = gpt.config
-    return not (config.add_cross_attention or getattr(config, "reorder_and_upcast_attn", False))
+    return not (config.add_cross_attention or config.reorder_and_upcast_attn)
 
 
 class StaticPrefixLM:
@@ -87,7 +87,8 @@ class StaticPrefixLM:
         keep mask ``keep`` (R x P) into buffers with ``steps`` empty slots after the prefix (out of place,
         so gradients reach the prefix through its keys)."""
         layers = cache.layers
-        empty = layers[0].keys.new_zeros(*layers[0].keys.shape[:2], steps, layers[0].keys.shape[3])
+        rows, heads, _, head_dim = layers[0].keys.shape
+        empty = layers[0].keys.new_zeros(rows, heads, steps, head_dim)
         keys = [torch.cat([layer.keys, empty], dim=2) for layer in layers]
         values = [torch.cat([layer.values, empty], dim=2) for layer in layers]
         keep = torch.cat([keep, keep.new_zeros(keep.shape[0], steps)], dim=1)
@@ -132,17 +133,18 @@ class StaticPrefixLM:
         heads = (hidden.shape[0], 1, attn.num_heads, attn.head_dim)
         query, key, value = (x.view(heads).transpose(1, 2) for x in (query, key, value))
         if torch.is_grad_enabled():
-            self.keys[layer] = self.keys[layer].index_copy(2, slot, key.to(self.keys[layer].dtype))
-            self.values[layer] = self.values[layer].index_copy(2, slot, value.to(self.values[layer].dtype))
+            self.keys[layer] = self.keys[layer].index_copy(2, slot, key)
+            self.values[layer] = self.values[layer].index_copy(2, slot, value)
         else:
-            self.keys[layer].index_copy_(2, slot, key.to(self.keys[layer].dtype))
-            self.values[layer].index_copy_(2, slot, value.to(self.values[layer].dtype))
+            self.keys[layer].index_copy_(2, slot, key)
+            self.values[layer].index_copy_(2, slot, value)
         keys, values = self.keys[layer], self.values[layer]
-        scores = torch.matmul(query, keys.transpose(-1, -2)) * attn.scaling  # R x H x 1 x S
+        scores = torch.matmul(query, keys.mT) * attn.scaling  # R x H x 1 x S
         scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1).type(values.dtype)
         probs = F.dropout(probs, p=attn.attn_dropout.p, training=attn.training)
-        out = torch.matmul(probs, values).transpose(1, 2).reshape(hidden.shape[0], 1, -1)
+        # One query position: R x H x 1 x d is already laid out as R x 1 x (H d).
+        out = torch.matmul(probs, values).reshape(hidden.shape[0], 1, -1)
         return attn.resid_dropout(attn.c_proj(out))
 
 

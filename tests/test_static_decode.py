@@ -126,6 +126,20 @@ def test_static_cache_gives_the_eager_tokens_and_logprobs(
         assert not torch.allclose(eval_logprobs[:, 1:2], eager.token_logprobs[:, 1:2], atol=1e-3)
 
 
+@pytest.mark.parametrize("variant", ["add_cross_attention", "reorder_and_upcast_attn"])
+def test_gpt2_variants_the_static_step_does_not_compute_decode_on_the_dynamic_cache(variant: str, static_slots) -> None:
+    model = make_model()
+    prefix = make_prefix(model, 2)
+    with torch.no_grad():
+        plain = decode(model, prefix, GREEDY, fast=FastDecode())
+        assert static_slots, "a plain GPT-2 decodes on the static cache"
+        static_slots.clear()
+        setattr(model.gpt.config, variant, True)  # only the configuration: the gate is what is tested
+        fallback = decode(model, prefix, GREEDY, fast=FastDecode())
+    assert static_slots == []
+    assert torch.equal(fallback.tokens, plain.tokens)
+
+
 @pytest.mark.parametrize("dropout", ["off", "on"])
 def test_static_cache_gradients_equal_the_eager_ones(dropout: str, monkeypatch, static_slots) -> None:
     """SCST back-propagates through the sampled log-probabilities: the static cache (written out of
