@@ -231,9 +231,7 @@ def teacher_forced_logprobs(
     each caption. With dropout off they equal the ``token_logprobs`` of the decode that drew the captions
     (sampling at ``temperature``; 1 for greedy), so captions can be drawn without gradients (on a static
     cache, replayed as a CUDA graph) and scored in one pass."""
-    rows = result.tokens.shape[0] // prefix.embeds.shape[0]
-    if rows > 1:
-        prefix = prefix.repeat_interleave(rows)
+    prefix = prefix.repeat_interleave(result.tokens.shape[0] // prefix.embeds.shape[0])
     positions = torch.arange(result.tokens.shape[1], device=result.tokens.device)
     caption = positions[None] < result.lengths[:, None]
     hidden = model.token_hidden(prefix, result.tokens)  # M x T x D; state t predicts token t

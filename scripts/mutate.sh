@@ -17,7 +17,7 @@ case "$module" in
   models/losses.py) tests="tests/test_losses.py" ;;
   models/sparse_mask.py) tests="tests/test_sparse_mask.py" ;;
   metrics/cider.py) tests="tests/test_cider.py" ;;
-  engine/steps.py) tests="tests/test_scst.py tests/test_static_decode.py" ;;
+  engine/steps.py) tests="tests/test_scst.py tests/test_static_decode.py tests/test_accumulation.py tests/test_grad_checkpointing.py" ;;
   data/transforms.py) tests="tests/test_transforms.py" ;;
   *) echo "scripts/mutate.sh: no test files listed for $module; add a line to its case table" >&2; exit 2 ;;
 esac

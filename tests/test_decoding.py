@@ -17,6 +17,7 @@ from models.decoding import DecodeOptions, DecodeResult, captions_from_tokens, d
 from models.gpt2 import ATTENTION_IMPLEMENTATIONS, build_gpt2
 from models.mapper import MLPMapper
 from models.sparse_mask import SparsePrefixMask
+from models.static_decode import FastDecode
 
 STOP_IDS = (13, 50256)
 VISUAL_DIM, NUM_TOKENS, WIDTH = 32, 6, 64
@@ -381,6 +382,7 @@ def test_options_from_config_and_validation() -> None:
     assert options.length_penalty == 0.5 and options.stop_ids == STOP_IDS
     greedy = DecodeOptions.from_config(DecodeConfig(beams=1), max_len=9)
     assert (greedy.method, greedy.max_len) == ("greedy", 9)
+    assert DecodeOptions.from_config(DecodeConfig(beams=2)).method == "beam"
     bad = [
         {"method": "nucleus"}, {"beams": 3}, {"method": "greedy", "num_samples": 2}, {"min_len": 5, "max_len": 4},
         {"method": "sample", "temperature": 0.0}, {"method": "sample", "top_p": 0.0}, {"max_len": 0},
@@ -511,6 +513,31 @@ def test_teacher_forced_logprobs_equal_the_samples_own(sparse: bool) -> None:
         result = decode(model, prefix, options, with_logprobs=True, generator=torch.Generator().manual_seed(4))
         scored = teacher_forced_logprobs(model, prefix, result, options.temperature)
         untempered = teacher_forced_logprobs(model, prefix, result)
+        greedy = decode(model, prefix, DecodeOptions(max_len=9, min_len=1), with_logprobs=True)
+        greedy_scored = teacher_forced_logprobs(model, prefix, greedy)  # one caption per image, temperature 1
     assert result.tokens.shape == (10, int(result.lengths.max())) and result.tokens.shape[1] // 5 != 2
     torch.testing.assert_close(scored, result.token_logprobs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(untempered, result.token_logprobs, atol=1e-3)
+    torch.testing.assert_close(greedy_scored, greedy.token_logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [None, FastDecode(check_every=2)], ids=["dynamic", "static"])
+@pytest.mark.parametrize("options", ALL_METHODS, ids=["greedy", "beam", "sample"])
+def test_decoding_creates_its_tensors_where_the_prefix_is(options: DecodeOptions, fast: FastDecode | None) -> None:
+    """Every tensor that decoding and scoring create is placed on the prefix's device: under a default
+    device of ``meta``, a tensor created without a device lands there, and any operation that mixes it
+    with the CPU tensors raises."""
+    model = make_model(sparse=True, output_ids=torch.cat([torch.arange(400), torch.tensor(STOP_IDS)]))
+    prefix = make_prefix(model, 3)
+
+    def run() -> tuple[DecodeResult, torch.Tensor]:
+        result = decode(model, prefix, options, with_logprobs=True, fast=fast, uniforms=uniforms)
+        return result, teacher_forced_logprobs(model, prefix, result, options.temperature)
+
+    uniforms = torch.rand(3 * options.num_samples, options.max_len, generator=torch.Generator().manual_seed(3))
+    expected, expected_scored = run()
+    with torch.device("meta"):
+        result, scored = run()
+    assert result.tokens.device.type == "cpu" and torch.equal(result.tokens, expected.tokens)
+    torch.testing.assert_close(result.token_logprobs, expected.token_logprobs)
+    torch.testing.assert_close(scored, expected_scored)
