@@ -260,13 +260,18 @@ def test_grounding_accuracy_on_references_and_wrong_captions(small_set: DatasetP
         }
 
     facts = load(small_set.metadata)["images"]
-    wrong = {}
-    for image_id in references:
+    wrong, wrong_colour = {}, {}
+    for image_id, refs in references.items():
         fact = facts[str(image_id)]
         colour = "green" if fact["colour"] != "green" else "red"
         wrong[image_id] = f"a picture of many {colour} things"
+        wrong_colour[image_id] = " ".join(colour if word == fact["colour"] else word for word in refs[0].split())
     scores = grounding_accuracy(wrong, small_set.metadata)
     assert scores["colour"] == 0.0 and scores["shape"] == 0.0 and scores["count"] == 0.0
+    assert scores["all"] == 0.0
+    # three facts of four right on every image: "all" needs the four
+    scores = grounding_accuracy(wrong_colour, small_set.metadata)
+    assert (scores["count"], scores["colour"], scores["shape"], scores["position"]) == (1.0, 0.0, 1.0, 1.0)
     assert scores["all"] == 0.0
 
 
