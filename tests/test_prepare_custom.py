@@ -111,20 +111,26 @@ def test_jsonl_with_a_split_key_and_caption_lists(photos: Path, tmp_path: Path) 
     assert len(json.loads((tmp_path / "out" / "train.json").read_text())) == 2 * 9
 
 
-def test_folder_of_images_with_text_files(photos: Path, tmp_path: Path) -> None:
+def test_folder_of_images_with_text_files(tmp_path: Path, monkeypatch, capsys) -> None:
     root = tmp_path / "pairs"
     root.mkdir()
     for i in range(6):
         Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(root / f"p{i}.png")
         (root / f"p{i}.txt").write_text(f"a square of shade {i}\n\nthe shade {i} square\n")
     Image.new("RGB", (16, 16)).save(root / "uncaptioned.png")
-    assert prepare(None, root, tmp_path / "out", "--val", "1", "--test", "1") == 0
+    Image.new("RGB", (16, 16)).save(root / "blank.png")
+    (root / "blank.txt").write_text("\n \n")
+    monkeypatch.chdir(tmp_path)  # the folders given relative to the working directory, as typed
+    assert prepare(None, Path("pairs"), Path("out"), "--val", "1", "--test", "1") == 2
+    assert "pairs/blank.txt:1: empty caption for blank.png" in capsys.readouterr().err
+    assert prepare(None, Path("pairs"), Path("out"), "--val", "1", "--test", "1", "--skip_invalid") == 0
     entries = [json.loads((tmp_path / "out" / f"{s}.json").read_text()) for s in ("train", "val", "test")]
     assert len(entries[0]) == 8 and len(entries[1]) == len(entries[2]) == 1
     assert entries[1][0]["caption"] == [f"a square of shade {entries[1][0]['image'][1]}",
                                         f"the shade {entries[1][0]['image'][1]} square"]  # fmt: skip
     data = (tmp_path / "out" / "data.yaml").read_text()
-    assert f"image_root: {root.resolve()}" in data and "train_file: " in data
+    assert f"image_root: {root.resolve()}" in data
+    assert f"train_file: {(tmp_path / 'out' / 'train.json').resolve()}" in data  # absolute: read from anywhere
 
 
 def test_problems_are_named_by_file_and_line(photos: Path, tmp_path: Path, capsys, caplog) -> None:
