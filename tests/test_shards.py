@@ -138,6 +138,15 @@ def test_even_shards_give_every_sample_once_across_ranks_and_workers(even):
     assert _keys(even, 0, 2, 2, steps=6, epoch=1) != rank0
 
 
+def test_one_reader_mixes_its_shards_in_the_shuffle_buffer(even):
+    keys = _keys(even, 0, 1, 0, steps=12)
+    assert sorted(keys) == sorted(s["__key__"] for s in _oracle(even))
+    # Keys start with their shard's number. Read shard after shard, 44 of the 47 neighbours would share a
+    # shard; shuffled across the 4 shards, about a quarter do.
+    neighbours = sum(a[:5] == b[:5] for a, b in zip(keys, keys[1:], strict=False))
+    assert neighbours < 20, keys
+
+
 def test_uneven_shards_give_every_rank_the_same_steps(uneven):
     everything = {s["__key__"] for s in _oracle(uneven)}
     rank0, rank1 = (_keys(uneven, rank, 2, 0, steps=6) for rank in (0, 1))
