@@ -123,15 +123,17 @@ def _folder_rows(folder: Path) -> Iterator[Row]:
         raise PreparationError(f"{folder} is not a folder")
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         text_file = image.with_suffix(".txt")
+        # absolute, so that it is taken relative to --image_root even when both were given relative
+        path = os.path.abspath(image)
         if not text_file.is_file():
             logger.warning("%s has no caption file %s: left out", image, text_file.name)
             continue
         lines = text_file.read_text(encoding="utf-8").splitlines()
         if not any(line.strip() for line in lines):
-            yield Row(f"{text_file}:1", str(image), "")
+            yield Row(f"{text_file}:1", path, "")
         for number, line in enumerate(lines, start=1):
             if line.strip():
-                yield Row(f"{text_file}:{number}", str(image), line)
+                yield Row(f"{text_file}:{number}", path, line)
 
 
 def _relative_to_root(image: str, image_root: Path) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import stat
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,8 +50,10 @@ def test_written_files_get_the_permissions_the_umask_allows(tmp_path, mask, expe
         (tmp_path / "old.txt").write_text("old")
         os.chmod(tmp_path / "old.txt", 0o600)
         write_text(tmp_path / "old.txt", "new")  # a replaced file is a new file: the umask decides again
+        append_jsonl(tmp_path / "metrics.jsonl", {"step": 1})
         (tmp_path / "by_open.txt").write_text("x")
-    assert mode(tmp_path / "new.txt") == mode(tmp_path / "old.txt") == mode(tmp_path / "by_open.txt") == expected
+    written = ("new.txt", "old.txt", "metrics.jsonl", "by_open.txt")
+    assert {name: mode(tmp_path / name) for name in written} == dict.fromkeys(written, expected)
     assert (tmp_path / "old.txt").read_text() == "new"
 
 
@@ -66,8 +70,25 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path) -> 
 def test_stale_temporaries_of_killed_writes_are_removed(tmp_path) -> None:
     (tmp_path / ".last.pt.1a2b3c4d.tmp").write_bytes(b"half")
     (tmp_path / "last.pt").write_bytes(b"whole")
+    (tmp_path / "notes.tmp").write_text("a file of the user's, not a hidden temporary")
     assert remove_stale_temporaries(tmp_path) == [".last.pt.1a2b3c4d.tmp"]
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_a_disk_full_mid_write_names_the_file_and_keeps_the_old_one(tmp_path, chained) -> None:
+    """An OSError in the block, or a RuntimeError raised from one (as torch.save does), is a WriteError."""
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    expected = re.escape(f"cannot write checkpoint {target} (No space left on device: disk full); the previous")
+    with pytest.raises(WriteError, match=expected) as caught, atomic_write(target, True, "checkpoint") as handle:
+        handle.write(b"half")
+        if chained:
+            raise RuntimeError("PytorchStreamWriter failed writing file data") from full
+        raise full
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"] and target.read_bytes() == b"old"
 
 
 def test_json_round_trip_keeps_text_and_ends_indented_files_with_a_newline(tmp_path) -> None:

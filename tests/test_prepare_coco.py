@@ -43,7 +43,7 @@ def karpathy_json(with_cocoid: bool = True) -> dict:
         entry = {
             "split": split,
             "imgid": imgid,
-            "sentences": [{"raw": c, "tokens": c.split()} for c in captions],
+            "sentences": [{"raw": c + " ", "tokens": c.split()} for c in captions],  # raw ends with a space
         }
         if with_cocoid:
             entry |= {"filepath": folder, "filename": Path(image_path(cocoid, folder)).name, "cocoid": cocoid}
@@ -90,6 +90,7 @@ def test_karpathy_round_trip(coco_setup):
     coco = COCO(str(out / "val_gt.json"))
     assert sorted(coco.getImgIds()) == [42, 73]
     assert len(coco.getAnnIds()) == 4
+    assert [a["caption"] for a in coco.loadAnns(coco.getAnnIds(imgIds=73))] == COCO_IMAGES[4][3]
     assert coco.loadImgs(73)[0]["file_name"] == image_path(73, "val2014")
     assert not (out / DF_CACHE_NAME).exists()
 
@@ -142,16 +143,20 @@ def test_wrong_image_root_is_reported(coco_setup, capsys):
 
 def test_xvlm_files(tmp_path):
     root = tmp_path / "images"
+    # every caption padded, and blank ones kept (image 133's, one more per val/test image): both are cleaned
     train = [
-        {"image": image_path(c, f), "caption": cap, "image_id": f"coco_{c}"}
+        {"image": image_path(c, f), "caption": f" {cap} ", "image_id": f"coco_{c}"}
         for c, s, f, caps in COCO_IMAGES
         if s in ("train", "restval")
         for cap in caps
-        if cap.strip()
     ]
     splits = {"train": train}
     for split in ("val", "test"):
-        splits[split] = [{"image": image_path(c, f), "caption": caps} for c, s, f, caps in COCO_IMAGES if s == split]
+        splits[split] = [
+            {"image": image_path(c, f), "caption": [f"{cap}\n" for cap in [*caps, " "]]}
+            for c, s, f, caps in COCO_IMAGES
+            if s == split
+        ]
     xvlm = tmp_path / "xvlm"
     xvlm.mkdir()
     for split, entries in splits.items():
@@ -159,8 +164,10 @@ def test_xvlm_files(tmp_path):
     make_images(root, [image_path(cocoid, folder) for cocoid, _, folder, _ in COCO_IMAGES])
     out = tmp_path / "out"
     assert main(["--xvlm_dir", str(xvlm), "--image_root", str(root), "--out", str(out), "--no_df"]) == 0
-    assert len(read(out / "train.json")) == 6
-    assert {e["image_id"] for e in read(out / "train.json")} == {9, 25, 133}
+    assert sorted((e["image_id"], e["caption"]) for e in read(out / "train.json")) == sorted(
+        (c, cap) for c, s, _, caps in COCO_IMAGES if s in ("train", "restval") for cap in caps if cap.strip()
+    )
+    assert [e["caption"] for e in read(out / "val.json")] == [COCO_IMAGES[3][3], COCO_IMAGES[4][3]]
     assert load_ground_truth(out / "val_gt.json") == {42: COCO_IMAGES[3][3], 73: COCO_IMAGES[4][3]}
 
 

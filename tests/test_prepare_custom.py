@@ -62,7 +62,10 @@ def prepare(captions: Path | None, photos: Path, out: Path, *extra: str) -> int:
 
 def test_csv_gives_the_prepare_coco_files_and_a_reproducible_split(photos: Path, tmp_path: Path) -> None:
     rows = table(photos)
-    assert prepare(write_csv(tmp_path / "c.csv", rows), photos, tmp_path / "a", "--val", "2", "--test", "0.25") == 0
+    captions = write_csv(tmp_path / "c.csv", rows)
+    # as a spreadsheet exports it: a byte-order mark, the column names in any case and spacing
+    captions.write_text("\ufeff" + captions.read_text().replace("image,caption", " Image,CAPTION ", 1), "utf-8")
+    assert prepare(captions, photos, tmp_path / "a", "--val", "2", "--test", "0.25") == 0
     out = tmp_path / "a"
     train = json.loads((out / "train.json").read_text())
     splits = {s: json.loads((out / f"{s}.json").read_text()) for s in ("val", "test")}
@@ -101,7 +104,7 @@ def test_csv_gives_the_prepare_coco_files_and_a_reproducible_split(photos: Path,
 def test_jsonl_with_a_split_key_and_caption_lists(photos: Path, tmp_path: Path) -> None:
     images = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
     splits = ["test", "val", "validation"] + ["train"] * 8 + ["restval"]
-    lines = [json.dumps({"image": image, "caption": [f"a photo number {i}", f"picture {i}"], "split": split})
+    lines = [json.dumps({"image": image, "caption": [f" a photo number {i}\t", f"picture {i}"], "split": split})
              for i, (image, split) in enumerate(zip(images, splits, strict=True))]  # fmt: skip
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n\n")
     assert prepare(tmp_path / "c.jsonl", photos, tmp_path / "out") == 0
@@ -111,26 +114,48 @@ def test_jsonl_with_a_split_key_and_caption_lists(photos: Path, tmp_path: Path) 
     assert len(json.loads((tmp_path / "out" / "train.json").read_text())) == 2 * 9
 
 
-def test_folder_of_images_with_text_files(photos: Path, tmp_path: Path) -> None:
+def test_rows_that_disagree_on_the_split_stop_the_preparation(photos: Path, tmp_path: Path, capsys) -> None:
+    images = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
+    lines = [json.dumps({"image": image, "caption": "a photo", "split": split})
+             for image, split in zip(images[:11], ["val", "test"] + ["train"] * 9, strict=True)]  # fmt: skip
+    conflict = tmp_path / "conflict.jsonl"
+    conflict.write_text("\n".join([*lines, json.dumps({"image": images[0], "caption": "more", "split": "train"})]))
+    assert prepare(conflict, photos, tmp_path / "a") == 2
+    assert f"{conflict}:12: split 'train' for {images[0]}, {conflict}:1 said 'val'" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([*lines, json.dumps({"image": images[11], "caption": "a photo"})]))
+    assert prepare(mixed, photos, tmp_path / "b") == 2
+    assert "some rows name a split and others do not" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_folder_of_images_with_text_files(tmp_path: Path, monkeypatch, capsys) -> None:
     root = tmp_path / "pairs"
     root.mkdir()
     for i in range(6):
         Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(root / f"p{i}.png")
         (root / f"p{i}.txt").write_text(f"a square of shade {i}\n\nthe shade {i} square\n")
     Image.new("RGB", (16, 16)).save(root / "uncaptioned.png")
-    assert prepare(None, root, tmp_path / "out", "--val", "1", "--test", "1") == 0
+    Image.new("RGB", (16, 16)).save(root / "blank.png")
+    (root / "blank.txt").write_text("\n \n")
+    monkeypatch.chdir(tmp_path)  # the folders given relative to the working directory, as typed
+    assert prepare(None, Path("pairs"), Path("out"), "--val", "1", "--test", "1") == 2
+    assert "pairs/blank.txt:1: empty caption for blank.png" in capsys.readouterr().err
+    assert prepare(None, Path("pairs"), Path("out"), "--val", "1", "--test", "1", "--skip_invalid") == 0
     entries = [json.loads((tmp_path / "out" / f"{s}.json").read_text()) for s in ("train", "val", "test")]
     assert len(entries[0]) == 8 and len(entries[1]) == len(entries[2]) == 1
     assert entries[1][0]["caption"] == [f"a square of shade {entries[1][0]['image'][1]}",
                                         f"the shade {entries[1][0]['image'][1]} square"]  # fmt: skip
     data = (tmp_path / "out" / "data.yaml").read_text()
-    assert f"image_root: {root.resolve()}" in data and "train_file: " in data
+    assert f"image_root: {root.resolve()}" in data
+    assert f"train_file: {(tmp_path / 'out' / 'train.json').resolve()}" in data  # absolute: read from anywhere
 
 
 def test_problems_are_named_by_file_and_line(photos: Path, tmp_path: Path, capsys, caplog) -> None:
     rows = table(photos)[:12]
     bad = 'outdoor/img00.jpg,"   "\nnowhere/gone.jpg,a caption\nindoor/img01.jpg,a,b\n../escape.jpg,x\n'
-    captions = write_csv(tmp_path / "c.csv", [*rows, rows[0]], bad)  # rows[0] repeated: a duplicate
+    repeated = {**rows[0], "caption": rows[0]["caption"].upper().replace("!", " .")}  # the same words: a duplicate
+    captions = write_csv(tmp_path / "c.csv", [*rows, repeated], bad)
     assert prepare(captions, photos, tmp_path / "out") == 2
     err = capsys.readouterr().err
     first = len(rows) + 3  # header, rows, the duplicate

@@ -138,6 +138,30 @@ def test_even_shards_give_every_sample_once_across_ranks_and_workers(even):
     assert _keys(even, 0, 2, 2, steps=6, epoch=1) != rank0
 
 
+def test_one_reader_mixes_its_shards_in_the_shuffle_buffer(even):
+    keys = _keys(even, 0, 1, 0, steps=12)
+    assert sorted(keys) == sorted(s["__key__"] for s in _oracle(even))
+    # Keys start with their shard's number. Read shard after shard, 44 of the 47 neighbours would share a
+    # shard; shuffled across the 4 shards, about a quarter do.
+    neighbours = sum(a[:5] == b[:5] for a, b in zip(keys, keys[1:], strict=False))
+    assert neighbours < 20, keys
+
+
+def test_training_items_draw_one_of_their_references_each_epoch(even):
+    samples, shard_set = _oracle(even), ShardSet.open(_spec(even), None)
+    drawn: dict[str, set[str]] = {s["__key__"]: set() for s in samples}
+    for epoch in range(3):
+        stream = ShardStream(shard_set, StreamPlan(1, epoch, 0, 1, 0, 4, steps=12), build_transform(32, train=False))
+        for sample in samples:
+            image, caption = stream.decode(sample)
+            assert image.shape == (3, 32, 32)
+            drawn[sample["__key__"]].add(caption)
+    for sample in samples:
+        assert drawn[sample["__key__"]] <= {clean_caption(c) for c in json.loads(sample["json"])["caption"]}
+    # 5 references: three draws repeat one 1 time in 25
+    assert sum(len(captions) > 1 for captions in drawn.values()) > 40
+
+
 def test_uneven_shards_give_every_rank_the_same_steps(uneven):
     everything = {s["__key__"] for s in _oracle(uneven)}
     rank0, rank1 = (_keys(uneven, rank, 2, 0, steps=6) for rank in (0, 1))

@@ -58,6 +58,38 @@ def test_images_are_rgb_at_the_requested_size(small_set: DatasetPaths) -> None:
             assert image.mode == "RGB" and image.size == (64, 64)
 
 
+def nearest_colour(patch: np.ndarray) -> str:
+    """The name in the generator's palette (shape colours and backgrounds) closest to a patch's mean."""
+    palette = {**synthetic.COLOURS, **synthetic.BACKGROUNDS}
+    mean = patch.reshape(-1, 3).mean(axis=0)
+    return min(palette, key=lambda name: np.linalg.norm(mean - np.asarray(palette[name])))
+
+
+# Where the centres of a group stated "on the left" (and so on) must lie, as fractions of the image side.
+STATED_PLACE = {
+    "left": lambda xs, ys: xs.max() < 0.35,
+    "right": lambda xs, ys: xs.min() > 0.65,
+    "top": lambda xs, ys: ys.max() < 0.35,
+    "bottom": lambda xs, ys: ys.min() > 0.65,
+    "center": lambda xs, ys: np.all(np.abs(np.concatenate([xs, ys]) - 0.5) < 0.2),
+    "scattered": lambda xs, ys: np.ptp(xs) > 0.4 and np.ptp(ys) > 0.4,
+}
+
+
+def test_images_show_their_shapes_in_the_stated_colour_place_and_background(tmp_path: Path) -> None:
+    # 96 pixels: even the smallest star (radius about 5 pixels) has a centre its edges do not blend into
+    size = 96
+    paths = generate_dataset(tmp_path / "set", num_train=40, num_val=0, num_test=0, image_size=size, seed=1)
+    for fact in load(paths.metadata)["images"].values():
+        pixels = np.asarray(Image.open(paths.image_root / fact["image"]), dtype=float)
+        assert nearest_colour(pixels[1:4, 1:4]) == fact["background"], fact  # a corner no shape reaches
+        for x, y, _ in fact["objects"]:
+            centre = pixels[round(y) - 1 : round(y) + 2, round(x) - 1 : round(x) + 2]
+            assert nearest_colour(centre) == fact["colour"], fact
+        xs, ys = (np.array([obj[i] for obj in fact["objects"]]) / size for i in (0, 1))
+        assert STATED_PLACE[fact["position"]](xs, ys), fact
+
+
 def test_coco_ground_truth_matches_split_files(small_set: DatasetPaths) -> None:
     all_ids = {int(e["image_id"]) for e in load(small_set.train)}
     for split_path, gt_path in ((small_set.val, small_set.val_gt), (small_set.test, small_set.test_gt)):
@@ -260,13 +292,18 @@ def test_grounding_accuracy_on_references_and_wrong_captions(small_set: DatasetP
         }
 
     facts = load(small_set.metadata)["images"]
-    wrong = {}
-    for image_id in references:
+    wrong, wrong_colour = {}, {}
+    for image_id, refs in references.items():
         fact = facts[str(image_id)]
         colour = "green" if fact["colour"] != "green" else "red"
         wrong[image_id] = f"a picture of many {colour} things"
+        wrong_colour[image_id] = " ".join(colour if word == fact["colour"] else word for word in refs[0].split())
     scores = grounding_accuracy(wrong, small_set.metadata)
     assert scores["colour"] == 0.0 and scores["shape"] == 0.0 and scores["count"] == 0.0
+    assert scores["all"] == 0.0
+    # three facts of four right on every image: "all" needs the four
+    scores = grounding_accuracy(wrong_colour, small_set.metadata)
+    assert (scores["count"], scores["colour"], scores["shape"], scores["position"]) == (1.0, 0.0, 1.0, 1.0)
     assert scores["all"] == 0.0
 
 
