@@ -55,6 +55,25 @@ def test_forward_shapes_and_losses(tokenizer, mapping_type):
     assert out["loss"].detach().item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_teacher_forced_logits_are_gpt2s_next_token_logits_after_the_prefix(tokenizer):
+    """Logit ``t`` is what GPT-2 itself predicts after the prefix and the tokens before ``t``: Hugging Face's
+    own forward over ``[prefix ; caption]``, with the dropped prefix positions as its padding mask."""
+    model = build_captioner(tiny_config()).eval()
+    _, input_ids, _ = _batch(tokenizer, ["a red circle", "two blue squares on the left"])
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(2, model.prefix_length, generator=g) > 0.4
+    keep[:, 0] = True  # a query with no visible key is this model's own convention, not Hugging Face's
+    prefix = Prefix(torch.randn(2, model.prefix_length, 64, generator=g), keep)
+    with torch.no_grad():
+        embeds = torch.cat([prefix.embeds, model.gpt.transformer.wte(input_ids)], dim=1)
+        padding = torch.cat([keep, torch.ones_like(input_ids, dtype=torch.bool)], dim=1).long()
+        positions = torch.arange(embeds.shape[1]).expand(2, -1)
+        gpt = model.gpt(inputs_embeds=embeds, attention_mask=padding, position_ids=positions).logits
+        steps = input_ids.shape[1]
+        expected = gpt[:, model.prefix_length - 1 : model.prefix_length - 1 + steps]
+        torch.testing.assert_close(model.token_logits(prefix, input_ids), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "overrides,frozen_prefixes",
     [({}, ("encoder.", "sparse_mask.")), ({"model.sparse_mask_mode": "ste"}, ("encoder.",)),
