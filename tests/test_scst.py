@@ -141,23 +141,26 @@ def test_sampling_without_dropout_samples_the_test_time_model(tokenizer):
 
 
 def test_an_images_samples_do_not_depend_on_the_rest_of_the_batch(tokenizer):
-    """Samples are drawn from per-image seeds, so splitting a batch over processes samples the same."""
+    """Samples are drawn from seeds of the run's seed, the epoch and the image's index, so splitting a batch
+    over processes samples the same, and no two images or epochs share their draws."""
     torch.manual_seed(0)
     cfg = tiny_config(**{"scst": True, "scst_opts.dropout": False, "scst_opts.baseline": "mean"})
     model = build_captioner(cfg).eval()
     refs = [["a b"]] * 10
     cider = _RecordingCider(DocumentFrequency.from_references(refs))
-    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"), seed=3)
     features = torch.randn(3, model.encoder.num_tokens, model.encoder.width)
-    step.set_epoch(2)
-    step({"features": features, "indices": [7, 4, 1]})
-    step({"features": features[1:2], "indices": [4]})
+    for seed in (3, 4):
+        step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"), seed=seed)
+        step.set_epoch(2)
+        step({"features": features, "indices": [7, 4, 1]})
+        step({"features": features[1:2], "indices": [4]})
+    step({"features": features[1:2], "indices": [7]})  # the same image under another index
     step.set_epoch(3)
     step({"features": features[1:2], "indices": [4]})
-    both, alone, later = cider.calls  # the samples, image-major
+    both, alone, _, other_seed, other_index, later = cider.calls  # the samples, image-major
     n = cfg.scst_opts.num_samples
     assert len(both) == 3 * n and both[n : 2 * n] == alone
-    assert later != alone
+    assert other_seed != alone and other_seed not in (other_index, later)  # each differs in one of the three
 
 
 class _LengthReward:
