@@ -92,25 +92,32 @@ class _RecordingCider(CiderD):
         return super().score_candidates(candidates, references)
 
 
-def test_greedy_baseline_is_the_test_time_caption_without_dropout(tokenizer):
+def test_greedy_baseline_is_the_test_time_caption_and_both_decodes_keep_sample_min_len(tokenizer):
     torch.manual_seed(0)
-    cfg = tiny_config(**{"scst_opts.num_samples": 2, "scst_opts.baseline": "greedy", "scst_opts.sample_max_len": 10})
+    cfg = tiny_config(**{"scst_opts.num_samples": 2, "scst_opts.baseline": "greedy", "scst_opts.sample_max_len": 10,
+                         "scst_opts.sample_min_len": 3})  # fmt: skip
     model = build_captioner(cfg).train()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.5  # train-mode decoding would give other captions at every call
+    # The stop tokens far likelier than any other, so that the captions end where sample_min_len allows
+    model.gpt.lm_head.bias = torch.nn.Parameter(torch.zeros(model.gpt.config.vocab_size))
+    model.gpt.lm_head.bias.data[list(DecodeOptions().stop_ids)] = 50.0
     visual = torch.randn(3, 17, 256)
     refs = [[GOOD] * 5] * 3
     cider = _RecordingCider(DocumentFrequency.from_references(refs))
     step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
     model.eval()
     with torch.no_grad():
-        options = DecodeOptions(method="greedy", max_len=10, min_len=cfg.decode.min_len)
-        expected = captions_from_tokens(tokenizer, decode(model, model.encode(features=visual), options))
+        options = DecodeOptions(method="greedy", max_len=10, min_len=3)
+        result = decode(model, model.encode(features=visual), options)
+    assert result.lengths.tolist() == [4, 4, 4]  # three tokens and a stop
+    expected = captions_from_tokens(tokenizer, result)
     model.train()
     for _ in range(3):
         step({"features": visual, "indices": [0, 1, 2]})
-        assert cider.calls[-1] == expected  # calls: samples, then the greedy baseline
+        samples, greedy = cider.calls[-2:]
+        assert greedy == expected and all(samples)  # no sample stops before sample_min_len either
         assert model.training
 
 
