@@ -181,16 +181,18 @@ class _LengthReward:
         return np.array([float(len(c)) for c in candidates])
 
 
-@pytest.mark.parametrize("baseline, length_norm", [("mean", True), ("greedy", False)])
+@pytest.mark.parametrize("baseline, length_norm, temperature", [("mean", True, 0.7), ("greedy", False, 1.0)])
 def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
-    tokenizer, monkeypatch, baseline: str, length_norm: bool
+    tokenizer, monkeypatch, baseline: str, length_norm: bool, temperature: float
 ):
     """What the step hands to scst_loss, worked out from the rewards it asked for: each sample's reward, its
     baseline (the mean of its own image's other samples, or its own image's greedy caption's reward), the
-    mask of its tokens; and the logged reward, baseline, length and entropy."""
+    mask of its tokens, their log-probabilities at the sampling temperature; and the logged reward,
+    baseline, length and entropy."""
     n = 3
     cfg = tiny_config(**{"scst_opts.num_samples": n, "scst_opts.baseline": baseline, "scst_opts.dropout": False,
-                         "scst_opts.sample_max_len": 10, "scst_opts.length_norm": length_norm})  # fmt: skip
+                         "scst_opts.sample_max_len": 10, "scst_opts.length_norm": length_norm,
+                         "scst_opts.temperature": temperature})  # fmt: skip
     torch.manual_seed(0)
     model = build_captioner(cfg).train()
     refs = [["a red circle"], ["two stars"], ["a blue square"]]
@@ -202,8 +204,14 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
         seen.update(logprobs=logprobs.detach(), mask=mask, rewards=rewards, baselines=baselines, norm=norm)
         return scst_loss(logprobs, mask, rewards, baselines, norm)
 
+    def recorded_decode(*args, **kwargs):
+        seen["samples"] = decode(*args, **kwargs)
+        return seen["samples"]
+
     monkeypatch.setattr("engine.steps.scst_loss", recorded)
-    out = step({"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(2)), "indices": [2, 0]})
+    monkeypatch.setattr("engine.steps.decode", recorded_decode)
+    features = torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(2))
+    out = step({"features": features, "indices": [2, 0]})
     samples, sample_refs = reward.calls[0]
     assert len(samples) == 2 * n and sample_refs == [refs[2]] * n + [refs[0]] * n  # image-major
     lengths = [float(len(c)) for c in samples]
@@ -219,6 +227,11 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
     mask = seen["mask"]
     assert torch.equal(mask, seen["logprobs"] != 0)  # a caption's tokens, then padding at log-probability 0
     assert torch.equal(mask, mask.cummin(dim=1).values)  # each row: its tokens first
+    tokens = seen["samples"].tokens
+    with torch.no_grad(), eval_mode(model):  # the sampled tokens' log-softmax of teacher-forced logits / temperature
+        logits = model.token_logits(model.encode(features=features).repeat_interleave(n), tokens)
+        expected_logprobs = torch.log_softmax(logits / temperature, -1).gather(2, tokens[..., None])[..., 0] * mask
+    torch.testing.assert_close(seen["logprobs"], expected_logprobs, rtol=1e-4, atol=1e-5)
     assert out["reward"].item() == pytest.approx(sum(lengths) / (2 * n))
     assert out["baseline"].item() == pytest.approx(sum(expected) / (2 * n))
     assert out["sample_len"].item() == pytest.approx(mask.sum().item() / (2 * n))
