@@ -176,9 +176,27 @@ def test_overfitting_a_few_samples_drives_the_loss_down(tokenizer):
     assert losses[-1] < 0.1 * losses[0]
 
 
-def test_npair_loss_is_the_references_text_to_image_loss(tokenizer):
-    """Each caption's mean embedding over its first 20 real tokens is classified among the batch's mean
-    prefixes (the reference: anchor = text, positive = image; its mean also counted padding, ours not)."""
+def test_label_smoothing_gives_its_share_to_the_mean_over_the_vocabulary(tokenizer):
+    """Smoothed cross-entropy by hand: (1 - eps) * NLL of the target + eps * mean NLL over all V tokens."""
+    model = build_captioner(tiny_config()).eval()
+    images, input_ids, labels = _batch(tokenizer, ["a red circle", "two blue squares on the left"])
+    real = labels != IGNORE_INDEX
+    # A model that favours the captions' tokens, so that the target's NLL and the vocabulary's mean differ
+    model.gpt.lm_head.bias = torch.nn.Parameter(torch.zeros(GPT2_VOCAB_SIZE))
+    model.gpt.lm_head.bias.data[labels[real]] = 10.0
+    with torch.no_grad():
+        xe = model(images, input_ids, labels, label_smoothing=0.2)["xe"]
+        logprobs = torch.log_softmax(model.token_logits(model.encode(images), input_ids)[real], dim=-1)
+        nll = -logprobs.gather(1, labels[real][:, None]).mean()
+    expected = 0.8 * nll - 0.2 * logprobs.mean()
+    assert xe.item() == pytest.approx(expected.item(), rel=1e-5) and expected > nll + 1.0
+
+
+@pytest.mark.parametrize("text_tokens", [20, 5])
+def test_npair_loss_is_the_references_text_to_image_loss(tokenizer, text_tokens):
+    """Each caption's mean embedding over its first ``aux_text_tokens`` real tokens (the reference's 20) is
+    classified among the batch's mean prefixes (the reference: anchor = text, positive = image; its mean also
+    counted padding, ours not)."""
     captions = [
         "a very long caption with many words that goes on and on past twenty tokens for sure right now ok",
         "a dog.",
@@ -190,12 +208,12 @@ def test_npair_loss_is_the_references_text_to_image_loss(tokenizer):
         for param in model.mapper.parameters():
             param.mul_(3)
     images, input_ids, labels = _batch(tokenizer, captions)
-    assert (labels[0] != IGNORE_INDEX).sum() > 20 and (labels[1] != IGNORE_INDEX).sum() < 20
+    assert (labels[0] != IGNORE_INDEX).sum() > text_tokens and (labels[1] != IGNORE_INDEX).sum() < text_tokens
     with torch.no_grad():
-        aux = model(images, input_ids, labels, aux_weight=1.0)["aux"]
+        aux = model(images, input_ids, labels, aux_weight=1.0, aux_text_tokens=text_tokens)["aux"]
         image = model.encode(images).embeds.mean(1)
         wte = model.gpt.transformer.wte.weight
-        real = [ids[lab != IGNORE_INDEX][:20] for ids, lab in zip(input_ids, labels, strict=True)]
+        real = [ids[lab != IGNORE_INDEX][:text_tokens] for ids, lab in zip(input_ids, labels, strict=True)]
         text = torch.stack([wte[ids].mean(0) for ids in real])
         logits = text @ image.t()  # rows: texts, columns: images
         ce = -torch.log_softmax(logits, dim=1).diagonal().mean()
