@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import TINY_GPT2, tiny_config
 
 from data.text import IGNORE_INDEX, clean_caption
 from models.build import build_captioner
@@ -92,6 +92,18 @@ def test_every_trainable_parameter_gets_a_gradient(tokenizer, overrides, frozen_
             assert param.requires_grad, name
             assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient for {name}"
     assert any(n.startswith("sparse_mask.") for n, _ in model.named_parameters())
+
+
+def test_a_frozen_gpt2_runs_without_dropout_in_training(tokenizer):
+    """With ``only_prefix`` GPT-2 stays in eval mode when the model trains (as ClipCap's prefix-only model)."""
+    gpt2 = {**TINY_GPT2, "resid_pdrop": 0.5, "embd_pdrop": 0.5, "attn_pdrop": 0.5}
+    _, input_ids, _ = _batch(tokenizer, ["a red circle on the left"])
+    prefix = Prefix(torch.randn(1, 17, 64), torch.ones(1, 17, dtype=torch.bool))
+    for only_prefix in (True, False):
+        model = build_captioner(tiny_config(**{"model.gpt2_config": gpt2, "model.only_prefix": only_prefix})).train()
+        with torch.no_grad():
+            same = torch.equal(model.token_logits(prefix, input_ids), model.token_logits(prefix, input_ids))
+        assert same is only_prefix and model.mapper.training
 
 
 def test_sparse_mask_drops_positions_and_keeps_embeddings(tokenizer):
