@@ -54,11 +54,11 @@ def test_false_flags_are_false():
 
 def test_print_config_for_paper_commands(capsys):
     assert train_scst.main([*PAPER_XE, "--print_config"]) == 0
-    out = capsys.readouterr().out
-    assert "scst: false" in out and "use_sparse_mask: true" in out and "device: cuda:0" in out
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert (out["scst"], out["model"]["use_sparse_mask"], out["device"]) == (False, True, "cuda:0")
     assert train_scst.main(["--scst=True", "--checkpoint", "x.pt", "--print_config"]) == 0
-    out = capsys.readouterr().out
-    assert "scst: true" in out and "lr: 5.0e-06" in out and "batch_size: 7" in out
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert (out["scst"], out["train"]["lr"], out["train"]["batch_size"]) == (True, 5e-6, 7)
 
 
 def test_unknown_and_ambiguous_options_are_rejected(capsys):

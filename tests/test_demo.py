@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from oracles import pycocoevalcap_cider
 from PIL import Image
 
@@ -44,8 +45,13 @@ def test_demo_runs_xe_then_scst_and_reports_each_stage(tmp_path: Path, capsys: p
         scst_cider = rescored(f"scst_{baseline}")
         assert rows[f"XE + SCST ({baseline} baseline)"]["metrics"]["CIDEr"] == pytest.approx(scst_cider, abs=1e-12)
         assert summary["scst_cider_gain"][baseline] == pytest.approx(scst_cider / xe_cider - 1, abs=1e-12)
-        assert (tmp_path / "out" / f"scst_{baseline}" / "best.pt").is_file()
-        assert "initialised from" in (tmp_path / "out" / f"scst_{baseline}" / "train.log").read_text()
+        run = tmp_path / "out" / f"scst_{baseline}"
+        assert (run / "best.pt").is_file()
+        resolved = yaml.safe_load((run / "config.yaml").read_text())  # what the stage trained with
+        assert (resolved["scst"], resolved["scst_opts"]["baseline"]) == (True, baseline)
+        xe_best = (tmp_path / "out" / "xe" / "best.pt").resolve()
+        assert resolved["checkpoint"] == str(xe_best)
+        assert f"initialised from {xe_best}" in (run / "train.log").read_text()
     printed = capsys.readouterr().out
     assert "Demo test split (8 images)" in printed and "SCST's test CIDEr relative to XE" in printed
     assert all(name in printed for name in stages)

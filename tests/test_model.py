@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import TINY_GPT2, tiny_config
 
 from data.text import IGNORE_INDEX, clean_caption
 from models.build import build_captioner
@@ -55,6 +55,25 @@ def test_forward_shapes_and_losses(tokenizer, mapping_type):
     assert out["loss"].detach().item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_teacher_forced_logits_are_gpt2s_next_token_logits_after_the_prefix(tokenizer):
+    """Logit ``t`` is what GPT-2 itself predicts after the prefix and the tokens before ``t``: Hugging Face's
+    own forward over ``[prefix ; caption]``, with the dropped prefix positions as its padding mask."""
+    model = build_captioner(tiny_config()).eval()
+    _, input_ids, _ = _batch(tokenizer, ["a red circle", "two blue squares on the left"])
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(2, model.prefix_length, generator=g) > 0.4
+    keep[:, 0] = True  # a query with no visible key is this model's own convention, not Hugging Face's
+    prefix = Prefix(torch.randn(2, model.prefix_length, 64, generator=g), keep)
+    with torch.no_grad():
+        embeds = torch.cat([prefix.embeds, model.gpt.transformer.wte(input_ids)], dim=1)
+        padding = torch.cat([keep, torch.ones_like(input_ids, dtype=torch.bool)], dim=1).long()
+        positions = torch.arange(embeds.shape[1]).expand(2, -1)
+        gpt = model.gpt(inputs_embeds=embeds, attention_mask=padding, position_ids=positions).logits
+        steps = input_ids.shape[1]
+        expected = gpt[:, model.prefix_length - 1 : model.prefix_length - 1 + steps]
+        torch.testing.assert_close(model.token_logits(prefix, input_ids), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "overrides,frozen_prefixes",
     [({}, ("encoder.", "sparse_mask.")), ({"model.sparse_mask_mode": "ste"}, ("encoder.",)),
@@ -73,6 +92,18 @@ def test_every_trainable_parameter_gets_a_gradient(tokenizer, overrides, frozen_
             assert param.requires_grad, name
             assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient for {name}"
     assert any(n.startswith("sparse_mask.") for n, _ in model.named_parameters())
+
+
+def test_a_frozen_gpt2_runs_without_dropout_in_training(tokenizer):
+    """With ``only_prefix`` GPT-2 stays in eval mode when the model trains (as ClipCap's prefix-only model)."""
+    gpt2 = {**TINY_GPT2, "resid_pdrop": 0.5, "embd_pdrop": 0.5, "attn_pdrop": 0.5}
+    _, input_ids, _ = _batch(tokenizer, ["a red circle on the left"])
+    prefix = Prefix(torch.randn(1, 17, 64), torch.ones(1, 17, dtype=torch.bool))
+    for only_prefix in (True, False):
+        model = build_captioner(tiny_config(**{"model.gpt2_config": gpt2, "model.only_prefix": only_prefix})).train()
+        with torch.no_grad():
+            same = torch.equal(model.token_logits(prefix, input_ids), model.token_logits(prefix, input_ids))
+        assert same is only_prefix and model.mapper.training
 
 
 def test_sparse_mask_drops_positions_and_keeps_embeddings(tokenizer):
@@ -157,9 +188,27 @@ def test_overfitting_a_few_samples_drives_the_loss_down(tokenizer):
     assert losses[-1] < 0.1 * losses[0]
 
 
-def test_npair_loss_is_the_references_text_to_image_loss(tokenizer):
-    """Each caption's mean embedding over its first 20 real tokens is classified among the batch's mean
-    prefixes (the reference: anchor = text, positive = image; its mean also counted padding, ours not)."""
+def test_label_smoothing_gives_its_share_to_the_mean_over_the_vocabulary(tokenizer):
+    """Smoothed cross-entropy by hand: (1 - eps) * NLL of the target + eps * mean NLL over all V tokens."""
+    model = build_captioner(tiny_config()).eval()
+    images, input_ids, labels = _batch(tokenizer, ["a red circle", "two blue squares on the left"])
+    real = labels != IGNORE_INDEX
+    # A model that favours the captions' tokens, so that the target's NLL and the vocabulary's mean differ
+    model.gpt.lm_head.bias = torch.nn.Parameter(torch.zeros(GPT2_VOCAB_SIZE))
+    model.gpt.lm_head.bias.data[labels[real]] = 10.0
+    with torch.no_grad():
+        xe = model(images, input_ids, labels, label_smoothing=0.2)["xe"]
+        logprobs = torch.log_softmax(model.token_logits(model.encode(images), input_ids)[real], dim=-1)
+        nll = -logprobs.gather(1, labels[real][:, None]).mean()
+    expected = 0.8 * nll - 0.2 * logprobs.mean()
+    assert xe.item() == pytest.approx(expected.item(), rel=1e-5) and expected > nll + 1.0
+
+
+@pytest.mark.parametrize("text_tokens", [20, 5])
+def test_npair_loss_is_the_references_text_to_image_loss(tokenizer, text_tokens):
+    """Each caption's mean embedding over its first ``aux_text_tokens`` real tokens (the reference's 20) is
+    classified among the batch's mean prefixes (the reference: anchor = text, positive = image; its mean also
+    counted padding, ours not)."""
     captions = [
         "a very long caption with many words that goes on and on past twenty tokens for sure right now ok",
         "a dog.",
@@ -171,12 +220,12 @@ def test_npair_loss_is_the_references_text_to_image_loss(tokenizer):
         for param in model.mapper.parameters():
             param.mul_(3)
     images, input_ids, labels = _batch(tokenizer, captions)
-    assert (labels[0] != IGNORE_INDEX).sum() > 20 and (labels[1] != IGNORE_INDEX).sum() < 20
+    assert (labels[0] != IGNORE_INDEX).sum() > text_tokens and (labels[1] != IGNORE_INDEX).sum() < text_tokens
     with torch.no_grad():
-        aux = model(images, input_ids, labels, aux_weight=1.0)["aux"]
+        aux = model(images, input_ids, labels, aux_weight=1.0, aux_text_tokens=text_tokens)["aux"]
         image = model.encode(images).embeds.mean(1)
         wte = model.gpt.transformer.wte.weight
-        real = [ids[lab != IGNORE_INDEX][:20] for ids, lab in zip(input_ids, labels, strict=True)]
+        real = [ids[lab != IGNORE_INDEX][:text_tokens] for ids, lab in zip(input_ids, labels, strict=True)]
         text = torch.stack([wte[ids].mean(0) for ids in real])
         logits = text @ image.t()  # rows: texts, columns: images
         ce = -torch.log_softmax(logits, dim=1).diagonal().mean()

@@ -92,25 +92,32 @@ class _RecordingCider(CiderD):
         return super().score_candidates(candidates, references)
 
 
-def test_greedy_baseline_is_the_test_time_caption_without_dropout(tokenizer):
+def test_greedy_baseline_is_the_test_time_caption_and_both_decodes_keep_sample_min_len(tokenizer):
     torch.manual_seed(0)
-    cfg = tiny_config(**{"scst_opts.num_samples": 2, "scst_opts.baseline": "greedy", "scst_opts.sample_max_len": 10})
+    cfg = tiny_config(**{"scst_opts.num_samples": 2, "scst_opts.baseline": "greedy", "scst_opts.sample_max_len": 10,
+                         "scst_opts.sample_min_len": 3})  # fmt: skip
     model = build_captioner(cfg).train()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.5  # train-mode decoding would give other captions at every call
+    # The stop tokens far likelier than any other, so that the captions end where sample_min_len allows
+    model.gpt.lm_head.bias = torch.nn.Parameter(torch.zeros(model.gpt.config.vocab_size))
+    model.gpt.lm_head.bias.data[list(DecodeOptions().stop_ids)] = 50.0
     visual = torch.randn(3, 17, 256)
     refs = [[GOOD] * 5] * 3
     cider = _RecordingCider(DocumentFrequency.from_references(refs))
     step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
     model.eval()
     with torch.no_grad():
-        options = DecodeOptions(method="greedy", max_len=10, min_len=cfg.decode.min_len)
-        expected = captions_from_tokens(tokenizer, decode(model, model.encode(features=visual), options))
+        options = DecodeOptions(method="greedy", max_len=10, min_len=3)
+        result = decode(model, model.encode(features=visual), options)
+    assert result.lengths.tolist() == [4, 4, 4]  # three tokens and a stop
+    expected = captions_from_tokens(tokenizer, result)
     model.train()
     for _ in range(3):
         step({"features": visual, "indices": [0, 1, 2]})
-        assert cider.calls[-1] == expected  # calls: samples, then the greedy baseline
+        samples, greedy = cider.calls[-2:]
+        assert greedy == expected and all(samples)  # no sample stops before sample_min_len either
         assert model.training
 
 
@@ -141,23 +148,26 @@ def test_sampling_without_dropout_samples_the_test_time_model(tokenizer):
 
 
 def test_an_images_samples_do_not_depend_on_the_rest_of_the_batch(tokenizer):
-    """Samples are drawn from per-image seeds, so splitting a batch over processes samples the same."""
+    """Samples are drawn from seeds of the run's seed, the epoch and the image's index, so splitting a batch
+    over processes samples the same, and no two images or epochs share their draws."""
     torch.manual_seed(0)
     cfg = tiny_config(**{"scst": True, "scst_opts.dropout": False, "scst_opts.baseline": "mean"})
     model = build_captioner(cfg).eval()
     refs = [["a b"]] * 10
     cider = _RecordingCider(DocumentFrequency.from_references(refs))
-    step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"), seed=3)
     features = torch.randn(3, model.encoder.num_tokens, model.encoder.width)
-    step.set_epoch(2)
-    step({"features": features, "indices": [7, 4, 1]})
-    step({"features": features[1:2], "indices": [4]})
+    for seed in (3, 4):
+        step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"), seed=seed)
+        step.set_epoch(2)
+        step({"features": features, "indices": [7, 4, 1]})
+        step({"features": features[1:2], "indices": [4]})
+    step({"features": features[1:2], "indices": [7]})  # the same image under another index
     step.set_epoch(3)
     step({"features": features[1:2], "indices": [4]})
-    both, alone, later = cider.calls  # the samples, image-major
+    both, alone, _, other_seed, other_index, later = cider.calls  # the samples, image-major
     n = cfg.scst_opts.num_samples
     assert len(both) == 3 * n and both[n : 2 * n] == alone
-    assert later != alone
+    assert other_seed != alone and other_seed not in (other_index, later)  # each differs in one of the three
 
 
 class _LengthReward:
@@ -171,16 +181,18 @@ class _LengthReward:
         return np.array([float(len(c)) for c in candidates])
 
 
-@pytest.mark.parametrize("baseline, length_norm", [("mean", True), ("greedy", False)])
+@pytest.mark.parametrize("baseline, length_norm, temperature", [("mean", True, 0.7), ("greedy", False, 1.0)])
 def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
-    tokenizer, monkeypatch, baseline: str, length_norm: bool
+    tokenizer, monkeypatch, baseline: str, length_norm: bool, temperature: float
 ):
     """What the step hands to scst_loss, worked out from the rewards it asked for: each sample's reward, its
     baseline (the mean of its own image's other samples, or its own image's greedy caption's reward), the
-    mask of its tokens; and the logged reward, baseline, length and entropy."""
+    mask of its tokens, their log-probabilities at the sampling temperature; and the logged reward,
+    baseline, length and entropy."""
     n = 3
     cfg = tiny_config(**{"scst_opts.num_samples": n, "scst_opts.baseline": baseline, "scst_opts.dropout": False,
-                         "scst_opts.sample_max_len": 10, "scst_opts.length_norm": length_norm})  # fmt: skip
+                         "scst_opts.sample_max_len": 10, "scst_opts.length_norm": length_norm,
+                         "scst_opts.temperature": temperature})  # fmt: skip
     torch.manual_seed(0)
     model = build_captioner(cfg).train()
     refs = [["a red circle"], ["two stars"], ["a blue square"]]
@@ -192,8 +204,14 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
         seen.update(logprobs=logprobs.detach(), mask=mask, rewards=rewards, baselines=baselines, norm=norm)
         return scst_loss(logprobs, mask, rewards, baselines, norm)
 
+    def recorded_decode(*args, **kwargs):
+        seen["samples"] = decode(*args, **kwargs)
+        return seen["samples"]
+
     monkeypatch.setattr("engine.steps.scst_loss", recorded)
-    out = step({"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(2)), "indices": [2, 0]})
+    monkeypatch.setattr("engine.steps.decode", recorded_decode)
+    features = torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(2))
+    out = step({"features": features, "indices": [2, 0]})
     samples, sample_refs = reward.calls[0]
     assert len(samples) == 2 * n and sample_refs == [refs[2]] * n + [refs[0]] * n  # image-major
     lengths = [float(len(c)) for c in samples]
@@ -209,6 +227,11 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
     mask = seen["mask"]
     assert torch.equal(mask, seen["logprobs"] != 0)  # a caption's tokens, then padding at log-probability 0
     assert torch.equal(mask, mask.cummin(dim=1).values)  # each row: its tokens first
+    tokens = seen["samples"].tokens
+    with torch.no_grad(), eval_mode(model):  # the sampled tokens' log-softmax of teacher-forced logits / temperature
+        logits = model.token_logits(model.encode(features=features).repeat_interleave(n), tokens)
+        expected_logprobs = torch.log_softmax(logits / temperature, -1).gather(2, tokens[..., None])[..., 0] * mask
+    torch.testing.assert_close(seen["logprobs"], expected_logprobs, rtol=1e-4, atol=1e-5)
     assert out["reward"].item() == pytest.approx(sum(lengths) / (2 * n))
     assert out["baseline"].item() == pytest.approx(sum(expected) / (2 * n))
     assert out["sample_len"].item() == pytest.approx(mask.sum().item() / (2 * n))
