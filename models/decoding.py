@@ -218,7 +218,7 @@ def _in_output_vocabulary(model: OPGCaptioner, options: DecodeOptions) -> Decode
     a placeholder pad that :func:`decode` replaces."""
     if model.output_ids is None:
         return options
-    stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=model.output_ids.device)
+    stop_ids = model.output_ids.new_tensor(options.stop_ids)
     stop_ids = stop_ids[torch.isin(stop_ids, model.output_ids)]
     return replace(options, stop_ids=tuple(model.output_index(stop_ids).tolist()), pad_id=0)
 
@@ -276,12 +276,12 @@ def _decode_rows(
     uniforms: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Greedy decoding or sampling; every row is independent and finished rows leave the batch."""
-    rows, device = logits.shape[0], logits.device
-    stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=device)
-    tokens = torch.full((rows, options.max_len), options.pad_id, dtype=torch.long, device=device)
-    lengths = torch.full((rows,), options.max_len, dtype=torch.long, device=device)
-    stopped = torch.zeros(rows, dtype=torch.bool, device=device)
-    active = torch.arange(rows, device=device)
+    rows = logits.shape[0]
+    stop_ids = logits.new_tensor(options.stop_ids, dtype=torch.long)
+    tokens = logits.new_full((rows, options.max_len), options.pad_id, dtype=torch.long)
+    lengths = logits.new_full((rows,), options.max_len, dtype=torch.long)
+    stopped = logits.new_zeros(rows, dtype=torch.bool)
+    active = torch.arange(rows, device=logits.device)
     step_logprobs = []
     for t in range(options.max_len):
         if options.method == "sample":
@@ -338,7 +338,7 @@ class _Beams(_PerImage):
         # Only the first of the identical initial beams may expand, or all beams would pick the same tokens.
         scores = like.new_full((images, beams), -math.inf)
         scores[:, 0] = 0.0
-        tokens = torch.zeros(images, beams, 0, dtype=torch.long, device=like.device)
+        tokens = like.new_zeros(images, beams, 0, dtype=torch.long)
         return cls(scores, tokens, like.new_zeros(images, beams, 0))
 
 
@@ -357,14 +357,14 @@ class _Finished(_PerImage):
 
     @classmethod
     def empty(cls, images: int, slots: int, max_len: int, pad_id: int, like: torch.Tensor) -> _Finished:
-        device, shape = like.device, (images, slots)
+        shape = (images, slots)
         return cls(
             scores=like.new_full(shape, -math.inf),
-            tokens=torch.full((*shape, max_len), pad_id, dtype=torch.long, device=device),
+            tokens=like.new_full((*shape, max_len), pad_id, dtype=torch.long),
             logprobs=like.new_zeros(*shape, max_len),
-            lengths=torch.ones(shape, dtype=torch.long, device=device),
-            stopped=torch.zeros(shape, dtype=torch.bool, device=device),
-            filled=torch.zeros(shape, dtype=torch.bool, device=device),
+            lengths=like.new_ones(shape, dtype=torch.long),
+            stopped=like.new_zeros(shape, dtype=torch.bool),
+            filled=like.new_zeros(shape, dtype=torch.bool),
         )
 
     @classmethod
@@ -415,10 +415,10 @@ def _decode_static(
     if fast.cuda_graphs and device.type == "cuda" and not (torch.is_grad_enabled() or dropout_active(lm.transformer)):
         step = fast.graphs.step_fn(lm)
     slots = torch.arange(lm.keep.shape[1] - (max_len - 1), lm.keep.shape[1], device=device)
-    stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=device)
-    tokens = torch.full((rows, max_len), options.pad_id, dtype=torch.long, device=device)
-    lengths = torch.full((rows,), max_len, dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    stop_ids = logits.new_tensor(options.stop_ids, dtype=torch.long)
+    tokens = logits.new_full((rows, max_len), options.pad_id, dtype=torch.long)
+    lengths = logits.new_full((rows,), max_len, dtype=torch.long)
+    done = logits.new_zeros(rows, dtype=torch.bool)
     step_logprobs = []
     for t in range(max_len):
         if options.method == "sample":
@@ -447,7 +447,7 @@ def _beam_search(lm: CachedPrefixLM, logits: torch.Tensor, options: DecodeOption
     """Batched beam search (semantics in the module docstring); images that are done leave the batch."""
     beams, device = options.beams, logits.device
     images, vocab = logits.shape[0] // beams, logits.shape[1]
-    stop_ids = torch.tensor(options.stop_ids, dtype=torch.long, device=device)
+    stop_ids = logits.new_tensor(options.stop_ids, dtype=torch.long)
     # Enough candidates that `beams` of them still run on when the best ones all end in a stop token.
     num_candidates = min((1 + max(1, len(options.stop_ids))) * beams, beams * vocab)
     top_ranks = torch.arange(num_candidates, device=device) < beams

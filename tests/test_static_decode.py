@@ -5,6 +5,7 @@ an output vocabulary, and dropout off, on, or switched off in training mode as S
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import pytest
@@ -18,12 +19,13 @@ from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
 from models.build import build_captioner
 from models.decoding import CachedPrefixLM, DecodeOptions, decode, dropout_off, teacher_forced_logprobs
-from models.static_decode import FastDecode, StaticPrefixLM
+from models.static_decode import FastDecode, StaticPrefixLM, StepGraphs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 GREEDY = DecodeOptions(max_len=14, min_len=1)
 SAMPLE = DecodeOptions(method="sample", num_samples=3, max_len=14, min_len=1, temperature=0.8)
+NO_REPEAT = DecodeOptions(max_len=14, min_len=3, no_repeat_ngram=2)
 
 
 def fixed_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
@@ -72,11 +74,14 @@ def static_slots(monkeypatch) -> list[int]:
     return slots
 
 
-def check_static_steps(slots: list[int], prefix_len: int, lengths: torch.Tensor, check_every: int) -> None:
-    """The static decode stepped through slots ``P, P+1, ...`` until the longest caption was complete (at
-    most ``check_every - 1`` steps beyond it, as finished rows are only checked that often)."""
-    needed = int(lengths.max()) - 1
-    assert needed <= len(slots) < needed + check_every, (len(slots), needed)
+def check_static_steps(
+    slots: list[int], prefix_len: int, lengths: torch.Tensor, check_every: int, max_len: int
+) -> None:
+    """The static decode stepped through slots ``P, P+1, ...`` until the longest caption (L tokens) was
+    complete, seen at the first check after it: checks follow tokens check_every, 2 check_every, ..., so
+    the decode stops after min(ceil(L / check_every) check_every, max_len) tokens, one step fewer."""
+    tokens = min(math.ceil(int(lengths.max()) / check_every) * check_every, max_len)
+    assert len(slots) == tokens - 1, (len(slots), int(lengths.max()))
     assert slots == list(range(prefix_len, prefix_len + len(slots)))
 
 
@@ -95,7 +100,7 @@ def restricted_vocabulary() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dropout", ["off", "on", "disabled"])
-@pytest.mark.parametrize("options", [GREEDY, SAMPLE], ids=["greedy", "sample"])
+@pytest.mark.parametrize("options", [GREEDY, SAMPLE, NO_REPEAT], ids=["greedy", "sample", "no_repeat"])
 @pytest.mark.parametrize("sparse, restricted, check_every", [(True, False, 4), (False, True, 1)])
 def test_static_cache_gives_the_eager_tokens_and_logprobs(
     options: DecodeOptions, dropout: str, sparse: bool, restricted: bool, check_every: int, monkeypatch, static_slots
@@ -109,7 +114,7 @@ def test_static_cache_gives_the_eager_tokens_and_logprobs(
         eager = decode(model, prefix, options, with_logprobs=True, uniforms=uniforms)
         assert static_slots == []
         fast = decode(model, prefix, options, with_logprobs=True, uniforms=uniforms, fast=FastDecode(check_every))
-        check_static_steps(static_slots, prefix.embeds.shape[1], eager.lengths, check_every)
+        check_static_steps(static_slots, prefix.embeds.shape[1], eager.lengths, check_every, options.max_len)
         eval_logprobs = None
         if dropout == "on":
             with dropout_off(model):
@@ -160,6 +165,30 @@ def test_static_cache_gradients_equal_the_eager_ones(dropout: str, monkeypatch, 
     assert "gpt.transformer.h.1.attn.c_attn.weight" in eager
     for name in eager:
         torch.testing.assert_close(fast[name], eager[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_static_cache_samples_follow_the_generator_given(static_slots) -> None:
+    """Without uniforms, the draws come from ``generator`` alone: the same generator seed gives the same
+    samples whatever torch's global seed, another one other samples."""
+    model = make_model()
+    prefix = make_prefix(model, 3)
+    runs = []
+    for global_seed, seed in [(0, 9), (1, 9), (0, 10)]:
+        torch.manual_seed(global_seed)
+        with torch.no_grad():
+            runs.append(decode(model, prefix, SAMPLE, fast=FastDecode(), generator=torch.Generator().manual_seed(seed)))
+    assert static_slots
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and not torch.equal(runs[0].tokens, runs[2].tokens)
+
+
+def test_static_cache_records_no_cuda_graph_on_the_cpu(monkeypatch, static_slots) -> None:
+    """CUDA graphs are asked for, but the decode runs on the CPU: its steps run eagerly, nothing is recorded."""
+    recorded = []
+    monkeypatch.setattr(StepGraphs, "step_fn", lambda self, lm: recorded.append(lm) or lm.step)
+    model = make_model()
+    with torch.no_grad():
+        decode(model, make_prefix(model, 2), GREEDY, fast=FastDecode(cuda_graphs=True))
+    assert static_slots and recorded == []
 
 
 def test_static_cache_samples_with_live_dropout_reproducibly(static_slots) -> None:
