@@ -136,12 +136,13 @@ def test_stdout_lines_and_html_gallery(checkpoint, image_dir, tmp_path, capsys) 
 def test_predictions_equal_direct_decoding_with_overrides(stopping_checkpoint, image_dir, tmp_path) -> None:
     out = tmp_path / "out.json"
     overrides = ["--beams", "3", "--max_len", "6", "--min_len", "2", "--length_penalty", "0.5"]
+    overrides += ["--no_repeat_ngram", "1"]
     assert run_predict(stopping_checkpoint, good_paths(image_dir), "--output", str(out), *overrides) == 0
     captions = [r["caption"] for r in json.loads(out.read_text())]
     model, cfg = load_model(stopping_checkpoint)
     transform = build_transform(model.encoder.image_res)
     images = torch.stack([transform(load_image(p)) for p in good_paths(image_dir)])
-    options = DecodeOptions(method="beam", beams=3, max_len=6, min_len=2, length_penalty=0.5)
+    options = DecodeOptions(method="beam", beams=3, max_len=6, min_len=2, length_penalty=0.5, no_repeat_ngram=1)
     with torch.no_grad():
         result = decode(model, model.encode(images), options)
     assert captions == captions_from_tokens(load_tokenizer(cfg.model.tokenizer), result)
@@ -154,10 +155,18 @@ def test_sampling_is_seeded(checkpoint, image_dir, tmp_path) -> None:
     texts = []
     for seed in ("3", "3", "4"):
         out = tmp_path / f"sample_{len(texts)}.jsonl"
-        args = ["--output", str(out), "--method", "sample", "--top_k", "40", "--seed", seed]
-        assert run_predict(checkpoint, good_paths(image_dir), *args) == 0
+        args = ["--output", str(out), "--method", "sample", "--top_k", "40", "--temperature", "0.7", "--top_p", "0.9"]
+        assert run_predict(checkpoint, good_paths(image_dir), *args, "--seed", seed) == 0
         texts.append(out.read_text())
     assert texts[0] == texts[1] != texts[2]
+    model, cfg = load_model(checkpoint)
+    transform = build_transform(model.encoder.image_res)
+    images = torch.stack([transform(load_image(p)) for p in good_paths(image_dir)])
+    options = DecodeOptions(method="sample", max_len=8, top_k=40, temperature=0.7, top_p=0.9)
+    with torch.no_grad():
+        result = decode(model, model.encode(images), options, generator=torch.Generator().manual_seed(3))
+    captions = [json.loads(line)["caption"] for line in texts[0].splitlines()]
+    assert captions == captions_from_tokens(load_tokenizer(cfg.model.tokenizer), result)
 
 
 @pytest.mark.parametrize(
