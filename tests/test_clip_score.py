@@ -155,16 +155,20 @@ def test_offline_weights_are_named_in_one_line(open_clip, monkeypatch, tmp_path)
         load_clip("ViT-B-32:/nowhere/w.bin")
 
 
+REFERENCES = {name: [f"a {name} square", f"{name} paint"] for name in COLOURS}
+
+
 @pytest.fixture
 def colour_data(tmp_path) -> tuple[Path, Path, Path]:
     for name, image in zip(COLOURS, _images(), strict=True):
         image.save(tmp_path / f"{name}.png")
     gt = {
         "images": [{"id": n, "file_name": f"{name}.png"} for n, name in enumerate(COLOURS)],
-        "annotations": [{"image_id": n, "id": n, "caption": f"a {name} square"} for n, name in enumerate(COLOURS)],
-    }
+        "annotations": [{"image_id": n, "id": 2 * n + k, "caption": caption}
+                        for n, name in enumerate(COLOURS) for k, caption in enumerate(REFERENCES[name])],
+    }  # fmt: skip
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    results = [{"image_id": n, "caption": f"a {name} square"} for n, name in enumerate(COLOURS)]
+    results = [{"image_id": n, "caption": f"a {name} tile"} for n, name in enumerate(COLOURS)]
     (tmp_path / "preds.json").write_text(json.dumps(results))
     return tmp_path, tmp_path / "gt.json", tmp_path / "preds.json"
 
@@ -186,8 +190,8 @@ def test_evaluate_clip_scores_and_offline_fallback(open_clip, tiny_weights, colo
     assert "RefCLIP-S" in capsys.readouterr().out
     metrics = json.loads((root / "preds.metrics.json").read_text())["metrics"]
     images = [Image.open(root / f"{name}.png") for name in COLOURS]
-    direct = load_clip(f"{TINY}:{tiny_weights}").score(images, [f"a {n} square" for n in COLOURS],
-                                                       [[f"a {n} square"] for n in COLOURS])  # fmt: skip
+    captions = [f"a {name} tile" for name in COLOURS]
+    direct = load_clip(f"{TINY}:{tiny_weights}").score(images, captions, list(REFERENCES.values()))
     assert metrics["CLIP-S"] == pytest.approx(direct.clip_s, abs=1e-6)
     assert metrics["RefCLIP-S"] == pytest.approx(direct.ref_clip_s, abs=1e-6)
 
