@@ -42,12 +42,14 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def direct_captions(captioner, paths: list[Path], options: DecodeOptions) -> tuple[list[str], torch.Tensor]:
+def direct_captions(
+    captioner, paths: list[Path], options: DecodeOptions, generator: torch.Generator | None = None
+) -> tuple[list[str], torch.Tensor]:
     """Oracle: transform the files and run the shared decoder by hand."""
     transform = build_transform(captioner.model.encoder.image_res)
     images = torch.stack([transform(load_image(p)) for p in paths])
     with torch.no_grad():
-        result = decode(captioner.model, captioner.model.encode(images), options)
+        result = decode(captioner.model, captioner.model.encode(images), options, generator=generator)
     return captions_from_tokens(load_tokenizer(captioner.cfg.model.tokenizer), result), result.scores
 
 
@@ -77,6 +79,18 @@ def test_defaults_come_from_the_saved_decode_config(checkpoint, photos) -> None:
     assert captioner.caption(photos, method="greedy", max_len=5) == greedy
 
 
+def test_every_decoding_setting_reaches_the_decoder(checkpoint, photos) -> None:
+    captioner = load_captioner(checkpoint, device="cpu")
+    gpt = captioner.model.gpt
+    with torch.no_grad():  # GPT-2's last LayerNorm biased towards the (tied) end-of-text embedding: captions end early
+        gpt.transformer.ln_f.bias += 15 * gpt.lm_head.weight[50256]
+    # each setting, left at the saved default instead (max_len 8, min_len 1, length penalty 1, no blocking), changes
+    # the captions
+    settings = {"max_len": 6, "min_len": 3, "length_penalty": 0.5, "no_repeat_ngram": 2}
+    expected, _ = direct_captions(captioner, photos, DecodeOptions(method="beam", beams=3, **settings))
+    assert captioner.caption(photos, beams=3, **settings) == expected
+
+
 def test_n_best_lists_are_the_best_beams_with_their_scores(checkpoint, photos) -> None:
     captioner = load_captioner(checkpoint, device="cpu")
     n_best = captioner.caption(photos, num_captions=3)
@@ -93,8 +107,12 @@ def test_sampling_options_seed_and_scored_samples(checkpoint, photos) -> None:
     captioner = load_captioner(checkpoint, device="cpu")
     settings = {"method": "sample", "temperature": 0.7, "top_p": 0.9, "seed": 5}
     first = captioner.caption(photos, **settings)
+    options = DecodeOptions(method="sample", max_len=8, min_len=1, temperature=0.7, top_p=0.9)
+    assert first == direct_captions(captioner, photos, options, torch.Generator().manual_seed(5))[0]
     assert first == captioner.caption(photos, **settings)
     assert first != captioner.caption(photos, **{**settings, "seed": 6})
+    greedy = captioner.caption(photos, method="greedy")
+    assert captioner.caption(photos, method="sample", top_k=1, seed=5) == greedy  # only the best token is left
     samples = captioner.caption(photos, num_captions=4, **settings)
     assert [len(s) for s in samples] == [4] * len(photos)
     assert all(a.score >= b.score for s in samples for a, b in zip(s, s[1:], strict=False))

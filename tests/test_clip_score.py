@@ -85,14 +85,15 @@ def test_scores_equal_a_direct_open_clip_computation(open_clip, tiny_weights):
 
 
 class ColourCLIP(torch.nn.Module):
-    """Image embedding: the mean colour (B, 3); text embedding: the colour its caption names, as a unit vector
-    (B, 3), from token ids (B, 1) that :func:`colour_tokens` gives."""
+    """Image embedding: the mean colour less mid-grey (B, 3); text embedding: +1 for the colour its caption names
+    and -1 for the others (B, 3), from token ids (B, 1) that :func:`colour_tokens` gives. Unlike colours point
+    apart: their cosines are negative."""
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.mean(dim=(2, 3))
+        return pixels.mean(dim=(2, 3)) - 0.5
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.eye(3)[tokens[:, 0]]
+        return 2 * torch.eye(3)[tokens[:, 0]] - 1
 
 
 def colour_tokens(texts: list[str]) -> torch.Tensor:
@@ -109,7 +110,17 @@ def test_matching_captions_score_above_shuffled_ones():
     bad = scorer.score(iter(_images()), shuffled, references)
     assert all(g > b for g, b in zip(good.per_image, bad.per_image, strict=True))
     assert good.clip_s > bad.clip_s and good.ref_clip_s > bad.ref_clip_s
-    assert bad.ref_per_image == [0.0, 0.0, 0.0]  # a caption far from its references gets no text credit
+    assert bad.per_image == [0.0, 0.0, 0.0]  # a negative cosine with the image counts as 0
+    assert bad.ref_per_image == [0.0, 0.0, 0.0]
+
+
+def test_references_pointing_away_from_the_caption_give_no_text_credit():
+    scorer = ClipScorer(ColourCLIP(), to_tensor, colour_tokens)
+    matching = ["a red square", "a green square", "a blue square"]
+    elsewhere = [[caption] for caption in matching[1:] + matching[:1]]  # cosine -1/3 with each caption
+    scores = scorer.score(iter(_images()), matching, elsewhere)
+    assert all(value > 2 for value in scores.per_image)  # caption and image point the same way
+    assert scores.ref_per_image == [0.0, 0.0, 0.0]  # harmonic mean with a text term of max(-1/3, 0) = 0
 
 
 @pytest.mark.parametrize(
@@ -144,16 +155,20 @@ def test_offline_weights_are_named_in_one_line(open_clip, monkeypatch, tmp_path)
         load_clip("ViT-B-32:/nowhere/w.bin")
 
 
+REFERENCES = {name: [f"a {name} square", f"{name} paint"] for name in COLOURS}
+
+
 @pytest.fixture
 def colour_data(tmp_path) -> tuple[Path, Path, Path]:
     for name, image in zip(COLOURS, _images(), strict=True):
         image.save(tmp_path / f"{name}.png")
     gt = {
         "images": [{"id": n, "file_name": f"{name}.png"} for n, name in enumerate(COLOURS)],
-        "annotations": [{"image_id": n, "id": n, "caption": f"a {name} square"} for n, name in enumerate(COLOURS)],
-    }
+        "annotations": [{"image_id": n, "id": 2 * n + k, "caption": caption}
+                        for n, name in enumerate(COLOURS) for k, caption in enumerate(REFERENCES[name])],
+    }  # fmt: skip
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    results = [{"image_id": n, "caption": f"a {name} square"} for n, name in enumerate(COLOURS)]
+    results = [{"image_id": n, "caption": f"a {name} tile"} for n, name in enumerate(COLOURS)]
     (tmp_path / "preds.json").write_text(json.dumps(results))
     return tmp_path, tmp_path / "gt.json", tmp_path / "preds.json"
 
@@ -175,8 +190,8 @@ def test_evaluate_clip_scores_and_offline_fallback(open_clip, tiny_weights, colo
     assert "RefCLIP-S" in capsys.readouterr().out
     metrics = json.loads((root / "preds.metrics.json").read_text())["metrics"]
     images = [Image.open(root / f"{name}.png") for name in COLOURS]
-    direct = load_clip(f"{TINY}:{tiny_weights}").score(images, [f"a {n} square" for n in COLOURS],
-                                                       [[f"a {n} square"] for n in COLOURS])  # fmt: skip
+    captions = [f"a {name} tile" for name in COLOURS]
+    direct = load_clip(f"{TINY}:{tiny_weights}").score(images, captions, list(REFERENCES.values()))
     assert metrics["CLIP-S"] == pytest.approx(direct.clip_s, abs=1e-6)
     assert metrics["RefCLIP-S"] == pytest.approx(direct.ref_clip_s, abs=1e-6)
 

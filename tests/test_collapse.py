@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import pytest
 import torch
 from helpers import save_model, tiny_config
 
-from engine.runner import Run
+from engine.runner import Run, warn_if_collapsed
+from metrics.coco_eval import EvalReport
+from metrics.diversity import caption_diversity
 from models.build import build_captioner
 
 
@@ -46,3 +50,11 @@ def test_validation_names_the_one_caption_of_a_collapsed_model(tiny_dataset, tmp
         "WARNING engine.runner: captions collapsing at validating the starting checkpoint (val): 1 distinct "
         f"captions for 8 images (12.5%, below train.collapse_warn 0.3); the most repeated, 8 times: '{caption}'"
     )
+
+
+@pytest.mark.parametrize(("threshold", "warned"), [(0.3, True), (0.25, False), (0.0, False)])
+def test_the_warning_comes_only_below_the_threshold(caplog, threshold, warned):
+    report = EvalReport(metrics={}, diversity=caption_diversity(["a red square"] * 7 + ["a dog"]))  # 2 of 8
+    with caplog.at_level(logging.WARNING, logger="engine.runner"):
+        warn_if_collapsed(report, threshold, "val")
+    assert ["collapsing" in record.message for record in caplog.records] == ([True] if warned else [])

@@ -259,9 +259,12 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys, reference_metrics, scorer, mo
         ]
     )
     assert code == 0
-    assert "CIDEr" in capsys.readouterr().out
+    (cider_line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("CIDEr ")]
+    assert cider_line.split()[1] == f"{reference_metrics['CIDEr'] * 100:.2f}"
     metrics = json.loads((tmp_path / "preds.metrics.json").read_text())
-    assert metrics["metrics"]["CIDEr"] == pytest.approx(reference_metrics["CIDEr"])
+    for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        assert metrics["metrics"][name] == pytest.approx(reference_metrics[name], rel=1e-9), name
+    assert metrics["unavailable"] == {"SPICE": "skipped (spice=False)"}  # --no_spice, not the missing jars
     assert metrics["coverage"]["n_evaluated"] == len(GTS)
     rows = json.loads(per_image.read_text())
     # each image's own caption and CIDEr, worst first; CIDEr comes from metrics.cider.CiderD (corpus mode),
@@ -280,3 +283,16 @@ def test_evaluate_cli_input_errors_exit_2(tmp_path, capsys):
     assert "without prediction" in capsys.readouterr().err
     assert evaluate.main(["--results", str(tmp_path / "missing.json"), "--annotations", str(gt_path)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_evaluate_cli_allow_partial_scores_the_overlap(tmp_path, scorer, monkeypatch):
+    monkeypatch.setattr(evaluate, "CaptionScorer", lambda: contextlib.nullcontext(scorer))
+    gt_path = write_json(tmp_path / "gt.json", coco_ground_truth(GTS))
+    results = [{"image_id": i, "caption": c} for i, c in RES.items() if i != 5]
+    results_path = write_json(tmp_path / "preds.json", results)
+    output = tmp_path / "scores" / "partial.json"
+    args = ["--results", str(results_path), "--annotations", str(gt_path), "--no_spice", "--output", str(output)]
+    assert evaluate.main([*args, "--allow_partial"]) == 0
+    coverage = json.loads(output.read_text())["coverage"]
+    assert (coverage["partial"], coverage["n_evaluated"], coverage["missing_ids"]) == (True, 4, [5])
+    assert not (tmp_path / "preds.metrics.json").exists()

@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder as training leaves it: best.pt (sparse mask, restricted output vocabulary) and its
     test metrics."""
     torch.manual_seed(1)
-    overrides = {"decode.beams": 2, "decode.max_len": 8, "decode.min_len": 1, "model.threshold": 0.5}
+    overrides = {"decode.beams": 2, "decode.max_len": 8, "decode.min_len": 1, "decode.length_penalty": 0.6,
+                 "decode.no_repeat_ngram": 3, "model.threshold": 0.5}  # fmt: skip
     cfg = tiny_config(**overrides, **{"data.test_file": "/somewhere/flickr30k/annotations/test.json"})
     model = build_captioner(cfg, output_ids=OUTPUT_IDS)
     run = tmp_path_factory.mktemp("run")
@@ -73,6 +75,7 @@ def test_folder_holds_the_hub_files(folder: Path) -> None:
     assert config["decoding"]["beams"] == 2 and config["architecture"]["sparse_mask"] is True
     generation = GenerationConfig.from_pretrained(folder)  # Hugging Face reads it as its own
     assert (generation.num_beams, generation.max_new_tokens, generation.min_new_tokens) == (2, 8, 1)
+    assert (generation.length_penalty, generation.no_repeat_ngram_size) == (0.6, 3)
     assert generation.eos_token_id == [13, 50256]
     assert len(load_tokenizer(folder)) == GPT2_VOCAB_SIZE
     umask = os.umask(0)
@@ -114,10 +117,12 @@ def test_generation_config_sets_the_default_decoding(folder: Path, photos: list[
         (edited / path.name).symlink_to(path)
     generation = json.loads((folder / "generation_config.json").read_text())
     (edited / "generation_config.json").unlink()
-    (edited / "generation_config.json").write_text(json.dumps({**generation, "num_beams": 4}))
+    edits = {"num_beams": 4, "max_new_tokens": 6, "min_new_tokens": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2}
+    (edited / "generation_config.json").write_text(json.dumps({**generation, **edits}))
     captioner = load_captioner(edited, "cpu")
-    assert captioner.decode_defaults.beams == 4
-    assert captioner.caption(photos) == load_captioner(folder, "cpu").caption(photos, beams=4)
+    settings = {"beams": 4, "max_len": 6, "min_len": 2, "length_penalty": 0.5, "no_repeat_ngram": 2}
+    assert asdict(captioner.decode_defaults) == settings
+    assert captioner.caption(photos) == load_captioner(folder, "cpu").caption(photos, **settings)
 
 
 def test_model_card_header_and_contents(folder: Path) -> None:

@@ -45,6 +45,19 @@ def checkpoint(tiny_checkpoint: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def stopping_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with GPT-2's last LayerNorm biased towards the end-of-text embedding (the output layer
+    is tied to it): greedy captions mostly end at once, so that min_len, the beams and the length penalty each
+    change what comes out."""
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    weights = payload["model"]
+    weights["gpt.transformer.ln_f.bias"] += 20 * weights["gpt.transformer.wte.weight"][50256]
+    path = tmp_path_factory.mktemp("stopping") / "stopping.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("images")
     for i, (name, fmt) in enumerate(GOOD.items()):
@@ -120,29 +133,40 @@ def test_stdout_lines_and_html_gallery(checkpoint, image_dir, tmp_path, capsys) 
     assert "notes.png" in page and "missing.jpg" in page
 
 
-def test_predictions_equal_direct_decoding_with_overrides(checkpoint, image_dir, tmp_path) -> None:
+def test_predictions_equal_direct_decoding_with_overrides(stopping_checkpoint, image_dir, tmp_path) -> None:
     out = tmp_path / "out.json"
     overrides = ["--beams", "3", "--max_len", "6", "--min_len", "2", "--length_penalty", "0.5"]
-    assert run_predict(checkpoint, good_paths(image_dir), "--output", str(out), *overrides) == 0
+    overrides += ["--no_repeat_ngram", "1"]
+    assert run_predict(stopping_checkpoint, good_paths(image_dir), "--output", str(out), *overrides) == 0
     captions = [r["caption"] for r in json.loads(out.read_text())]
-    model, cfg = load_model(checkpoint)
+    model, cfg = load_model(stopping_checkpoint)
     transform = build_transform(model.encoder.image_res)
     images = torch.stack([transform(load_image(p)) for p in good_paths(image_dir)])
-    options = DecodeOptions(method="beam", beams=3, max_len=6, min_len=2, length_penalty=0.5)
+    options = DecodeOptions(method="beam", beams=3, max_len=6, min_len=2, length_penalty=0.5, no_repeat_ngram=1)
     with torch.no_grad():
         result = decode(model, model.encode(images), options)
     assert captions == captions_from_tokens(load_tokenizer(cfg.model.tokenizer), result)
     assert (result.lengths >= 3).all() and (result.lengths <= 6).all()
+    # captions of different lengths: an override that predict.py dropped would change them
+    assert result.stopped.any() and (result.lengths < 6).any()
 
 
 def test_sampling_is_seeded(checkpoint, image_dir, tmp_path) -> None:
     texts = []
     for seed in ("3", "3", "4"):
         out = tmp_path / f"sample_{len(texts)}.jsonl"
-        args = ["--output", str(out), "--method", "sample", "--top_k", "40", "--seed", seed]
-        assert run_predict(checkpoint, good_paths(image_dir), *args) == 0
+        args = ["--output", str(out), "--method", "sample", "--top_k", "40", "--temperature", "0.7", "--top_p", "0.9"]
+        assert run_predict(checkpoint, good_paths(image_dir), *args, "--seed", seed) == 0
         texts.append(out.read_text())
     assert texts[0] == texts[1] != texts[2]
+    model, cfg = load_model(checkpoint)
+    transform = build_transform(model.encoder.image_res)
+    images = torch.stack([transform(load_image(p)) for p in good_paths(image_dir)])
+    options = DecodeOptions(method="sample", max_len=8, top_k=40, temperature=0.7, top_p=0.9)
+    with torch.no_grad():
+        result = decode(model, model.encode(images), options, generator=torch.Generator().manual_seed(3))
+    captions = [json.loads(line)["caption"] for line in texts[0].splitlines()]
+    assert captions == captions_from_tokens(load_tokenizer(cfg.model.tokenizer), result)
 
 
 @pytest.mark.parametrize(

@@ -32,9 +32,11 @@ def write_run(run: Path, scst: bool) -> list[dict]:
 
 def test_curves_from_metrics_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     xe_records = write_run(tmp_path / "xe", scst=False)
-    write_run(tmp_path / "scst", scst=True)
+    scst_records = write_run(tmp_path / "scst", scst=True)
     xe, scst = read_run(tmp_path / "xe"), read_run(tmp_path / "scst")
     assert xe.series["loss"] == ([r["step"] for r in xe_records], [r["loss"] for r in xe_records])
+    for key in ("reward", "baseline"):
+        assert scst.series[key] == ([r["step"] for r in scst_records], [r[key] for r in scst_records])
     assert set(xe.series) == {"loss", "val_cider"} and set(scst.series) == {"reward", "baseline", "val_cider"}
     assert scst.series["val_cider"] == ([6], [pytest.approx(180.0)])
     both, only_xe = tmp_path / "both.png", tmp_path / "xe.png"
