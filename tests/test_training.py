@@ -125,6 +125,9 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset
     stopped = _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, **{"train.stop_after_steps": 6}))
     assert stopped.stopped and stopped.state.epoch == 1 and stopped.state.epoch_step == 2
     _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, resume=True))
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["event"], r["step"]) for r in records if r["event"] in ("train", "resume")]
+    assert steps[-3:] == [("resume", 6), ("train", 7), ("train", 8)]  # continued, not started afresh
     straight = read_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = read_checkpoint(tmp_path / "resumed" / "last.pt")
     assert straight["train_state"]["counters"] == resumed["train_state"]["counters"]
