@@ -50,10 +50,6 @@ def _batches(tokenizer, sizes: list[int]) -> list[dict]:
     return batches
 
 
-def _call(model, batch: dict) -> dict[str, torch.Tensor]:
-    return model(None, batch["input_ids"], batch["labels"], aux_weight=1.0, features=batch["features"])
-
-
 def test_the_xe_forward_is_one_graph(tokenizer):
     _, model = _model()
     [batch] = _batches(tokenizer, [4])
@@ -65,22 +61,22 @@ def test_the_xe_forward_is_one_graph(tokenizer):
 
 
 def test_one_graph_serves_every_batch_size_and_caption_length(tokenizer):
-    """Batches of 4, 4, 3 and 2 captions, each padded to its own longest: dynamo traces once (its eager
-    backend here: whether it recompiles is dynamo's decision, whatever backend compiles the graph)."""
-    _, model = _model()
+    """Batches of 4, 4, 3 and 2 captions, each padded to its own longest, through the XE step: dynamo traces
+    once (its eager backend here: whether it recompiles is dynamo's decision, whatever backend compiles the
+    graph), so the step runs the compiled forward and captures the real tokens' selection in the graph."""
+    cfg, model = _model()
     graphs = []
 
     def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
         graphs.append(graph)
         return graph.forward
 
-    compiled = compile_forward(model, backend=counting_backend)
+    compiled = XEStep(model, CPU, cfg.train, compile_forward(model, backend=counting_backend))
+    eager = XEStep(model, CPU, cfg.train)
     batches = _batches(tokenizer, [4, 4, 3, 2])
     assert len({tuple(b["input_ids"].shape) for b in batches}) == 4
     for batch in batches:
-        with compiled_call():
-            out = _call(compiled, batch)
-        torch.testing.assert_close(out["loss"], _call(model, batch)["loss"])
+        torch.testing.assert_close(compiled(batch)["loss"], eager(batch)["loss"])
     assert len(graphs) == 1
 
 
