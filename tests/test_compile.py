@@ -12,7 +12,9 @@ import torch
 from helpers import TINY_GPT2, tiny_config
 from test_accumulation import _caption_batch
 
+from engine import runner
 from engine.loop import Optimization
+from engine.runner import Run
 from engine.steps import XEStep, compile_forward, compiled_call
 from models.build import build_captioner
 
@@ -78,6 +80,29 @@ def test_one_graph_serves_every_batch_size_and_caption_length(tokenizer):
     for batch in batches:
         torch.testing.assert_close(compiled(batch)["loss"], eager(batch)["loss"])
     assert len(graphs) == 1
+
+
+def test_a_run_with_train_compile_trains_through_the_compiled_forward(tiny_dataset, tmp_path, monkeypatch):
+    """An XE step of a run with ``train.compile`` (dynamo's eager backend here, as above) runs its forward
+    through the one compiled graph."""
+    graphs, calls = [], []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+
+        def forward(*args):
+            calls.append(len(graphs))
+            return graph.forward(*args)
+
+        return forward
+
+    monkeypatch.setattr(runner, "compile_forward", lambda module: compile_forward(module, backend=counting_backend))
+    run = Run(tiny_config(tiny_dataset, tmp_path, **{"train.compile": True, "train.stop_after_steps": 1}))
+    try:
+        assert run.train().stopped
+    finally:
+        run.close()
+    assert (len(graphs), calls) == (1, [1])
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler")
