@@ -193,6 +193,12 @@ def _assert_three_steps_with_aux(out: Path) -> None:
     assert [r["step"] for r in train] == [1, 2, 3] and all(r["aux"] > 0 for r in train)
 
 
+def _logged(out: Path, key: str) -> list[float]:
+    """``key`` of each training step in the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in records if r["event"] == "train"]
+
+
 @pytest.fixture(scope="module")
 def scst_single(tiny_dataset, xe_single, tmp_path_factory) -> Path:
     """The worker's SCST steps in one process, from the XE steps' weights."""
@@ -230,8 +236,10 @@ def test_accumulated_xe_steps_are_the_large_batch_steps(tiny_dataset, xe_single,
     ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(processes)]
     _assert_same_training(torch.load(xe_single / "rank0.pt"), ranks[0], ranks[-1])
     assert _micro_batches_logged(out) == "2"
-    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in train if r["event"] == "train"] == [1, 2, 3]
+    assert _logged(out, "step") == [1, 2, 3]
+    # the logged loss and N-pair loss are the whole step's, as batch 8 at once logs them
+    for key in ("loss", "aux"):
+        assert _logged(out, key) == pytest.approx(_logged(xe_single, key), rel=1e-5), key
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -244,6 +252,8 @@ def test_accumulated_scst_steps_are_the_large_batch_steps(tiny_dataset, xe_singl
     ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(processes)]
     _assert_same_training(torch.load(scst_single / "rank0.pt"), ranks[0], ranks[-1])
     assert _micro_batches_logged(out) == "2"
+    for key in ("loss", "reward"):
+        assert _logged(out, key) == pytest.approx(_logged(scst_single, key), rel=1e-5), key
 
 
 @pytest.mark.parametrize(
