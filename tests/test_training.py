@@ -16,6 +16,7 @@ from oracles import pycocoevalcap_cider
 from pycocoevalcap import spice
 
 from engine.config import TrainConfig
+from engine.loop import Optimization
 from engine.optim import build_optimizer
 from engine.runner import Run, RunResult
 from models.gpt2 import build_gpt2
@@ -295,6 +296,18 @@ def test_optimizer_is_fused_adamw_over_trainable_parameters_only():
         torch.testing.assert_close(param, ref, rtol=1e-5, atol=1e-6, msg=name)
     assert torch.equal(model[0].bias, initial[0].bias)
     assert not torch.equal(model[1].weight, initial[1].weight)
+
+
+@pytest.mark.parametrize(("grad_clip", "step"), [(0.0, [3.0, 4.0]), (1.0, [0.6, 0.8]), (10.0, [3.0, 4.0])])
+def test_grad_clip_caps_the_gradient_norm(grad_clip, step):
+    """Gradient (3, 4), of norm 5: clipped to norm 1 (0.6, 0.8) with train.grad_clip 1, whole with 0 (off)
+    and with a bound above its norm; plain SGD at learning rate 1 moves the weights by it."""
+    weights = torch.nn.Parameter(torch.zeros(2))
+    sgd = torch.optim.SGD([weights], lr=1.0)
+    optimization = Optimization([weights], sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0),
+                                torch.amp.GradScaler("cpu", enabled=False), "fp32", grad_clip)  # fmt: skip
+    optimization.update((weights * torch.tensor([3.0, 4.0])).sum(), "step 1")
+    torch.testing.assert_close(weights.detach(), -torch.tensor(step))
 
 
 def test_pretrained_gpt2_trains_with_dropout_from_the_first_step(tiny_dataset, tmp_path):
