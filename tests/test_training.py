@@ -14,11 +14,15 @@ import torch
 from helpers import TINY_GPT2, tiny_config
 from oracles import pycocoevalcap_cider
 from pycocoevalcap import spice
+from test_accumulation import _caption_batch
 
+from data.text import IGNORE_INDEX
 from engine.config import TrainConfig
 from engine.loop import Optimization
 from engine.optim import build_optimizer
 from engine.runner import Run, RunResult
+from engine.steps import XEStep
+from models.build import build_captioner
 from models.gpt2 import build_gpt2
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import read_checkpoint
@@ -308,6 +312,24 @@ def test_grad_clip_caps_the_gradient_norm(grad_clip, step):
                                 torch.amp.GradScaler("cpu", enabled=False), "fp32", grad_clip)  # fmt: skip
     optimization.update((weights * torch.tensor([3.0, 4.0])).sum(), "step 1")
     torch.testing.assert_close(weights.detach(), -torch.tensor(step))
+
+
+def test_xe_step_smooths_the_labels_by_train_label_smoothing(tokenizer):
+    """The XE step's cross-entropy is torch's with the configured label smoothing, over the model's
+    teacher-forced logits of the real caption tokens."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**{"train.label_smoothing": 0.1, "train.use_aux_loss": False})
+    model = build_captioner(cfg).eval()
+    features = torch.randn(8, 17, 256, generator=torch.Generator().manual_seed(1))
+    batch = _caption_batch(tokenizer, slice(0, 8), features)
+    real = batch["labels"] != IGNORE_INDEX
+    with torch.no_grad():
+        xe = XEStep(model, torch.device("cpu"), cfg.train)(batch)["xe"]
+        logits = model.token_logits(model.encode(features=features), batch["input_ids"])[real]
+    plain = torch.nn.functional.cross_entropy(logits, batch["labels"][real])
+    smoothed = torch.nn.functional.cross_entropy(logits, batch["labels"][real], label_smoothing=0.1)
+    assert abs(float(smoothed - plain)) > 1e-3  # the smoothing shows in the value
+    torch.testing.assert_close(xe, smoothed)
 
 
 def test_pretrained_gpt2_trains_with_dropout_from_the_first_step(tiny_dataset, tmp_path):
