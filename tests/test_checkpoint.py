@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_model, tiny_config
+from helpers import TINY_GPT2, save_model, tiny_config
 
 from models.build import architecture, build_captioner
 from models.pretrained import load_model
@@ -59,6 +59,10 @@ def test_strict_load_lists_missing_unexpected_and_mis_shaped_keys(tmp_path):
     message = str(err.value)
     assert "mlp.pt" in message and "unexpected" in message and "sparse_mask.m" in message
     assert "gpt.transformer.h.1" in message
+    deeper = build_captioner(tiny_config(**{"model.gpt2_config": {**TINY_GPT2, "n_layer": 3}}))
+    # a GPT-2 block holds 12 tensors: c_attn, c_proj, ln_1, ln_2, mlp.c_fc and mlp.c_proj, weight and bias each
+    with pytest.raises(CheckpointError, match=r"mlp\.pt do not fit the model; 12 missing: gpt\.transformer\.h\.2\."):
+        load_state_strict(deeper, read_checkpoint(tmp_path / "mlp.pt")["model"], "mlp.pt")
     wider = build_captioner(tiny_config(**{"model.gpt2_config": {"n_layer": 2, "n_embd": 32, "n_head": 2}}))
     with pytest.raises(CheckpointError, match=r"another shape: .*checkpoint \(50257, 64\), model \(50257, 32\)"):
         load_state_strict(wider, read_checkpoint(tmp_path / "mlp.pt")["model"], "mlp.pt")

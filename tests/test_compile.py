@@ -12,7 +12,9 @@ import torch
 from helpers import TINY_GPT2, tiny_config
 from test_accumulation import _caption_batch
 
+from engine import runner
 from engine.loop import Optimization
+from engine.runner import Run
 from engine.steps import XEStep, compile_forward, compiled_call
 from models.build import build_captioner
 
@@ -50,10 +52,6 @@ def _batches(tokenizer, sizes: list[int]) -> list[dict]:
     return batches
 
 
-def _call(model, batch: dict) -> dict[str, torch.Tensor]:
-    return model(None, batch["input_ids"], batch["labels"], aux_weight=1.0, features=batch["features"])
-
-
 def test_the_xe_forward_is_one_graph(tokenizer):
     _, model = _model()
     [batch] = _batches(tokenizer, [4])
@@ -65,23 +63,46 @@ def test_the_xe_forward_is_one_graph(tokenizer):
 
 
 def test_one_graph_serves_every_batch_size_and_caption_length(tokenizer):
-    """Batches of 4, 4, 3 and 2 captions, each padded to its own longest: dynamo traces once (its eager
-    backend here: whether it recompiles is dynamo's decision, whatever backend compiles the graph)."""
-    _, model = _model()
+    """Batches of 4, 4, 3 and 2 captions, each padded to its own longest, through the XE step: dynamo traces
+    once (its eager backend here: whether it recompiles is dynamo's decision, whatever backend compiles the
+    graph), so the step runs the compiled forward and captures the real tokens' selection in the graph."""
+    cfg, model = _model()
     graphs = []
 
     def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
         graphs.append(graph)
         return graph.forward
 
-    compiled = compile_forward(model, backend=counting_backend)
+    compiled = XEStep(model, CPU, cfg.train, compile_forward(model, backend=counting_backend))
+    eager = XEStep(model, CPU, cfg.train)
     batches = _batches(tokenizer, [4, 4, 3, 2])
     assert len({tuple(b["input_ids"].shape) for b in batches}) == 4
     for batch in batches:
-        with compiled_call():
-            out = _call(compiled, batch)
-        torch.testing.assert_close(out["loss"], _call(model, batch)["loss"])
+        torch.testing.assert_close(compiled(batch)["loss"], eager(batch)["loss"])
     assert len(graphs) == 1
+
+
+def test_a_run_with_train_compile_trains_through_the_compiled_forward(tiny_dataset, tmp_path, monkeypatch):
+    """An XE step of a run with ``train.compile`` (dynamo's eager backend here, as above) runs its forward
+    through the one compiled graph."""
+    graphs, calls = [], []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+
+        def forward(*args):
+            calls.append(len(graphs))
+            return graph.forward(*args)
+
+        return forward
+
+    monkeypatch.setattr(runner, "compile_forward", lambda module: compile_forward(module, backend=counting_backend))
+    run = Run(tiny_config(tiny_dataset, tmp_path, **{"train.compile": True, "train.stop_after_steps": 1}))
+    try:
+        assert run.train().stopped
+    finally:
+        run.close()
+    assert (len(graphs), calls) == (1, [1])
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler")

@@ -10,6 +10,7 @@ from helpers import tiny_config
 from test_accumulation import CAPTIONS, _caption_batch
 from test_scst import GOOD
 
+from engine.runner import Run
 from engine.steps import ScstStep, XEStep
 from metrics.cider import CiderD
 from metrics.cider_df import DocumentFrequency
@@ -99,3 +100,14 @@ def test_checkpointed_scst_step_has_the_same_loss_and_gradients(tokenizer, fast_
     )
     _assert_same(plain, checkpointed)
     assert plain[0]["sample_len"] > 1.0  # the decode kept its cache: captions of several tokens
+
+
+def test_a_run_with_grad_checkpointing_checkpoints_gpt2_and_the_mapper(tiny_dataset, tmp_path):
+    cfg = tiny_config(tiny_dataset, tmp_path, **{"model.mapping_type": "transformer", "train.grad_checkpointing": True})
+    run = Run(cfg)
+    try:
+        # transformers' switch: the flag of each module it checkpoints
+        assert any(getattr(module, "gradient_checkpointing", False) for module in run.model.gpt.modules())
+        assert run.model.mapper.checkpoint_context is not None
+    finally:
+        run.close()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from test_training import _cli_args
 
+from utils.checkpoint import read_checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -56,4 +58,5 @@ def test_two_nodes_with_c10d_rendezvous_train_together(tiny_dataset, tmp_path):
     assert "batch 8 on 2 process(es)" in log  # one process per node, batch 4 each
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["event"] == "train"] == [1, 2]
-    assert (out / "last.pt").is_file()
+    state = read_checkpoint(out / "last.pt")["train_state"]
+    assert state["counters"]["global_step"] == 2 and len(state["rng_ranks"]) == 2  # gathered from both nodes

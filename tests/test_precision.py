@@ -109,15 +109,19 @@ def test_xe_then_scst_steps_stay_finite_and_learn(precision: str, device: torch.
 
 
 def test_a_cpu_run_trains_in_the_precision_its_config_names(tiny_dataset, tmp_path):
-    """train.precision fp16 on the CPU: the run's log and checkpoint say fp16 and its scaler is active."""
+    """train.precision fp16 on the CPU: the training steps compute in fp16, the run's log and checkpoint say
+    fp16 and its scaler is active."""
     cfg = tiny_config(tiny_dataset, tmp_path, **{"train.precision": "fp16", "train.stop_after_steps": 2})
     run = Run(cfg)
+    dtypes = []
+    run.model.gpt.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     try:
         assert run.precision == "fp16"
         result = run.train()
     finally:
         run.close()
     assert result.stopped and result.state.global_step == 2
+    assert dtypes == [torch.float16] * 2
     train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in train if r["event"] == "train"]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)

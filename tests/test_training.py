@@ -14,10 +14,15 @@ import torch
 from helpers import TINY_GPT2, tiny_config
 from oracles import pycocoevalcap_cider
 from pycocoevalcap import spice
+from test_accumulation import _caption_batch
 
+from data.text import IGNORE_INDEX
 from engine.config import TrainConfig
+from engine.loop import Optimization
 from engine.optim import build_optimizer
 from engine.runner import Run, RunResult
+from engine.steps import XEStep
+from models.build import build_captioner
 from models.gpt2 import build_gpt2
 from models.tokenizer import load_tokenizer
 from utils.checkpoint import read_checkpoint
@@ -125,6 +130,9 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_dataset
     stopped = _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, **{"train.stop_after_steps": 6}))
     assert stopped.stopped and stopped.state.epoch == 1 and stopped.state.epoch_step == 2
     _train(tiny_config(tiny_dataset, tmp_path / "resumed", **overrides, resume=True))
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["event"], r["step"]) for r in records if r["event"] in ("train", "resume")]
+    assert steps[-3:] == [("resume", 6), ("train", 7), ("train", 8)]  # continued, not started afresh
     straight = read_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = read_checkpoint(tmp_path / "resumed" / "last.pt")
     assert straight["train_state"]["counters"] == resumed["train_state"]["counters"]
@@ -190,6 +198,12 @@ def _assert_three_steps_with_aux(out: Path) -> None:
     assert [r["step"] for r in train] == [1, 2, 3] and all(r["aux"] > 0 for r in train)
 
 
+def _logged(out: Path, key: str) -> list[float]:
+    """``key`` of each training step in the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in records if r["event"] == "train"]
+
+
 @pytest.fixture(scope="module")
 def scst_single(tiny_dataset, xe_single, tmp_path_factory) -> Path:
     """The worker's SCST steps in one process, from the XE steps' weights."""
@@ -227,8 +241,10 @@ def test_accumulated_xe_steps_are_the_large_batch_steps(tiny_dataset, xe_single,
     ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(processes)]
     _assert_same_training(torch.load(xe_single / "rank0.pt"), ranks[0], ranks[-1])
     assert _micro_batches_logged(out) == "2"
-    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in train if r["event"] == "train"] == [1, 2, 3]
+    assert _logged(out, "step") == [1, 2, 3]
+    # the logged loss and N-pair loss are the whole step's, as batch 8 at once logs them
+    for key in ("loss", "aux"):
+        assert _logged(out, key) == pytest.approx(_logged(xe_single, key), rel=1e-5), key
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -241,6 +257,8 @@ def test_accumulated_scst_steps_are_the_large_batch_steps(tiny_dataset, xe_singl
     ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(processes)]
     _assert_same_training(torch.load(scst_single / "rank0.pt"), ranks[0], ranks[-1])
     assert _micro_batches_logged(out) == "2"
+    for key in ("loss", "reward"):
+        assert _logged(out, key) == pytest.approx(_logged(scst_single, key), rel=1e-5), key
 
 
 @pytest.mark.parametrize(
@@ -282,6 +300,36 @@ def test_optimizer_is_fused_adamw_over_trainable_parameters_only():
         torch.testing.assert_close(param, ref, rtol=1e-5, atol=1e-6, msg=name)
     assert torch.equal(model[0].bias, initial[0].bias)
     assert not torch.equal(model[1].weight, initial[1].weight)
+
+
+@pytest.mark.parametrize(("grad_clip", "step"), [(0.0, [3.0, 4.0]), (1.0, [0.6, 0.8]), (10.0, [3.0, 4.0])])
+def test_grad_clip_caps_the_gradient_norm(grad_clip, step):
+    """Gradient (3, 4), of norm 5: clipped to norm 1 (0.6, 0.8) with train.grad_clip 1, whole with 0 (off)
+    and with a bound above its norm; plain SGD at learning rate 1 moves the weights by it."""
+    weights = torch.nn.Parameter(torch.zeros(2))
+    sgd = torch.optim.SGD([weights], lr=1.0)
+    optimization = Optimization([weights], sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0),
+                                torch.amp.GradScaler("cpu", enabled=False), "fp32", grad_clip)  # fmt: skip
+    optimization.update((weights * torch.tensor([3.0, 4.0])).sum(), "step 1")
+    torch.testing.assert_close(weights.detach(), -torch.tensor(step))
+
+
+def test_xe_step_smooths_the_labels_by_train_label_smoothing(tokenizer):
+    """The XE step's cross-entropy is torch's with the configured label smoothing, over the model's
+    teacher-forced logits of the real caption tokens."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**{"train.label_smoothing": 0.1, "train.use_aux_loss": False})
+    model = build_captioner(cfg).eval()
+    features = torch.randn(8, 17, 256, generator=torch.Generator().manual_seed(1))
+    batch = _caption_batch(tokenizer, slice(0, 8), features)
+    real = batch["labels"] != IGNORE_INDEX
+    with torch.no_grad():
+        xe = XEStep(model, torch.device("cpu"), cfg.train)(batch)["xe"]
+        logits = model.token_logits(model.encode(features=features), batch["input_ids"])[real]
+    plain = torch.nn.functional.cross_entropy(logits, batch["labels"][real])
+    smoothed = torch.nn.functional.cross_entropy(logits, batch["labels"][real], label_smoothing=0.1)
+    assert abs(float(smoothed - plain)) > 1e-3  # the smoothing shows in the value
+    torch.testing.assert_close(xe, smoothed)
 
 
 def test_pretrained_gpt2_trains_with_dropout_from_the_first_step(tiny_dataset, tmp_path):
