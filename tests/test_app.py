@@ -14,6 +14,7 @@ import pytest
 from app_server import PHOTO, make_checkpoint
 
 import app
+import models.captioning
 from models import load_captioner
 from webapp.render import captions_html, mask_html
 from webapp.service import CaptionService, RequestError, Settings
@@ -67,8 +68,14 @@ def texts(html: str, css_class: str) -> list[str]:
     return parser.texts
 
 
-def test_captions_and_kept_positions_equal_the_python_api(service, captioner) -> None:
+def test_captions_and_kept_positions_equal_the_python_api(service, captioner, monkeypatch) -> None:
+    # This random model's best two beams are the same for any beam width: the width is read where it
+    # reaches the decoder.
+    widths = []
+    decode = models.captioning.decode
+    monkeypatch.setattr(models.captioning, "decode", lambda *a, **k: widths.append(a[2].beams) or decode(*a, **k))
     (result,) = service.caption([PHOTO], Settings("beam", beams=3, num_captions=2))
+    assert widths == [3]
     expected = captioner.caption(PHOTO, beams=3, num_captions=2)[0]
     assert [c.text for c in result.captions] == [c.text for c in expected]
     assert [c.score for c in result.captions] == pytest.approx([c.score for c in expected], abs=1e-5)
