@@ -44,14 +44,14 @@ def _gradients(model, step, batches: list[dict]) -> tuple[float, dict[str, torch
     return float(sum(out["loss"] for out in outs)), grads
 
 
-def _caption_batch(tokenizer, rows: slice, features: torch.Tensor) -> dict:
+def _caption_batch(tokenizer, rows: slice, features: torch.Tensor, key: str = "features") -> dict:
     ids = [tokenizer.encode(clean_caption(c)) for c in CAPTIONS[rows]]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), tokenizer.eos_token_id)
     labels = torch.full((len(ids), width), IGNORE_INDEX)
     for row, seq in enumerate(ids):
         input_ids[row, : len(seq)], labels[row, : len(seq)] = torch.tensor(seq), torch.tensor(seq)
-    return {"features": features[rows], "input_ids": input_ids, "labels": labels}
+    return {key: features[rows], "input_ids": input_ids, "labels": labels}
 
 
 def _assert_same(whole: tuple[float, dict], parts: tuple[float, dict]) -> None:
@@ -72,6 +72,25 @@ def test_accumulated_xe_gradients_are_the_whole_batchs(tokenizer, mapping_type):
     parts = [_caption_batch(tokenizer, rows, features) for rows in (slice(0, 3), slice(3, 6), slice(6, 8))]
     _assert_same(whole, _gradients(model, step, parts))
     assert any(name.startswith("mapper.") for name in whole[1]) and "gpt.transformer.wte.weight" in whole[1]
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trained"])
+def test_accumulated_xe_from_images_encodes_each_image_once_per_pass_it_needs(tokenizer, frozen):
+    """From images, micro-batches of 3, 3 and 2 give the whole batch's gradients. A frozen encoder sees each
+    micro-batch once: its output, computed for the N-pair negatives, is the forward's. A trained one sees
+    each twice (without gradients for the negatives, then with them) and gets its gradients."""
+    cfg, model = _model(**{"encoder.frozen": frozen})
+    images = torch.randn(8, 3, 128, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    seen = []
+    model.encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    step = XEStep(model, CPU, cfg.train)
+    whole = _gradients(model, step, [_caption_batch(tokenizer, slice(0, 8), images, "images")])
+    assert seen == [8]
+    seen.clear()
+    parts = [_caption_batch(tokenizer, rows, images, "images") for rows in (slice(0, 3), slice(3, 6), slice(6, 8))]
+    _assert_same(whole, _gradients(model, step, parts))
+    assert seen == ([3, 3, 2] if frozen else [3, 3, 2, 3, 3, 2])
+    assert any(name.startswith("encoder.") for name in whole[1]) == (not frozen)
 
 
 class _LengthReward:
