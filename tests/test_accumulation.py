@@ -64,8 +64,9 @@ def _assert_same(whole: tuple[float, dict], parts: tuple[float, dict]) -> None:
 @pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
 def test_accumulated_xe_gradients_are_the_whole_batchs(tokenizer, mapping_type):
     """8 captions of 2 to 10 tokens in micro-batches of 3, 3 and 2: the token mean over all 8 and the N-pair
-    loss with all 8 images as negatives, as batch 8 at once."""
-    cfg, model = _model(**{"model.mapping_type": mapping_type})
+    loss with all 8 images as negatives, as batch 8 at once; the N-pair text embedding reads 4 tokens, fewer
+    than most captions have."""
+    cfg, model = _model(**{"model.mapping_type": mapping_type, "train.aux_text_tokens": 4})
     features = torch.randn(8, 17, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     step = XEStep(model, CPU, cfg.train)
     whole = _gradients(model, step, [_caption_batch(tokenizer, slice(0, 8), features)])
