@@ -563,7 +563,7 @@ def _sample(
 
     ``searchsorted`` over the cumulative probabilities draws from the same distribution as
     ``torch.multinomial`` at a fraction of its cost over a 50k vocabulary; ``right=True`` never lands on a
-    zero-probability token.
+    zero-probability token, nor does a draw that rounds up to the total (it takes the last token with mass).
     """
     if 0 < top_k < logits.shape[1]:
         kth = logits.topk(top_k, dim=1).values[:, -1:]
@@ -573,13 +573,13 @@ def _sample(
         probs = torch.softmax(ordered, dim=1)
         mass_before = probs.cumsum(dim=1) - probs
         ordered = ordered.masked_fill(mass_before >= top_p, -math.inf)
-        logits = torch.full_like(logits, -math.inf).scatter(1, order, ordered)
+        logits = logits.scatter(1, order, ordered)  # back to vocabulary order (every entry is written)
     cdf = torch.softmax(logits, dim=1).cumsum(dim=1)
     if uniform is None:
-        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
-    uniform = uniform.to(cdf.dtype)
-    chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
-    return chosen.squeeze(1).clamp_(max=logits.shape[1] - 1)
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+    total = cdf[:, -1:].contiguous()  # R x 1
+    chosen = torch.searchsorted(cdf, uniform.to(cdf.dtype) * total, right=True)
+    return torch.minimum(chosen, torch.searchsorted(cdf, total)).squeeze(1)
 
 
 def _finish(

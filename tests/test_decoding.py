@@ -344,6 +344,33 @@ def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly() -> None:
     assert min(drawn[0.51]) > 150, drawn
 
 
+def test_sampling_edge_draws_top_k_one_and_float64_uniforms() -> None:
+    """A draw of exactly 1 (the top of the cumulative distribution, where a draw just below 1 may round to)
+    takes the last token that has probability: token 7 of 8 without truncation, the highest-numbered of the
+    3 kept by top-k 3, never a truncated one. top_k 1 is greedy decoding. Uniform draws given in float64
+    pick what the same draws in float32 pick."""
+    model = make_model(seed=5, stop_bias=None, vocab_size=8)
+    prefix = make_prefix(model, 1)
+    one = DecodeOptions(method="sample", max_len=1, stop_ids=(), pad_id=0)
+    with torch.no_grad():
+        logits = model.token_logits(prefix, torch.zeros(1, 1, dtype=torch.long))[0, 0]
+    top3 = logits.topk(3).indices
+    assert 7 not in top3.tolist()
+    ones = torch.ones(1, 1)
+    assert decode(model, prefix, one, uniforms=ones).tokens.tolist() == [[7]]
+    assert decode(model, prefix, replace(one, top_k=3), uniforms=ones).tokens.tolist() == [[int(top3.max())]]
+
+    model = make_model()
+    prefix = make_prefix(model, 4)
+    options = DecodeOptions(method="sample", max_len=10, min_len=1)
+    uniforms = torch.rand(4, 10, generator=torch.Generator().manual_seed(6))
+    greedy = decode(model, prefix, replace(options, method="greedy"))
+    assert torch.equal(decode(model, prefix, replace(options, top_k=1), uniforms=uniforms).tokens, greedy.tokens)
+    sampled = decode(model, prefix, options, uniforms=uniforms)
+    assert not torch.equal(sampled.tokens, greedy.tokens)
+    assert torch.equal(decode(model, prefix, options, uniforms=uniforms.double()).tokens, sampled.tokens)
+
+
 def repeated_ngrams(tokens: list[int], n: int) -> int:
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return len(grams) - len(set(grams))
@@ -531,10 +558,10 @@ def test_decoding_creates_its_tensors_where_the_prefix_is(options: DecodeOptions
     prefix = make_prefix(model, 3)
 
     def run() -> tuple[DecodeResult, torch.Tensor]:
-        result = decode(model, prefix, options, with_logprobs=True, fast=fast, uniforms=uniforms)
+        generator = torch.Generator().manual_seed(3)
+        result = decode(model, prefix, options, with_logprobs=True, fast=fast, generator=generator)
         return result, teacher_forced_logprobs(model, prefix, result, options.temperature)
 
-    uniforms = torch.rand(3 * options.num_samples, options.max_len, generator=torch.Generator().manual_seed(3))
     expected, expected_scored = run()
     with torch.device("meta"):
         result, scored = run()
