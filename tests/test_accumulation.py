@@ -113,5 +113,6 @@ def test_accumulated_scst_gradients_are_the_whole_batchs(tokenizer):
     features = torch.randn(4, 17, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     whole = _gradients(model, step, [{"features": features, "indices": [0, 1, 2, 3]}])
     parts = [{"features": features[:1], "indices": [0]}, {"features": features[1:], "indices": [1, 2, 3]}]
+    assert step.plan(parts) == [0.25, 0.75]  # each micro-batch's share of the step's 12 captions
     _assert_same(whole, _gradients(model, step, parts))
     assert abs(whole[0]) > 1e-3

@@ -237,3 +237,19 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
     assert out["sample_len"].item() == pytest.approx(mask.sum().item() / (2 * n))
     assert out["entropy"].item() == pytest.approx(-seen["logprobs"][mask].mean().item(), rel=1e-6)
     assert torch.equal(out["loss"], scst_loss(seen["logprobs"], mask, seen["rewards"], seen["baselines"], length_norm))
+
+
+@pytest.mark.parametrize("baseline, samples, refused", [("mean", 1, True), ("mean", 2, False), ("greedy", 1, False)])
+def test_the_mean_of_others_baseline_needs_two_samples(tokenizer, baseline: str, samples: int, refused: bool):
+    cfg = tiny_config(**{"scst_opts.baseline": baseline, "scst_opts.num_samples": samples})
+    model = build_captioner(cfg)
+    cider = CiderD(DocumentFrequency.from_references([[GOOD]]))
+
+    def build() -> ScstStep:
+        return ScstStep(model, tokenizer, cider, [[GOOD]], cfg.scst_opts, torch.device("cpu"))
+
+    if refused:
+        with pytest.raises(ValueError, match=r"^the mean-of-others baseline needs scst_opts.num_samples >= 2$"):
+            build()
+    else:
+        assert build().sample_options.num_samples == samples
