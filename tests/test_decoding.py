@@ -344,6 +344,15 @@ def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly() -> None:
     assert min(drawn[0.51]) > 150, drawn
 
 
+@pytest.mark.parametrize("options", ALL_METHODS, ids=["greedy", "beam", "sample"])
+def test_scores_are_summed_logprobs_over_length_to_the_penalty(options: DecodeOptions) -> None:
+    model = make_model()
+    result = decode(model, make_prefix(model, 4), replace(options, length_penalty=0.5), with_logprobs=True)
+    assert len(set(result.lengths.tolist())) > 1
+    expected = result.token_logprobs.sum(dim=1) / result.lengths.float() ** 0.5
+    torch.testing.assert_close(result.scores, expected.detach())
+
+
 def test_sampling_edge_draws_top_k_one_and_float64_uniforms() -> None:
     """A draw of exactly 1 (the top of the cumulative distribution, where a draw just below 1 may round to)
     takes the last token that has probability: token 7 of 8 without truncation, the highest-numbered of the
@@ -376,6 +385,7 @@ def repeated_ngrams(tokens: list[int], n: int) -> int:
     return len(grams) - len(set(grams))
 
 
+@pytest.mark.filterwarnings("ignore:Passing `no_repeat_ngram_size` with `inputs_embeds`")
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("options", ALL_METHODS, ids=["greedy", "beam", "sample"])
 def test_no_repeat_ngram_blocking(n: int, options: DecodeOptions) -> None:
@@ -388,6 +398,8 @@ def test_no_repeat_ngram_blocking(n: int, options: DecodeOptions) -> None:
     blocked_options = replace(base, no_repeat_ngram=n)
     blocked = decode(model, prefix, blocked_options, generator=torch.Generator().manual_seed(0))
     assert all(repeated_ngrams(row, n) == 0 for row in blocked.tokens.tolist())
+    if options.method != "sample":  # and exactly the n-grams Hugging Face bans, no more
+        assert torch.equal(blocked.tokens, hf_generate(model, prefix, blocked_options))
 
 
 def test_sampled_logprobs_carry_gradients_only_when_asked() -> None:
