@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -413,6 +415,16 @@ def test_sampled_logprobs_carry_gradients_only_when_asked() -> None:
     assert model.sparse_mask.key.weight.grad.abs().sum() > 0
     plain = decode(model, model.prefix_from_visual(visual), options)
     assert plain.token_logprobs is None and not plain.scores.requires_grad
+    beams = decode(model, model.prefix_from_visual(visual), DecodeOptions(method="beam", beams=3), with_logprobs=True)
+    assert beams.token_logprobs is not None and not beams.token_logprobs.requires_grad  # choosing is not differentiable
+
+
+def test_a_prefix_in_another_dtype_is_decoded_in_gpt2s() -> None:
+    model = make_model()
+    prefix = make_prefix(model, 3)
+    double = decode(model, Prefix(prefix.embeds.double(), prefix.keep), DecodeOptions(max_len=10), with_logprobs=True)
+    single = decode(model, prefix, DecodeOptions(max_len=10), with_logprobs=True)
+    assert torch.equal(double.tokens, single.tokens) and double.token_logprobs.dtype == torch.float32
 
 
 def test_options_from_config_and_validation() -> None:
@@ -422,21 +434,28 @@ def test_options_from_config_and_validation() -> None:
     greedy = DecodeOptions.from_config(DecodeConfig(beams=1), max_len=9)
     assert (greedy.method, greedy.max_len) == ("greedy", 9)
     assert DecodeOptions.from_config(DecodeConfig(beams=2)).method == "beam"
+    assert DecodeOptions(stop_ids=[13, np.int64(50256)]).stop_ids == (13, 50256)  # a tuple of ints
     bad = [
-        {"method": "nucleus"}, {"beams": 3}, {"method": "greedy", "num_samples": 2}, {"min_len": 5, "max_len": 4},
+        {"method": "nucleus"}, {"beams": 2}, {"method": "greedy", "num_samples": 2}, {"min_len": 5, "max_len": 4},
         {"method": "sample", "temperature": 0.0}, {"method": "sample", "top_p": 0.0}, {"max_len": 0},
-        {"method": "beam", "beams": 2, "num_return": 3}, {"num_return": 0},
+        {"method": "beam", "beams": 2, "num_return": 3}, {"num_return": 0}, {"method": "sample", "top_p": 1.5},
     ]  # fmt: skip
     for fields in bad:
-        with pytest.raises(ValueError, match="invalid decoding options"):
+        with pytest.raises(ValueError, match="^invalid decoding options: "):
             DecodeOptions(**fields)
+    ranges = "need temperature > 0, top_k >= 0, 0 < top_p <= 1 and no_repeat_ngram >= 0"
+    with pytest.raises(ValueError, match=f"^invalid decoding options: {re.escape(ranges)}$"):
+        DecodeOptions(top_k=-1)
+    with pytest.raises(ValueError, match=f"^invalid decoding options: .+; {re.escape(ranges)}$"):
+        DecodeOptions(max_len=0, top_p=2.0)
 
 
 def test_captions_longer_than_gpt2_positions_are_refused() -> None:
     model = make_model()
     limit = model.gpt.config.n_positions - NUM_TOKENS + 1
     assert decode(model, make_prefix(model, 1), DecodeOptions(max_len=limit, min_len=limit)).lengths[0] == limit
-    with pytest.raises(ValueError, match="n_positions"):
+    message = f"prefix ({NUM_TOKENS}) + max_len ({limit + 1}) - 1 = 65 positions exceed GPT-2's n_positions (64)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         decode(model, make_prefix(model, 1), DecodeOptions(max_len=limit + 1))
 
 
