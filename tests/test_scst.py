@@ -1,6 +1,7 @@
 """SCST on a tiny model: the reward rises on an easy batch and only trainable weights move."""
 
 import contextlib
+import logging
 
 import numpy as np
 import pytest
@@ -181,14 +182,16 @@ class _LengthReward:
         return np.array([float(len(c)) for c in candidates])
 
 
-@pytest.mark.parametrize("baseline, length_norm, temperature", [("mean", True, 0.7), ("greedy", False, 1.0)])
+@pytest.mark.parametrize(
+    "baseline, length_norm, temperature, refs_in_batch", [("mean", True, 0.7, False), ("greedy", False, 1.0, True)]
+)
 def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
-    tokenizer, monkeypatch, baseline: str, length_norm: bool, temperature: float
+    tokenizer, monkeypatch, baseline: str, length_norm: bool, temperature: float, refs_in_batch: bool
 ):
     """What the step hands to scst_loss, worked out from the rewards it asked for: each sample's reward, its
     baseline (the mean of its own image's other samples, or its own image's greedy caption's reward), the
     mask of its tokens, their log-probabilities at the sampling temperature; and the logged reward,
-    baseline, length and entropy."""
+    baseline, length and entropy. The references are the data set's, or (streamed from shards) the batch's."""
     n = 3
     cfg = tiny_config(**{"scst_opts.num_samples": n, "scst_opts.baseline": baseline, "scst_opts.dropout": False,
                          "scst_opts.sample_max_len": 10, "scst_opts.length_norm": length_norm,
@@ -197,7 +200,7 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
     model = build_captioner(cfg).train()
     refs = [["a red circle"], ["two stars"], ["a blue square"]]
     reward = _LengthReward()
-    step = ScstStep(model, tokenizer, reward, refs, cfg.scst_opts, torch.device("cpu"))
+    step = ScstStep(model, tokenizer, reward, [] if refs_in_batch else refs, cfg.scst_opts, torch.device("cpu"))
     seen = {}
 
     def recorded(logprobs, mask, rewards, baselines, norm):
@@ -211,7 +214,8 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
     monkeypatch.setattr("engine.steps.scst_loss", recorded)
     monkeypatch.setattr("engine.steps.decode", recorded_decode)
     features = torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(2))
-    out = step({"features": features, "indices": [2, 0]})
+    batch = {"features": features, "indices": [2, 0]} | ({"references": [refs[2], refs[0]]} if refs_in_batch else {})
+    out = step(batch)
     samples, sample_refs = reward.calls[0]
     assert len(samples) == 2 * n and sample_refs == [refs[2]] * n + [refs[0]] * n  # image-major
     lengths = [float(len(c)) for c in samples]
@@ -253,3 +257,15 @@ def test_the_mean_of_others_baseline_needs_two_samples(tokenizer, baseline: str,
             build()
     else:
         assert build().sample_options.num_samples == samples
+
+
+@pytest.mark.parametrize(
+    "fast_decode, static, graphs", [("off", False, False), ("static", True, False), ("graphs", True, True)]
+)
+def test_the_step_decodes_and_logs_as_scst_opts_fast_decode_says(tokenizer, caplog, fast_decode, static, graphs):
+    cfg = tiny_config(**{"scst_opts.fast_decode": fast_decode})
+    cider = CiderD(DocumentFrequency.from_references([[GOOD]]))
+    with caplog.at_level(logging.INFO, logger="engine.steps"):
+        step = ScstStep(build_captioner(cfg), tokenizer, cider, [[GOOD]], cfg.scst_opts, torch.device("cpu"))
+    assert (step.fast is not None, step.fast is not None and step.fast.cuda_graphs) == (static, graphs)
+    assert caplog.messages == [f"SCST decoding: fast_decode {fast_decode} ({fast_decode}) on cpu"]
