@@ -268,4 +268,5 @@ def test_the_step_decodes_and_logs_as_scst_opts_fast_decode_says(tokenizer, capl
     with caplog.at_level(logging.INFO, logger="engine.steps"):
         step = ScstStep(build_captioner(cfg), tokenizer, cider, [[GOOD]], cfg.scst_opts, torch.device("cpu"))
     assert (step.fast is not None, step.fast is not None and step.fast.cuda_graphs) == (static, graphs)
+    assert step.teacher_forced is static  # with dropout off: samples drawn without gradients, then scored
     assert caplog.messages == [f"SCST decoding: fast_decode {fast_decode} ({fast_decode}) on cpu"]
