@@ -3,8 +3,9 @@
 #   scripts/mutate.sh models/losses.py [MUTANT ...]     (or: make mutate MODULE=models/losses.py)
 # The tree (tracked and new files) is copied to .mutmut/<module>/, the [tool.mutmut] table of pyproject.toml
 # there gets the module (only_mutate) and its tests (pytest_add_cli_args_test_selection), and mutmut runs in
-# that copy with $MUTATE_CHILDREN worker processes (default 1). A rerun tests only the mutants of changed
-# functions, and the MUTANT names or patterns given (e.g. 'models.losses.x_scst_loss*': after a new test).
+# that copy with $MUTATE_CHILDREN worker processes (default 1). A rerun tests only the mutants not tested yet
+# (those of changed functions); MUTANT names or patterns (e.g. 'models.losses.x_scst_loss*': after a new
+# test) restrict it to those.
 # It ends with the counts and the share of covered mutants killed; docs/development.md says how to read them.
 set -euo pipefail
 

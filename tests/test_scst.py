@@ -198,6 +198,9 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
                          "scst_opts.temperature": temperature})  # fmt: skip
     torch.manual_seed(0)
     model = build_captioner(cfg).train()
+    # Stop tokens made likely enough that samples end at varied lengths, before sample_max_len.
+    model.gpt.lm_head.bias = torch.nn.Parameter(torch.zeros(model.gpt.config.vocab_size))
+    model.gpt.lm_head.bias.data[list(DecodeOptions().stop_ids)] = 8.0
     refs = [["a red circle"], ["two stars"], ["a blue square"]]
     reward = _LengthReward()
     step = ScstStep(model, tokenizer, reward, [] if refs_in_batch else refs, cfg.scst_opts, torch.device("cpu"))
@@ -232,6 +235,7 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
     assert torch.equal(mask, seen["logprobs"] != 0)  # a caption's tokens, then padding at log-probability 0
     assert torch.equal(mask, mask.cummin(dim=1).values)  # each row: its tokens first
     tokens = seen["samples"].tokens
+    assert len(set(seen["samples"].lengths.tolist())) > 2 and (seen["samples"].lengths < 10).any()
     with torch.no_grad(), eval_mode(model):  # the sampled tokens' log-softmax of teacher-forced logits / temperature
         logits = model.token_logits(model.encode(features=features).repeat_interleave(n), tokens)
         expected_logprobs = torch.log_softmax(logits / temperature, -1).gather(2, tokens[..., None])[..., 0] * mask
