@@ -81,6 +81,7 @@ def subset(prefix: Prefix, rows: list[int]) -> Prefix:
 
 def check_well_formed(result: DecodeResult, options: DecodeOptions) -> None:
     """Stop, pad, min/max length and log-probability invariants of every row."""
+    assert (result.tokens.dtype, result.lengths.dtype, result.stopped.dtype) == (torch.long, torch.long, torch.bool)
     stop = torch.tensor(options.stop_ids)
     assert int(result.lengths.max()) == result.tokens.shape[1]
     for row, length, stopped in zip(result.tokens, result.lengths.tolist(), result.stopped.tolist(), strict=True):
