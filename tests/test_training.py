@@ -324,8 +324,10 @@ def test_xe_step_smooths_the_labels_by_train_label_smoothing(tokenizer):
     batch = _caption_batch(tokenizer, slice(0, 8), features)
     real = batch["labels"] != IGNORE_INDEX
     with torch.no_grad():
-        xe = XEStep(model, torch.device("cpu"), cfg.train)(batch)["xe"]
+        out = XEStep(model, torch.device("cpu"), cfg.train)(batch)
         logits = model.token_logits(model.encode(features=features), batch["input_ids"])[real]
+    xe = out["xe"]
+    assert out["loss"] == xe  # without the N-pair loss, one batch's objective is its cross-entropy
     plain = torch.nn.functional.cross_entropy(logits, batch["labels"][real])
     smoothed = torch.nn.functional.cross_entropy(logits, batch["labels"][real], label_smoothing=0.1)
     assert abs(float(smoothed - plain)) > 1e-3  # the smoothing shows in the value
