@@ -93,6 +93,12 @@ class _RecordingCider(CiderD):
         return super().score_candidates(candidates, references)
 
 
+def bias_stop_tokens(model, bias: float) -> None:
+    """An output bias that makes the stop tokens likelier than the random model makes them."""
+    model.gpt.lm_head.bias = torch.nn.Parameter(torch.zeros(model.gpt.config.vocab_size))
+    model.gpt.lm_head.bias.data[list(DecodeOptions().stop_ids)] = bias
+
+
 def test_greedy_baseline_is_the_test_time_caption_and_both_decodes_keep_sample_min_len(tokenizer):
     torch.manual_seed(0)
     cfg = tiny_config(**{"scst_opts.num_samples": 2, "scst_opts.baseline": "greedy", "scst_opts.sample_max_len": 10,
@@ -102,8 +108,7 @@ def test_greedy_baseline_is_the_test_time_caption_and_both_decodes_keep_sample_m
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.5  # train-mode decoding would give other captions at every call
     # The stop tokens far likelier than any other, so that the captions end where sample_min_len allows
-    model.gpt.lm_head.bias = torch.nn.Parameter(torch.zeros(model.gpt.config.vocab_size))
-    model.gpt.lm_head.bias.data[list(DecodeOptions().stop_ids)] = 50.0
+    bias_stop_tokens(model, 50.0)
     visual = torch.randn(3, 17, 256)
     refs = [[GOOD] * 5] * 3
     cider = _RecordingCider(DocumentFrequency.from_references(refs))
@@ -199,8 +204,7 @@ def test_the_step_weights_each_sample_by_its_reward_minus_its_images_baseline(
     torch.manual_seed(0)
     model = build_captioner(cfg).train()
     # Stop tokens made likely enough that samples end at varied lengths, before sample_max_len.
-    model.gpt.lm_head.bias = torch.nn.Parameter(torch.zeros(model.gpt.config.vocab_size))
-    model.gpt.lm_head.bias.data[list(DecodeOptions().stop_ids)] = 8.0
+    bias_stop_tokens(model, 8.0)
     refs = [["a red circle"], ["two stars"], ["a blue square"]]
     reward = _LengthReward()
     step = ScstStep(model, tokenizer, reward, [] if refs_in_batch else refs, cfg.scst_opts, torch.device("cpu"))
