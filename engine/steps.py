@@ -33,15 +33,16 @@ from utils.distributed import all_reduce_mean
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class XEPlan:
     """What one micro-batch's XE loss needs to know of its whole step (all micro-batches, all processes).
 
     ``xe_weight``: its token count over the mean, over processes, of a process's step token count, so that
     the summed and process-averaged gradient is that of the mean over all of the step's tokens, as one batch
-    in one process. ``bank``: the N-pair loss's embeddings of the step's micro-batches on this process (None
-    for a step of one micro-batch). ``features``: the frozen encoder's output for the micro-batch, kept from
-    computing the bank so that the images are not encoded twice."""
+    in one process. ``bank``: the N-pair loss's embeddings of the step's ``micro_batches`` on this process
+    (None for a step of one micro-batch, or without the N-pair loss). ``features``: the frozen encoder's
+    output for the micro-batch, kept from computing the bank so that the images are not encoded twice."""
 
     xe_weight: torch.Tensor
     micro_batches: int = 1
@@ -88,7 +89,7 @@ class XEStep:
         tokens = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).float().to(self.device)
         weights = tokens / all_reduce_mean(tokens.sum())
         if len(batches) == 1 or self.aux_weight == 0:
-            return [XEPlan(weight, len(batches)) for weight in weights]
+            return [XEPlan(weight) for weight in weights]
         return self._banked_plans(batches, weights)
 
     def _banked_plans(self, batches: Sequence[dict[str, Any]], weights: torch.Tensor) -> list[XEPlan]:
@@ -103,8 +104,7 @@ class XEStep:
                 if visual is None and frozen:
                     visual = model.encoder(inputs["images"])
                 prefix = model.encode(**({"features": visual} if visual is not None else inputs))
-                ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-                text, image = model.aux_embeddings(prefix, ids, labels, self.aux_text_tokens)
+                text, image = model.aux_embeddings(prefix, *self._text(batch), self.aux_text_tokens)
                 texts.append(text)
                 images.append(image)
                 features.append(visual)
@@ -118,11 +118,18 @@ class XEStep:
     def __call__(self, batch: dict[str, Any], plan: XEPlan | None = None) -> dict[str, torch.Tensor]:
         """The micro-batch's losses; ``loss`` is its share of the step's objective (what to back-propagate)."""
         plan = plan or self.plan([batch])[0]
-        labels = batch["labels"].to(self.device, non_blocking=True)
         inputs = batch_inputs(batch, self.device)
         features = plan.features if plan.features is not None else inputs.get("features")
         with compiled_call() if self.compiled else contextlib.nullcontext():
-            out = self._forward(batch, inputs, labels, features, plan)
+            out = self.forward_model(
+                None if features is not None else inputs.get("images"),
+                *self._text(batch),
+                aux_weight=self.aux_weight,
+                label_smoothing=self.label_smoothing,
+                aux_text_tokens=self.aux_text_tokens,
+                features=features,
+                aux_bank=plan.bank,
+            )
         out["loss"] = out["loss"] + out["xe"] * (plan.xe_weight - 1.0)
         if plan.bank is not None:
             # Every micro-batch computes the whole step's N-pair loss, with gradients for its own rows only:
@@ -130,24 +137,9 @@ class XEStep:
             out["loss"] = out["loss"] - self.aux_weight * out["aux"].detach() * (1.0 - 1.0 / plan.micro_batches)
         return out
 
-    def _forward(
-        self,
-        batch: dict[str, Any],
-        inputs: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        features: torch.Tensor | None,
-        plan: XEPlan,
-    ) -> dict[str, torch.Tensor]:
-        return self.forward_model(
-            None if features is not None else inputs.get("images"),
-            batch["input_ids"].to(self.device, non_blocking=True),
-            labels,
-            aux_weight=self.aux_weight,
-            label_smoothing=self.label_smoothing,
-            aux_text_tokens=self.aux_text_tokens,
-            features=features,
-            aux_bank=plan.bank,
-        )
+    def _text(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's caption token ids and labels, on the step's device."""
+        return batch["input_ids"].to(self.device, non_blocking=True), batch["labels"].to(self.device, non_blocking=True)
 
 
 def fast_decode_mode(name: str, device: torch.device) -> str:
@@ -220,12 +212,11 @@ class ScstStep:
         refs = batch["references"] if "references" in batch else [self.references[i] for i in batch["indices"]]
         sample_refs = [r for r in refs for _ in range(n)]
         rewards = self.cider.score_candidates(captions_from_tokens(self.tokenizer, samples), sample_refs)
-        baselines = self._baselines(batch, refs, rewards.reshape(-1, n)).reshape(-1)
+        baselines = self._baselines(batch, refs, rewards.reshape(-1, n))
         token_mask = torch.arange(samples.tokens.shape[1], device=self.device)[None] < samples.lengths[:, None]
-        rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=self.device)
-        baselines_t = torch.as_tensor(baselines, dtype=torch.float32, device=self.device)
+        rewards_t, baselines_t = logprobs.new_tensor(rewards), logprobs.new_tensor(baselines)
         loss = scst_loss(logprobs, token_mask, rewards_t, baselines_t, self.opts.length_norm) * share
-        entropy = -(logprobs.detach() * token_mask).sum() / token_mask.sum().clamp(min=1)
+        entropy = -(logprobs.detach() * token_mask).sum() / token_mask.sum()  # every caption has a token
         return {
             "loss": loss,
             "reward": rewards_t.mean(),
@@ -263,11 +254,12 @@ class ScstStep:
         return torch.cat(draws).to(self.device)
 
     def _baselines(self, batch: dict[str, Any], refs: list[Sequence[str]], rewards: np.ndarray) -> np.ndarray:
+        """Each sample's baseline, image-major as the samples, from the rewards (images x samples)."""
         n = self.opts.num_samples
         if self.opts.baseline == "mean":
-            return (rewards.sum(axis=1, keepdims=True) - rewards) / (n - 1)
+            return ((rewards.sum(axis=1, keepdims=True) - rewards) / (n - 1)).reshape(-1)
         # The baseline is the caption the model would give at test time: greedy and in eval mode (no dropout,
         # no drop path in the encoder), from the image encoded again, under the training step's autocast.
         [(_, greedy)] = caption_batches(self.model, [batch], self.tokenizer, self.greedy_options, fast=self.fast)
         greedy_rewards = self.cider.score_candidates([captions[0].text for captions in greedy], refs)
-        return np.repeat(greedy_rewards[:, None], n, axis=1)
+        return np.repeat(greedy_rewards, n)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.fx.experimental._config
 from helpers import TINY_GPT2, tiny_config
 from test_scst import GOOD
+from torch.nn.parallel import DistributedDataParallel
 
 from data.text import IGNORE_INDEX, clean_caption
 from engine.loop import Optimization, accumulate
@@ -92,6 +94,80 @@ def test_accumulated_xe_from_images_encodes_each_image_once_per_pass_it_needs(to
     _assert_same(whole, _gradients(model, step, parts))
     assert seen == ([3, 3, 2] if frozen else [3, 3, 2, 3, 3, 2])
     assert any(name.startswith("encoder.") for name in whole[1]) == (not frozen)
+
+
+@pytest.mark.parametrize("key", ["features", "images"])
+def test_xe_step_moves_what_it_reads_to_its_device(tokenizer, key):
+    """A model on the ``meta`` device, which refuses to mix with CPU tensors, and CPU batches: one batch, and
+    two micro-batches with the N-pair negatives, run and back-propagate only if the step moves every tensor
+    it reads (images or features, caption ids, labels, token counts) to its device."""
+    # Meta tensors have no values: let the cross-entropy's selection of real tokens assume all are real.
+    assume_real = torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True)
+    cfg, model = _model()
+    model.to("meta")
+    shape = (4, 17, 256) if key == "features" else (4, 3, 128, 128)
+    inputs = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    devices = set()  # of every tensor the model's forward and its N-pair embeddings read
+
+    def record(*args, **kwargs) -> None:
+        devices.update(value.device.type for value in [*args, *kwargs.values()] if isinstance(value, torch.Tensor))
+
+    model.register_forward_pre_hook(lambda module, args, kwargs: record(*args, **kwargs), with_kwargs=True)
+    aux_embeddings = model.aux_embeddings
+    model.aux_embeddings = lambda *args: (record(*args), aux_embeddings(*args))[1]
+    step = XEStep(model, torch.device("meta"), cfg.train)
+    for rows in [[slice(0, 4)], [slice(0, 2), slice(2, 4)]]:
+        batches = [_caption_batch(tokenizer, r, inputs, key) for r in rows]
+        with assume_real:
+            plans = step.plan(batches)
+        assert {plan.xe_weight.device.type for plan in plans} == {"meta"}  # NCCL all-reduces device tensors
+        for batch, plan in zip(batches, plans, strict=True):
+            with assume_real:
+                out = step(batch, plan)
+            assert {name: value.device.type for name, value in out.items()} == dict.fromkeys(out, "meta")
+            out["loss"].backward()
+    assert devices == {"meta"}
+
+
+def test_xe_step_passes_train_aux_text_tokens_to_the_n_pair_loss(tokenizer):
+    """The step's N-pair loss embeds the captions' first ``train.aux_text_tokens`` tokens, as the model's own
+    loss does when told so; 4 tokens give another loss than the captions' whole lengths."""
+    cfg, model = _model(**{"train.aux_text_tokens": 4})
+    features = torch.randn(8, 17, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    batch = _caption_batch(tokenizer, slice(0, 8), features)
+    with torch.no_grad():
+        aux = XEStep(model, CPU, cfg.train)(batch)["aux"]
+        by_length = {n: model(None, batch["input_ids"], batch["labels"], 1.0, aux_text_tokens=n, features=features)
+                     for n in (4, 20)}  # fmt: skip
+    torch.testing.assert_close(aux, by_length[4]["aux"])
+    assert abs(float(by_length[20]["aux"] - aux)) > 1e-6
+
+
+@pytest.fixture
+def one_process_group():
+    """A default process group of one process (gloo, in memory), for a DDP wrapper in this process."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_xe_step_of_a_ddp_model_syncs_gradients_only_in_the_last_micro_batch(tokenizer, one_process_group):
+    """With the captioner wrapped in DDP, the step reads the captioner itself (its encoder, for the N-pair
+    negatives), runs the forward through the wrapper, holds back DDP's gradient all-reduce around the
+    micro-batches that are not a step's last, and gives the whole batch's gradients."""
+    cfg, model = _model()
+    ddp = DistributedDataParallel(model)
+    step = XEStep(ddp, CPU, cfg.train)
+    with step.no_sync():
+        assert not ddp.require_backward_grad_sync
+    assert ddp.require_backward_grad_sync
+    calls = []
+    ddp.register_forward_pre_hook(lambda module, args: calls.append(args[1].shape[0]))
+    features = torch.randn(8, 17, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    whole = _gradients(model, step, [_caption_batch(tokenizer, slice(0, 8), features)])
+    parts = [_caption_batch(tokenizer, rows, features) for rows in (slice(0, 3), slice(3, 8))]
+    _assert_same(whole, _gradients(model, step, parts))
+    assert calls == [8, 3, 5]
 
 
 class _LengthReward:

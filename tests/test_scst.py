@@ -176,6 +176,22 @@ def test_an_images_samples_do_not_depend_on_the_rest_of_the_batch(tokenizer):
     assert other_seed != alone and other_seed not in (other_index, later)  # each differs in one of the three
 
 
+@pytest.mark.parametrize("seed", [0, 2**62 + 1])
+def test_each_image_index_draws_its_own_samples_under_any_seed(tokenizer, seed: int):
+    """Eight copies of one image under indices 0 to 7 sample eight different sets of captions, also with a
+    run seed near the top of the 64-bit range (an image's seed is taken modulo 2**63)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.baseline": "mean", "scst_opts.sample_max_len": 4})
+    model = build_captioner(cfg).eval()
+    cider = _RecordingCider(DocumentFrequency.from_references([["a b"]]))
+    step = ScstStep(model, tokenizer, cider, [["a b"]] * 8, cfg.scst_opts, torch.device("cpu"), seed=seed)
+    features = torch.randn(1, model.encoder.num_tokens, model.encoder.width).expand(8, -1, -1)
+    step({"features": features, "indices": list(range(8))})
+    [samples] = cider.calls
+    n = cfg.scst_opts.num_samples
+    assert len({tuple(samples[i : i + n]) for i in range(0, 8 * n, n)}) == 8
+
+
 class _LengthReward:
     """A reward object that scores a caption by its number of characters and records every call."""
 

@@ -289,9 +289,12 @@ def test_teacher_forced_scoring_equals_sampling_with_gradients(
         torch.testing.assert_close(new_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_auto_decodes_on_the_dynamic_cache_with_gradients_on_the_cpu(tokenizer, monkeypatch) -> None:
+@pytest.mark.parametrize("fast_decode", ["auto", "static"])
+def test_the_step_decodes_samples_and_baseline_on_the_cache_fast_decode_names(tokenizer, monkeypatch, fast_decode):
     """``fast_decode: auto`` on the CPU takes the path measured fastest there (docs/gpu.md): the samples and the
-    greedy baseline on the dynamic cache, the sampling decode keeping its gradients, no teacher-forced pass."""
+    greedy baseline on the dynamic cache, the sampling decode keeping its gradients, no teacher-forced pass.
+    ``static``: both decodes on the step's static cache, the samples drawn without gradients and scored in one
+    teacher-forced pass."""
     refs = [["a red circle on the left"] * 5, ["two green stars"] * 5]
     cider = CiderD(DocumentFrequency.from_references(refs))
     batch = {"features": torch.randn(2, 17, 256, generator=torch.Generator().manual_seed(1)), "indices": [0, 1]}
@@ -305,14 +308,19 @@ def test_auto_decodes_on_the_dynamic_cache_with_gradients_on_the_cpu(tokenizer, 
     monkeypatch.setattr("engine.steps.decode", spy)
     monkeypatch.setattr("models.captioning.decode", spy)  # the greedy baseline
     monkeypatch.setattr("engine.steps.teacher_forced_logprobs", _counting(teacher_forced_logprobs, teacher))
-    cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10})
-    assert cfg.scst_opts.fast_decode == "auto"
+    cfg = tiny_config(**{"scst_opts.dropout": False, "scst_opts.sample_max_len": 10,
+                         "scst_opts.fast_decode": fast_decode})  # fmt: skip
     model = build_captioner(cfg).train()
     step = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))
     out = step(batch)
     assert out["loss"].requires_grad
-    assert decodes == [("sample", None, True), ("greedy", None, False)] and teacher == []
-    assert fast_decode_mode("auto", torch.device("cuda")) == "static"  # CUDA keeps the static cache
+    if fast_decode == "auto":
+        assert step.fast is None
+        assert decodes == [("sample", None, True), ("greedy", None, False)] and teacher == []
+        assert fast_decode_mode("auto", torch.device("cuda")) == "static"  # CUDA keeps the static cache
+    else:
+        assert isinstance(step.fast, FastDecode)
+        assert decodes == [("sample", step.fast, False), ("greedy", step.fast, False)] and len(teacher) == 1
 
 
 def test_scst_step_without_dropout_scores_its_samples_in_one_pass(tokenizer, monkeypatch, static_slots) -> None:
