@@ -29,7 +29,7 @@ def build_transform(image_res: int, train: bool = False) -> transforms.Compose:
         [
             transforms.RandomResizedCrop(image_res, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
-            RandomAugment(num_ops=2, magnitude=7),
+            RandomAugment(),
             *normalise,
         ]
     )
@@ -126,12 +126,12 @@ def equalize(pixels: np.ndarray) -> np.ndarray:
             out[..., c] = channel
             continue
         shifted = np.concatenate([[step // 2], hist[:-1]])
-        out[..., c] = (np.cumsum(shifted) // step).clip(0, 255).astype(np.uint8)[channel]
+        out[..., c] = np.minimum(np.cumsum(shifted) // step, 255).astype(np.uint8)[channel]
     return out
 
 
 def brightness(pixels: np.ndarray, factor: float) -> np.ndarray:
-    return (np.arange(256, dtype=np.float32) * factor).clip(0, 255).astype(np.uint8)[pixels]
+    return np.minimum(np.arange(256, dtype=np.float32) * factor, 255).astype(np.uint8)[pixels]
 
 
 def sharpness(pixels: np.ndarray, factor: float) -> np.ndarray:

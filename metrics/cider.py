@@ -43,7 +43,7 @@ class _Vocabulary:
 
     def __init__(self, df: DocumentFrequency) -> None:
         self.log_num_docs = df.log_num_docs
-        self.ids: dict[Ngram, int] = dict(zip(df.counts, range(len(df.counts)), strict=True))
+        self.ids: dict[Ngram, int] = {ngram: i for i, ngram in enumerate(df.counts)}
         freqs = np.fromiter(df.counts.values(), dtype=np.float64, count=len(df.counts))
         self._idf = df.log_num_docs - np.log(np.maximum(1.0, freqs))
         self.size = len(self.ids)
@@ -65,7 +65,7 @@ class _Vocabulary:
 
     def _append_unseen(self) -> int:
         if self.size == len(self._idf):
-            grown = np.empty(max(1024, 2 * self.size), dtype=np.float64)
+            grown = np.empty(max(1024, 2 * self.size))
             grown[: self.size] = self._idf[: self.size]
             self._idf = grown
         self._idf[self.size] = self.log_num_docs
@@ -181,7 +181,7 @@ class CiderD:
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
         if not candidates:
-            return np.zeros(0, dtype=np.float64)
+            return np.zeros(0)
         if self.append_eos:
             candidates, references = _wrapped(candidates, references)
         vocab = self._vocab
@@ -208,7 +208,8 @@ class CiderD:
         texts: list[str] = []
         slots: list[int] = []
         inverse = np.empty(len(candidates), dtype=np.int64)
-        for i, (text, refs) in enumerate(zip(candidates, references, strict=True)):
+        for i, text in enumerate(candidates):
+            refs = references[i]
             if not isinstance(text, str):
                 raise TypeError(f"candidate {i} is not a string: {text!r}")
             slot = slot_by_object.get(id(refs))
@@ -253,7 +254,7 @@ class CiderD:
         tf_type = np.uint8 if tf.max(initial=0) < 256 else np.int32
         tf_table = np.zeros((len(unique_ids), len(refs)), dtype=tf_type)
         tf_table[row, column] = tf
-        lengths = np.array([self._penalty_length(len(words)) for words in tokens], dtype=np.float64)
+        lengths = np.array([self._penalty_length(len(words)) for words in tokens])
         return _RefSet(unique_ids.astype(np.int32), tf_table, norms.reshape(len(refs), self.n), lengths)
 
     def _penalty_length(self, num_tokens: int) -> int:
@@ -292,7 +293,7 @@ class CiderD:
         orders: list[int] = []
         tfs: list[int] = []
         sizes: list[int] = []
-        lengths = np.empty(len(candidates), dtype=np.float64)
+        lengths = np.empty(len(candidates))
         lookup = vocab.ids.get
         for i, text in enumerate(candidates):
             words = text.split()
@@ -309,7 +310,7 @@ class CiderD:
         idf = np.full(len(ids_arr), vocab.log_num_docs)
         idf[known] = vocab.idf[ids_arr[known]]
         bucket = row_to_cand * n + np.array(orders, dtype=np.int64) - 1
-        weights = np.array(tfs, dtype=np.float64) * idf
+        weights = np.array(tfs) * idf
         return _CandidateNgrams(row_to_cand, ids_arr, known, bucket, weights, lengths)
 
 
@@ -334,15 +335,15 @@ class _RefTable:
 
     def __init__(self, refsets: list[_RefSet], n: int, vocab_size: int) -> None:
         self.width = max(r.tf.shape[1] for r in refsets)
-        self.num_refs = np.array([r.tf.shape[1] for r in refsets], dtype=np.float64)
+        self.num_refs = np.array([r.tf.shape[1] for r in refsets])
         self.ids = np.concatenate([r.ids for r in refsets]).astype(np.int64)
         num_rows = [len(r.ids) for r in refsets]
         # Slot-major keys are sorted because each reference set's ids are sorted.
         self._keys = np.repeat(np.arange(len(refsets), dtype=np.int64), num_rows) * vocab_size + self.ids
         self._vocab_size = vocab_size
-        self.tf = np.zeros((len(self.ids), self.width), dtype=np.float64)
-        self.norms = np.zeros((len(refsets), self.width, n), dtype=np.float64)
-        self.lengths = np.zeros((len(refsets), self.width), dtype=np.float64)
+        self.tf = np.zeros((len(self.ids), self.width))
+        self.norms = np.zeros((len(refsets), self.width, n))
+        self.lengths = np.zeros((len(refsets), self.width))
         start = 0
         for slot, refset in enumerate(refsets):
             m = refset.tf.shape[1]

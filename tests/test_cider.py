@@ -593,6 +593,13 @@ def test_a_batch_with_one_reference_ngram_or_none() -> None:
     assert CiderD(df, n=1).score_candidates(["dog"], [[""]]).tolist() == [0.0]
 
 
+def test_a_batch_of_empty_candidates_scores_zero() -> None:
+    """No candidate has an n-gram (a model that stops at once): every score is 0, none is undefined."""
+    refs = [["a red circle", "a blue square"], ["two stars here"]]
+    scores = CiderD(DocumentFrequency.from_references(refs)).score_candidates(["", " "], refs)
+    assert scores.dtype == np.float64 and scores.tolist() == [0.0, 0.0]
+
+
 @pytest.mark.parametrize(
     ("settings", "wrong"),
     [({"n": 0}, "n=0, sigma=6.0, cache_size=150000"), ({"sigma": 0.0}, "n=4, sigma=0.0, cache_size=150000"),
