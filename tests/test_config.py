@@ -120,3 +120,43 @@ def test_the_scst_stage_runs_without_the_sparse_mask_and_keeps_its_weights(capsy
         capsys.readouterr()
         assert train_scst.main([*argv, "--print_config"]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["model"]["apply_sparse_mask"] is applied
+
+
+CACHEABLE = {"data.augment": False, "encoder.drop_path": 0.0}  # with data.cache_features
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"train.accum_steps": 0}, "train.batch_size, train.accum_steps and decode.beams must be >= 1, train.epochs >= 0"),
+     ({"train.epochs": -1}, "train.batch_size, train.accum_steps and decode.beams must be >= 1, train.epochs >= 0"),
+     ({"data.cache_features": True, **CACHEABLE, "encoder.drop_path": 0.1}, "data.cache_features needs deterministic "
+      "features: a frozen encoder, data.augment=false and encoder.drop_path=0"),
+     ({"data.cache_features": True, **CACHEABLE, "data.val_shards": "v-{0..1}.tar"}, "data.train_shards and "
+      "data.val_shards stream the images: no data.cache_features, and no model.output_vocab=train with train_shards"),
+     ({"data.shuffle_buffer": 0}, "data.train_samples (when given) and data.shuffle_buffer must be >= 1"),
+     ({"train.total_steps": 0}, "train.total_steps must be >= 1 or empty, got 0"),
+     ({"train.collapse_warn": 1.5}, "train.collapse_warn must be in [0, 1], got 1.5"),
+     ({"model.threshold": 1.0}, "model.threshold must be in (0, 1), got 1.0"),
+     ({"scst": True, "scst_opts.num_samples": 0}, "scst_opts.num_samples must be >= 1 with scst_opts.baseline greedy, "
+      "got 0"),
+     ({"scst": True, "scst_opts.baseline": "mean", "scst_opts.num_samples": 1}, "scst_opts.num_samples must be >= 2 "
+      "with scst_opts.baseline mean, got 1")],
+)  # fmt: skip
+def test_combinations_that_would_fail_inside_a_run_are_refused_at_once(overrides: dict, message: str):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        build_config([], overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"data.cache_features": True, **CACHEABLE},
+     {"scst": True, "scst_opts.baseline": "mean", "scst_opts.num_samples": 2},
+     {"scst_opts.baseline": "mean", "scst_opts.num_samples": 1}, {"train.total_steps": 1, "train.collapse_warn": 0.0},
+     {"data.train_samples": 1, "data.shuffle_buffer": 1, "train.epochs": 0}],
+)  # fmt: skip
+def test_the_edges_of_those_combinations_are_accepted(overrides: dict):
+    """Each rule's boundary case, and SCST options outside an SCST run (ignored there)."""
+    cfg = build_config([], overrides)
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        assert getattr(getattr(cfg, section) if section else cfg, name) == value
