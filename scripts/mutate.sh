@@ -20,7 +20,8 @@ case "$module" in
   metrics/cider.py) tests="tests/test_cider.py" ;;
   engine/steps.py) tests="tests/test_scst.py tests/test_static_decode.py tests/test_accumulation.py tests/test_grad_checkpointing.py
     tests/test_training.py::test_xe_step_smooths_the_labels_by_train_label_smoothing
-    tests/test_compile.py::test_one_graph_serves_every_batch_size_and_caption_length" ;;
+    tests/test_compile.py::test_one_graph_serves_every_batch_size_and_caption_length
+    tests/test_compile.py::test_compiled_xe_steps_give_the_eager_losses" ;;
   data/transforms.py) tests="tests/test_transforms.py" ;;
   *) echo "scripts/mutate.sh: no test files listed for $module; add a line to its case table" >&2; exit 2 ;;
 esac

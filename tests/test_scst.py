@@ -127,6 +127,26 @@ def test_greedy_baseline_is_the_test_time_caption_and_both_decodes_keep_sample_m
         assert model.training
 
 
+def test_samples_and_greedy_baseline_are_cut_at_sample_max_len(tokenizer):
+    """A model that never stops: every sample and every greedy caption has ``sample_max_len`` tokens, and the
+    greedy ones are the test-time decode's at that length."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**{"scst_opts.num_samples": 2, "scst_opts.sample_max_len": 3, "scst_opts.dropout": False})
+    model = build_captioner(cfg).eval()
+    bias_stop_tokens(model, -50.0)
+    visual = torch.randn(2, 17, 256)
+    refs = [[GOOD] * 5] * 2
+    cider = _RecordingCider(DocumentFrequency.from_references(refs))
+    out = ScstStep(model, tokenizer, cider, refs, cfg.scst_opts, torch.device("cpu"))(
+        {"features": visual, "indices": [0, 1]}
+    )
+    with torch.no_grad():
+        result = decode(model, model.encode(features=visual), DecodeOptions(method="greedy", max_len=3))
+    assert result.lengths.tolist() == [3, 3] and not result.stopped.any()
+    assert cider.calls[1] == captions_from_tokens(tokenizer, result)
+    assert out["sample_len"] == 3.0
+
+
 def test_sampling_without_dropout_samples_the_test_time_model(tokenizer):
     cfg = tiny_config(**{"scst_opts.num_samples": 3, "scst_opts.baseline": "mean", "scst_opts.sample_max_len": 10})
     model = build_captioner(cfg).train()
