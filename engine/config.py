@@ -170,11 +170,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.collapse_warn must be in [0, 1], got {cfg.train.collapse_warn}")
     if not 0.0 < cfg.model.threshold < 1.0:
         raise ConfigError(f"model.threshold must be in (0, 1), got {cfg.model.threshold}")
-    fewest = 2 if cfg.scst_opts.baseline == "mean" else 1
-    if cfg.scst and cfg.scst_opts.num_samples < fewest:
+    if cfg.scst:
+        check_scst_samples(cfg.scst_opts)
+
+
+def check_scst_samples(opts: ScstConfig) -> None:
+    """Enough samples per image for the baseline: one, or two for the mean of the other samples."""
+    fewest = 2 if opts.baseline == "mean" else 1
+    if opts.num_samples < fewest:
         raise ConfigError(
-            f"scst_opts.num_samples must be >= {fewest} with scst_opts.baseline {cfg.scst_opts.baseline}, got "
-            f"{cfg.scst_opts.num_samples}"
+            f"scst_opts.num_samples must be >= {fewest} with scst_opts.baseline {opts.baseline}, got {opts.num_samples}"
         )
 
 

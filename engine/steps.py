@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.datasets import batch_inputs
 from data.text import IGNORE_INDEX
-from engine.config import ScstConfig, TrainConfig
+from engine.config import ScstConfig, TrainConfig, check_scst_samples
 from metrics.cider import CiderD
 from models.captioner import EmbeddingBank, OPGCaptioner
 from models.captioning import caption_batches
@@ -171,8 +171,7 @@ class ScstStep:
         device: torch.device,
         seed: int = 0,
     ) -> None:
-        if opts.baseline == "mean" and opts.num_samples < 2:
-            raise ValueError("the mean-of-others baseline needs scst_opts.num_samples >= 2")
+        check_scst_samples(opts)
         self.model, self.tokenizer, self.cider, self.references = model, tokenizer, cider, references
         self.opts, self.device, self.seed, self.epoch = opts, device, seed, 0
         self.sample_options = DecodeOptions(

@@ -297,7 +297,9 @@ def test_the_mean_of_others_baseline_needs_two_samples(tokenizer, baseline: str,
         return ScstStep(model, tokenizer, cider, [[GOOD]], cfg.scst_opts, torch.device("cpu"))
 
     if refused:
-        with pytest.raises(ValueError, match=r"^the mean-of-others baseline needs scst_opts.num_samples >= 2$"):
+        with pytest.raises(
+            ValueError, match=r"^scst_opts.num_samples must be >= 2 with scst_opts.baseline mean, got 1$"
+        ):
             build()
     else:
         assert build().sample_options.num_samples == samples
